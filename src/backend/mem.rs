@@ -1,0 +1,177 @@
+//! Memory shared with a guest: granted pages mapped into our address space.
+//!
+//! The guest can change these bytes at any moment, so no Rust reference ever points
+//! into a mapping. Everything goes through [`MappedRegion`]'s copy-in/copy-out and
+//! atomic accessors; callers validate the private copies they get.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// An offset/length that falls outside the mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("access at {offset}+{len} is outside a {size}-byte mapping")]
+pub struct OutOfBounds {
+    pub offset: usize,
+    pub len: usize,
+    pub size: usize,
+}
+
+type Release = Box<dyn FnOnce(*mut u8, usize) + Send + Sync>;
+
+/// A mapping of (granted or shared) pages, unmapped by its release hook on Drop.
+pub struct MappedRegion {
+    ptr: NonNull<u8>,
+    len: usize,
+    release: Option<Release>,
+}
+
+// SAFETY: the region is plain shared memory; every access goes through raw-pointer
+// copies or atomics, which are sound to do from any thread.
+unsafe impl Send for MappedRegion {}
+// SAFETY: as above; no `&`-access hands out references into the memory.
+unsafe impl Sync for MappedRegion {}
+
+impl std::fmt::Debug for MappedRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedRegion({:p}, {} bytes)", self.ptr, self.len)
+    }
+}
+
+impl MappedRegion {
+    /// Wrap a mapping.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be readable and writable (or readable only, if the caller never
+    /// writes through this value) memory that stays mapped until `release` is called with
+    /// the same pointer and length; `ptr` must be 4-byte aligned.
+    pub unsafe fn from_raw(
+        ptr: NonNull<u8>,
+        len: usize,
+        release: impl FnOnce(*mut u8, usize) + Send + Sync + 'static,
+    ) -> Self {
+        debug_assert_eq!(ptr.as_ptr() as usize % 4, 0);
+        MappedRegion { ptr, len, release: Some(Box::new(release)) }
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if the mapping is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Start address, for identification in logs and for the output's fast copies.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), OutOfBounds> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(OutOfBounds { offset, len, size: self.len }),
+        }
+    }
+
+    /// Copy `dst.len()` bytes at `offset` out of the mapping.
+    pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<(), OutOfBounds> {
+        self.check(offset, dst.len())?;
+        // SAFETY: bounds checked above; the source is mapped for our lifetime and `dst`
+        // is private memory that cannot overlap a foreign mapping.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Copy `src` into the mapping at `offset`.
+    pub fn write(&self, offset: usize, src: &[u8]) -> Result<(), OutOfBounds> {
+        self.check(offset, src.len())?;
+        // SAFETY: bounds checked above; the mapping is writable per `from_raw`'s contract.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len()) };
+        Ok(())
+    }
+
+    /// Fill `len` bytes at `offset` with `byte`.
+    pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), OutOfBounds> {
+        self.check(offset, len)?;
+        // SAFETY: bounds checked above; the mapping is writable per `from_raw`'s contract.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset), byte, len) };
+        Ok(())
+    }
+
+    fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
+        assert!(offset % 4 == 0 && self.check(offset, 4).is_ok(), "bad ring index offset {offset}");
+        // SAFETY: in bounds and 4-byte aligned (the base is aligned per `from_raw`);
+        // an AtomicU32 has the layout of u32 and tolerates concurrent foreign writes.
+        unsafe { &*(self.ptr.as_ptr().add(offset) as *const AtomicU32) }
+    }
+
+    /// Load a shared ring index with acquire ordering (reads after it see the peer's data).
+    pub fn load_u32(&self, offset: usize) -> u32 {
+        self.atomic_u32(offset).load(Ordering::Acquire)
+    }
+
+    /// Store a shared ring index with release ordering (the peer sees our data first).
+    pub fn store_u32(&self, offset: usize, value: u32) {
+        self.atomic_u32(offset).store(value, Ordering::Release)
+    }
+}
+
+/// Full barrier between our index store and our re-read of the peer's index (`xen_mb`).
+pub fn full_barrier() {
+    std::sync::atomic::fence(Ordering::SeqCst);
+}
+
+impl Drop for MappedRegion {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release(self.ptr.as_ptr(), self.len);
+        }
+    }
+}
+
+/// Anonymous private memory, page aligned; for tests and local buffers.
+pub fn anonymous(len: usize) -> std::io::Result<MappedRegion> {
+    let map_len = len.max(1);
+    // SAFETY: a fresh anonymous mapping touches no existing memory.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
+    let release = move |p: *mut u8, _| {
+        // SAFETY: unmapping exactly what mmap returned above, once.
+        unsafe { libc::munmap(p.cast(), map_len) };
+    };
+    // SAFETY: the mapping is ours, RW, page aligned and unmapped only by the release hook.
+    Ok(unsafe { MappedRegion::from_raw(ptr, len, release) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_are_checked_without_overflow() {
+        let m = anonymous(4096).unwrap();
+        let mut b = [0u8; 8];
+        assert!(m.read(4088, &mut b).is_ok());
+        assert!(m.read(4089, &mut b).is_err());
+        assert!(m.read(usize::MAX - 2, &mut b).is_err());
+        m.write(8, &[1, 2, 3, 4]).unwrap();
+        m.read(8, &mut b[..4]).unwrap();
+        assert_eq!(&b[..4], &[1, 2, 3, 4]);
+        m.store_u32(0, 7);
+        assert_eq!(m.load_u32(0), 7);
+    }
+}

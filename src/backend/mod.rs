@@ -1,0 +1,13 @@
+//! Xen backend plumbing: ids, shared memory, XenStore, event channels, grants, and the
+//! per-frontend XenBus lifecycle driven by one event loop.
+
+pub mod evtchn;
+pub mod frontend;
+pub mod gntalloc;
+pub mod gntdev;
+pub mod mem;
+pub mod types;
+pub mod xen;
+pub mod xenstore;
+
+pub use types::{DomId, EvtchnPort, GrantRef, XenError, XenbusState};

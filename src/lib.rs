@@ -1,0 +1,19 @@
+//! displback: a Xen para-virtual display backend (displif, `vdispl`).
+//!
+//! Layout:
+//! * [`backend`]: Xen plumbing (XenStore, event channels, grants) and the
+//!   per-frontend XenBus lifecycle and event loop.
+//! * [`displif`]: the protocol: wire types, rings, request decoding and handling.
+//! * [`output`]: where frames go (headless, KMS).
+//! * [`zcopy`]: dma-buf paths (zero-copy, backend allocation).
+//! * [`sim`]: an in-process simulated Xen and a frontend that behaves like Linux's
+//!   `xen-drm-front`, for tests and `displback demo`.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod backend;
+pub mod config;
+pub mod demo;
+pub mod displif;
+pub mod output;
+pub mod sim;
+pub mod zcopy;

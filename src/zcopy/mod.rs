@@ -1,0 +1,1 @@
+//! Zero-copy (gntdev dma-buf) and backend-allocation paths. See issue #5.
