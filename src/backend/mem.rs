@@ -50,7 +50,11 @@ impl MappedRegion {
         release: impl FnOnce(*mut u8, usize) + Send + Sync + 'static,
     ) -> Self {
         debug_assert_eq!(ptr.as_ptr() as usize % 4, 0);
-        MappedRegion { ptr, len, release: Some(Box::new(release)) }
+        MappedRegion {
+            ptr,
+            len,
+            release: Some(Box::new(release)),
+        }
     }
 
     /// Size in bytes.
@@ -71,7 +75,11 @@ impl MappedRegion {
     fn check(&self, offset: usize, len: usize) -> Result<(), OutOfBounds> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
-            _ => Err(OutOfBounds { offset, len, size: self.len }),
+            _ => Err(OutOfBounds {
+                offset,
+                len,
+                size: self.len,
+            }),
         }
     }
 
@@ -80,7 +88,13 @@ impl MappedRegion {
         self.check(offset, dst.len())?;
         // SAFETY: bounds checked above; the source is mapped for our lifetime and `dst`
         // is private memory that cannot overlap a foreign mapping.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        };
         Ok(())
     }
 
@@ -88,7 +102,9 @@ impl MappedRegion {
     pub fn write(&self, offset: usize, src: &[u8]) -> Result<(), OutOfBounds> {
         self.check(offset, src.len())?;
         // SAFETY: bounds checked above; the mapping is writable per `from_raw`'s contract.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
+        };
         Ok(())
     }
 
@@ -101,7 +117,10 @@ impl MappedRegion {
     }
 
     fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
-        assert!(offset % 4 == 0 && self.check(offset, 4).is_ok(), "bad ring index offset {offset}");
+        assert!(
+            offset % 4 == 0 && self.check(offset, 4).is_ok(),
+            "bad ring index offset {offset}"
+        );
         // SAFETY: in bounds and 4-byte aligned (the base is aligned per `from_raw`);
         // an AtomicU32 has the layout of u32 and tolerates concurrent foreign writes.
         unsafe { &*(self.ptr.as_ptr().add(offset) as *const AtomicU32) }

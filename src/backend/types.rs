@@ -85,7 +85,10 @@ pub enum XenError {
 impl XenError {
     /// Wrap the last OS error for `op`.
     pub fn last_os(op: &'static str) -> Self {
-        XenError::Io { op, source: std::io::Error::last_os_error() }
+        XenError::Io {
+            op,
+            source: std::io::Error::last_os_error(),
+        }
     }
 
     /// The errno behind this error, if any (for guest-visible statuses).

@@ -14,7 +14,11 @@ use super::xenstore::XsClient;
 /// Event channels: one handle (one fd) for every guest.
 pub trait EventChannels: Send {
     /// Bind to `remote_port` of `remote`; returns our local port.
-    fn bind_interdomain(&mut self, remote: DomId, remote_port: EvtchnPort) -> Result<EvtchnPort, XenError>;
+    fn bind_interdomain(
+        &mut self,
+        remote: DomId,
+        remote_port: EvtchnPort,
+    ) -> Result<EvtchnPort, XenError>;
     /// Unbind a local port.
     fn unbind(&mut self, local: EvtchnPort) -> Result<(), XenError>;
     /// Kick the peer of a local port.
@@ -28,7 +32,12 @@ pub trait EventChannels: Send {
 /// Mapping of a foreign domain's grants (gntdev).
 pub trait GrantMapper: Send + Sync {
     /// Map `refs` of `domid`, in order, into one contiguous region of `refs.len()` pages.
-    fn map(&self, domid: DomId, refs: &[GrantRef], writable: bool) -> Result<MappedRegion, XenError>;
+    fn map(
+        &self,
+        domid: DomId,
+        refs: &[GrantRef],
+        writable: bool,
+    ) -> Result<MappedRegion, XenError>;
     /// Number of grant pages currently mapped through this mapper (leak checks).
     fn mapped_pages(&self) -> usize;
 }

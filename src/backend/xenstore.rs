@@ -94,7 +94,10 @@ impl XsClient {
         todo!()
     }
     /// Run `f` in a transaction, retrying it on EAGAIN (bounded).
-    pub fn transaction<T>(&mut self, mut _f: impl FnMut(&mut Self, Tx) -> Result<T, XsError>) -> Result<T, XsError> {
+    pub fn transaction<T>(
+        &mut self,
+        mut _f: impl FnMut(&mut Self, Tx) -> Result<T, XsError>,
+    ) -> Result<T, XsError> {
         todo!()
     }
     /// `/local/domain/<domid>`, as the daemon says.

@@ -79,7 +79,10 @@ mod tests {
         assert_eq!(PixelFormat::Xrgb8888.fourcc(), 0x3432_5258);
         assert_eq!(PixelFormat::Rgb565.fourcc(), 0x3631_4752);
         assert_eq!(PixelFormat::Yuyv.fourcc(), 0x5659_5559);
-        assert_eq!(PixelFormat::from_fourcc(0x3432_5241), Some(PixelFormat::Argb8888));
+        assert_eq!(
+            PixelFormat::from_fourcc(0x3432_5241),
+            Some(PixelFormat::Argb8888)
+        );
         assert_eq!(PixelFormat::from_fourcc(0), None);
         assert_eq!(PixelFormat::Rgb888.min_pitch(3), Some(9));
     }

@@ -2,3 +2,6 @@
 //! request decoding, page directories, EDID, and per-connection request handling.
 
 pub mod format;
+pub mod request;
+pub mod ring;
+pub mod wire;

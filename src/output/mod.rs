@@ -79,11 +79,21 @@ impl OutputError {
 pub trait Output {
     /// A guest connector appears (at connect time). May refuse (no such physical
     /// connector, or one already taken by another guest connector).
-    fn add_connector(&mut self, conn: ConnectorId, unique_id: &str, width: u32, height: u32) -> Result<(), OutputError>;
+    fn add_connector(
+        &mut self,
+        conn: ConnectorId,
+        unique_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), OutputError>;
     /// The guest connector is gone: stop showing it, forget pending flips.
     fn remove_connector(&mut self, conn: ConnectorId);
     /// SET_CONFIG: show `frame` (enable), or disable with `None`.
-    fn set_config(&mut self, conn: ConnectorId, frame: Option<&Frame<'_>>) -> Result<(), OutputError>;
+    fn set_config(
+        &mut self,
+        conn: ConnectorId,
+        frame: Option<&Frame<'_>>,
+    ) -> Result<(), OutputError>;
     /// PG_FLIP: queue `frame`; its [`FlipDone`] comes from [`Output::dispatch`] later.
     /// A flip queued while one is pending replaces the queued one (latest wins), and the
     /// replaced one is still reported done.
