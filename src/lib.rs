@@ -14,6 +14,7 @@ pub mod backend;
 pub mod config;
 pub mod demo;
 pub mod displif;
+pub mod log_limit;
 pub mod output;
 pub mod sim;
 pub mod zcopy;
