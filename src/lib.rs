@@ -16,5 +16,6 @@ pub mod demo;
 pub mod displif;
 pub mod log_limit;
 pub mod output;
+pub mod serve;
 pub mod sim;
 pub mod zcopy;
