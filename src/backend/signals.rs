@@ -29,9 +29,8 @@ impl StopSignals {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by signalfd and is owned by nobody else.
-        Ok(StopSignals {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(StopSignals { fd })
     }
 
     /// The fd that becomes readable when a stop signal is pending.

@@ -31,7 +31,12 @@ pub fn draw_row(format: PixelFormat, frame: u32, conn: u32, y: u32, out: &mut [u
             let (a, b) = (rgb(x), rgb(x + 1));
             let (ya, ua, va) = rgb_to_yuv(a);
             let (yb, ub, vb) = rgb_to_yuv(b);
-            mp.copy_from_slice(&[ya, ((ua + ub + 1) / 2) as u8, yb, ((va + vb + 1) / 2) as u8]);
+            mp.copy_from_slice(&[
+                ya,
+                (ua + ub).div_ceil(2) as u8,
+                yb,
+                (va + vb).div_ceil(2) as u8,
+            ]);
         }
         return;
     }
