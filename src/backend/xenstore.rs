@@ -394,21 +394,23 @@ impl XsClient {
     /// Watch events received so far, reading whatever is on the fd without blocking.
     pub fn take_watch_events(&mut self) -> Result<Vec<WatchEvent>, XsError> {
         self.check_broken()?;
-        loop {
-            match self.fill()? {
-                Fill::Data => {}
-                Fill::WouldBlock => break,
+        // Bounded, so a flooding peer can't keep us here forever; what is left stays
+        // readable and the fd polls readable again.
+        for _ in 0..256 {
+            let more = matches!(self.fill()?, Fill::Data);
+            while let Some(m) = self.parse_one()? {
+                if m.hdr.ty == XS_WATCH_EVENT {
+                    self.queue_event(&m.payload);
+                } else {
+                    tracing::warn!(
+                        "xenstore: unsolicited message type {} req_id {} dropped",
+                        m.hdr.ty,
+                        m.hdr.req_id
+                    );
+                }
             }
-        }
-        while let Some(m) = self.parse_one()? {
-            if m.hdr.ty == XS_WATCH_EVENT {
-                self.queue_event(&m.payload);
-            } else {
-                tracing::warn!(
-                    "xenstore: unsolicited message type {} req_id {} dropped",
-                    m.hdr.ty,
-                    m.hdr.req_id
-                );
+            if !more {
+                break;
             }
         }
         Ok(self.events.drain(..).collect())

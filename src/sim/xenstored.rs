@@ -843,7 +843,7 @@ mod tests {
         let _ = a.transaction_start().unwrap();
         drop(a);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while sim.lock().conns.len() > 0 && Instant::now() < deadline {
+        while !sim.lock().conns.is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
         assert_eq!(sim.lock().conns.len(), 0);
