@@ -33,7 +33,8 @@ pub enum CopyError {
 }
 
 impl From<CopyError> for OutputError {
-    fn from(_: CopyError) -> Self {
+    fn from(e: CopyError) -> Self {
+        tracing::warn!("frame copy refused: {e}");
         OutputError::Device(std::io::Error::from_raw_os_error(libc::EINVAL))
     }
 }

@@ -678,6 +678,7 @@ impl Kms {
         let Some(mut a) = kc.active.take() else {
             return;
         };
+        let busy = a.flips.busy();
         let cookies = a.flips.drain();
         if report {
             self.immediate.extend(
@@ -686,9 +687,14 @@ impl Kms {
                     .map(|fb_cookie| FlipDone { conn, fb_cookie }),
             );
         }
+        tracing::info!(?conn, connector = %kc.name, "display disabled");
+        // Restoring waits for a flip in flight, whose event is then stale: consume it
+        // so it cannot complete a later flip on the same CRTC early.
         Self::restore_crtc(&self.card, a.crtc, &a.saved);
         Self::free_buffers(&self.card, a.bufs);
-        tracing::info!(?conn, connector = %kc.name, "display disabled");
+        if busy {
+            self.pump_events_into_immediate();
+        }
     }
 
     /// Give every CRTC we took back its previous state, free our buffers and drop DRM
@@ -751,44 +757,72 @@ impl Kms {
             ?fit,
             "mode chosen"
         );
-        // A different mode: start over on the CRTC we already hold, or take one.
-        let (crtc, saved) = match self.conns.get_mut(&conn).and_then(|c| c.active.take()) {
-            Some(mut old) => {
-                let cookies = old.flips.drain();
-                self.immediate.extend(
-                    cookies
-                        .into_iter()
-                        .map(|fb_cookie| FlipDone { conn, fb_cookie }),
-                );
-                Self::free_buffers(&self.card, old.bufs);
-                (old.crtc, old.saved)
-            }
+        // A different mode: new buffers on the CRTC we already hold (the old ones are
+        // freed only once the new mode shows), or on a CRTC we take now.
+        let old = self.conns.get_mut(&conn).and_then(|c| c.active.take());
+        let (crtc, fresh_save) = match &old {
+            Some(o) => (o.crtc, None),
             None => {
                 let crtc = self.pick_crtc(&info, conn).ok_or_else(|| {
                     tracing::warn!(?conn, connector = %name, "no free CRTC");
                     OutputError::InUse(name.clone())
                 })?;
-                (crtc, self.save_crtc(crtc))
+                (crtc, Some(self.save_crtc(crtc)))
             }
         };
-        let mut bufs = match self.alloc_buffers(size) {
-            Ok(b) => b,
+        let shown = match self.alloc_buffers(size) {
+            Err(e) => Err(OutputError::from(e)),
+            Ok(mut bufs) => {
+                let r = Self::draw(&mut self.copier, &mut bufs[0], size, frame).and_then(|()| {
+                    self.card
+                        .set_crtc(crtc, Some(bufs[0].fb), (0, 0), &[phys], Some(mode))
+                        .map_err(OutputError::from)
+                });
+                match r {
+                    Ok(()) => Ok(bufs),
+                    Err(e) => {
+                        Self::free_buffers(&self.card, bufs);
+                        Err(e)
+                    }
+                }
+            }
+        };
+        let bufs = match shown {
+            Ok(bufs) => bufs,
             Err(e) => {
-                Self::restore_crtc(&self.card, crtc, &saved);
-                return Err(e.into());
+                tracing::warn!(?conn, connector = %name, "SET_CONFIG failed: {e}");
+                match (old, fresh_save) {
+                    // Still showing the old mode: keep it.
+                    (Some(o), _) => {
+                        if let Some(kc) = self.conns.get_mut(&conn) {
+                            kc.active = Some(o);
+                        }
+                    }
+                    (None, Some(saved)) => Self::restore_crtc(&self.card, crtc, &saved),
+                    (None, None) => {}
+                }
+                return Err(e);
             }
         };
-        let shown = Self::draw(&mut self.copier, &mut bufs[0], size, frame).and_then(|()| {
-            self.card
-                .set_crtc(crtc, Some(bufs[0].fb), (0, 0), &[phys], Some(mode))
-                .map_err(OutputError::from)
-        });
-        if let Err(e) = shown {
-            tracing::warn!(?conn, connector = %name, "SET_CONFIG failed: {e}");
-            Self::restore_crtc(&self.card, crtc, &saved);
-            Self::free_buffers(&self.card, bufs);
-            return Err(e);
-        }
+        let saved = match (old, fresh_save) {
+            (Some(mut o), _) => {
+                let busy = o.flips.busy();
+                let cookies = o.flips.drain();
+                self.immediate.extend(
+                    cookies
+                        .into_iter()
+                        .map(|fb_cookie| FlipDone { conn, fb_cookie }),
+                );
+                Self::free_buffers(&self.card, o.bufs);
+                if busy {
+                    // Its completion event is stale now; consume it before new flips.
+                    self.pump_events_into_immediate();
+                }
+                o.saved
+            }
+            (None, Some(saved)) => saved,
+            (None, None) => self.save_crtc(crtc),
+        };
         if let Some(kc) = self.conns.get_mut(&conn) {
             kc.active = Some(Active {
                 crtc,
@@ -800,6 +834,40 @@ impl Kms {
             });
         }
         Ok(())
+    }
+
+    /// Read pending DRM events now (outside a dispatch); what completes is reported
+    /// at the next dispatch.
+    fn pump_events_into_immediate(&mut self) {
+        let mut done = Vec::new();
+        self.read_events(&mut done);
+        self.immediate.append(&mut done);
+    }
+
+    /// Read DRM events until none are left, completing flips into `done`.
+    fn read_events(&mut self, done: &mut Vec<FlipDone>) {
+        // The fd is non-blocking: read until the kernel has nothing more.
+        for _ in 0..64 {
+            let events = match self.card.receive_events() {
+                Ok(ev) => ev,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("reading DRM events: {e}");
+                    break;
+                }
+            };
+            let mut any = false;
+            for ev in events {
+                any = true;
+                if let Event::PageFlip(pf) = ev {
+                    self.on_flip_complete(pf.crtc, done);
+                }
+            }
+            if !any {
+                break;
+            }
+        }
     }
 
     fn on_flip_complete(&mut self, crtc: crtc::Handle, done: &mut Vec<FlipDone>) {
@@ -956,28 +1024,7 @@ impl Output for Kms {
 
     fn dispatch(&mut self, _now: Instant, done: &mut Vec<FlipDone>) {
         done.append(&mut self.immediate);
-        // The fd is non-blocking: read until the kernel has nothing more.
-        for _ in 0..64 {
-            let events = match self.card.receive_events() {
-                Ok(ev) => ev,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::warn!("reading DRM events: {e}");
-                    break;
-                }
-            };
-            let mut any = false;
-            for ev in events {
-                any = true;
-                if let Event::PageFlip(pf) = ev {
-                    self.on_flip_complete(pf.crtc, done);
-                }
-            }
-            if !any {
-                break;
-            }
-        }
+        self.read_events(done);
     }
 }
 
