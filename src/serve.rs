@@ -30,16 +30,33 @@ pub fn real_platform() -> Result<Platform> {
             None
         }
     };
-    Ok(Platform { domid, store, evtchn: Box::new(evtchn), grants: Arc::new(grants), gntalloc })
+    Ok(Platform {
+        domid,
+        store,
+        evtchn: Box::new(evtchn),
+        grants: Arc::new(grants),
+        gntalloc,
+    })
 }
 
 /// Run the backend until SIGINT/SIGTERM.
-pub fn run(output: OutputKind, card: Option<&Path>, mapping: HashMap<String, String>, domid: Option<u16>) -> Result<()> {
+pub fn run(
+    output: OutputKind,
+    card: Option<&Path>,
+    mapping: HashMap<String, String>,
+    domid: Option<u16>,
+) -> Result<()> {
     let signals = StopSignals::install().context("installing signal handling")?;
     let plat = real_platform()?;
     info!("backend domain {}", plat.domid.0);
     let output = crate::output::open(output, card, mapping)?;
-    let mut server = Server::new(plat, output, ServerConfig { only_domid: domid.map(DomId) })?;
+    let mut server = Server::new(
+        plat,
+        output,
+        ServerConfig {
+            only_domid: domid.map(DomId),
+        },
+    )?;
     server.stop_on_readable(signals.as_raw_fd())?;
     server.run()?;
     Ok(())

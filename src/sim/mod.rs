@@ -83,7 +83,10 @@ impl SimXen {
         Ok(crate::backend::xen::Platform {
             domid,
             store,
-            evtchn: Box::new(self.try_evtchn(domid).map_err(|e| std::io::Error::other(e.to_string()))?),
+            evtchn: Box::new(
+                self.try_evtchn(domid)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            ),
             grants: self.grant_mapper(domid),
             gntalloc: Some(self.gntalloc(domid)),
         })
