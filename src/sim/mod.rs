@@ -3,6 +3,10 @@
 pub mod pattern;
 pub mod xenstored;
 
+// Simulated guest driver and toolstack.
+pub mod frontend;
+pub mod toolstack;
+
 // Simulated hypervisor: event channels and grant tables, behind one `SimXen` hub.
 pub mod evtchn;
 pub mod grants;
