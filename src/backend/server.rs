@@ -39,13 +39,22 @@ pub struct ServerConfig {
 #[derive(Clone)]
 pub struct StopHandle {
     flag: Arc<AtomicBool>,
+    crash: Arc<AtomicBool>,
     waker: Arc<Waker>,
 }
 
 impl StopHandle {
+    /// Stop cleanly: close every connection (frontends see Closed) and return.
     pub fn stop(&self) {
         self.flag.store(true, Ordering::SeqCst);
         let _ = self.waker.wake();
+    }
+
+    /// Stop as if killed: return without writing anything to XenStore (tests of a
+    /// backend restart; dropping the server then releases what the kernel would).
+    pub fn crash(&self) {
+        self.crash.store(true, Ordering::SeqCst);
+        self.stop();
     }
 }
 
@@ -62,6 +71,7 @@ pub struct Server {
     ready: VecDeque<EvtchnPort>,
     poll: Poll,
     stop: Arc<AtomicBool>,
+    crash: Arc<AtomicBool>,
     waker: Arc<Waker>,
     extra: Option<RawFd>,
 }
@@ -119,6 +129,7 @@ impl Server {
             ready: VecDeque::new(),
             poll,
             stop: Arc::new(AtomicBool::new(false)),
+            crash: Arc::new(AtomicBool::new(false)),
             waker,
             extra: None,
         })
@@ -128,6 +139,7 @@ impl Server {
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
             flag: self.stop.clone(),
+            crash: self.crash.clone(),
             waker: self.waker.clone(),
         }
     }
@@ -200,7 +212,9 @@ impl Server {
                 dev.retry_events(&mut self.plat);
             }
         }
-        self.shutdown();
+        if !self.crash.load(Ordering::SeqCst) {
+            self.shutdown();
+        }
         Ok(())
     }
 
