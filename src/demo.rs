@@ -69,19 +69,34 @@ pub fn run(opts: DemoOptions) -> Result<()> {
             let view = h.snapshot_handle();
             (Box::new(h), Some(view))
         }
-        kind => (crate::output::open(kind, opts.card.as_deref(), opts.mapping.clone())?, None),
+        kind => (
+            crate::output::open(kind, opts.card.as_deref(), opts.mapping.clone())?,
+            None,
+        ),
     };
-    let mut server = Server::new(sim.platform(&xenstored, BACKEND)?, output, ServerConfig::default())?;
+    let mut server = Server::new(
+        sim.platform(&xenstored, BACKEND)?,
+        output,
+        ServerConfig::default(),
+    )?;
     server.stop_on_readable(signals.as_raw_fd())?;
     let stop = server.stop_handle();
-    let backend = std::thread::Builder::new().name("backend".into()).spawn(move || server.run())?;
+    let backend = std::thread::Builder::new()
+        .name("backend".into())
+        .spawn(move || server.run())?;
 
     let result = (|| -> Result<()> {
         let mut toolstack = Toolstack::new(XsClient::from_stream(xenstored.connect(0)?)?);
-        let conns: Vec<(String, u32, u32)> =
-            (0..opts.connectors).map(|c| (unique_id(c), opts.width, opts.height)).collect();
+        let conns: Vec<(String, u32, u32)> = (0..opts.connectors)
+            .map(|c| (unique_id(c), opts.width, opts.height))
+            .collect();
         toolstack.add_vdispl(BACKEND, GUEST, 0, false, &conns)?;
-        let mut fe = FrontendSim::new(&sim, XsClient::from_stream(xenstored.connect(GUEST.0)?)?, GUEST, 0)?;
+        let mut fe = FrontendSim::new(
+            &sim,
+            XsClient::from_stream(xenstored.connect(GUEST.0)?)?,
+            GUEST,
+            0,
+        )?;
         fe.wait_connected(WAIT)?;
         info!("guest connected with {} connectors", fe.connectors().len());
 
@@ -133,12 +148,19 @@ pub fn run(opts: DemoOptions) -> Result<()> {
             f64::from(frame) / secs.max(1e-9)
         );
         for c in 0..opts.connectors {
-            println!("DEMO HOLD frame={frame} conn={c} width={} height={}", opts.width, opts.height);
+            println!(
+                "DEMO HOLD frame={frame} conn={c} width={} height={}",
+                opts.width, opts.height
+            );
         }
         if let (Some(dir), Some(view)) = (&opts.out_dir, &view) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             for c in 0..opts.connectors {
-                let id = ConnectorId { dom: GUEST, dev: 0, idx: c };
+                let id = ConnectorId {
+                    dom: GUEST,
+                    dev: 0,
+                    idx: c,
+                };
                 let image = view.frame(id).context("no frame shown")?;
                 let path = dir.join(format!("conn{c}.png"));
                 headless::write_png(&image, &path)?;
@@ -155,6 +177,8 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         Ok(())
     })();
     stop.stop();
-    backend.join().map_err(|_| anyhow::anyhow!("backend thread panicked"))??;
+    backend
+        .join()
+        .map_err(|_| anyhow::anyhow!("backend thread panicked"))??;
     result
 }

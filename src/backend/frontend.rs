@@ -6,7 +6,8 @@
 //!   close:    Closing(5) -> unmap/unbind everything -> Closed(6) -> InitWait(2) or stay Closed
 //! ```
 //! * frontend Initialising while we are Connected: it restarted; close, back to InitWait.
-//! * frontend Initialised/Connected while we wait: bind rings, go Connected.
+//! * frontend Initialised while we wait: bind rings, go Connected. (Connected while we
+//!   wait means rings of a previous backend: we wait for the frontend to reconnect.)
 //! * frontend Closing/Closed while we are Connected: close, back to InitWait.
 //! * toolstack writes `online=0` or our state to Closing/Closed: close, stay Closed.
 //! * our backend directory disappears (domain death): close without writing anything.
@@ -210,7 +211,9 @@ impl Device {
                 self.close(plat, out, fx, InitWait)?;
             }
             (Initialising, Initialising | Closed) => self.write_state(plat, InitWait)?,
-            (Initialised | Connected, Initialising | InitWait) => match self.bind(plat, out, fx) {
+            // A frontend still Connected to a previous backend has stale rings: it must
+            // notice our reset and come back through Initialising first.
+            (Initialised, Initialising | InitWait) => match self.bind(plat, out, fx) {
                 Ok(()) => {
                     self.write_state(plat, Connected)?;
                     info!(dom = self.dom.0, dev = self.dev, "connected");

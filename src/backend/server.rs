@@ -165,6 +165,7 @@ impl Server {
         let mut fired: Vec<EvtchnPort> = Vec::new();
         // The watch fires once on registration; that event triggers the first scan.
         while !self.stop.load(Ordering::SeqCst) {
+            self.drain_watches()?;
             let timeout = if !self.ready.is_empty() {
                 Some(Duration::ZERO)
             } else {
@@ -184,10 +185,7 @@ impl Server {
                 }
             }
             // Always drain both sources: cheap, and immune to missed edges.
-            let watch_events = self.plat.store.take_watch_events()?;
-            for ev in watch_events {
-                self.on_watch(ev);
-            }
+            self.drain_watches()?;
             fired.clear();
             self.plat.evtchn.pending(&mut fired)?;
             for port in fired.drain(..) {
@@ -216,6 +214,21 @@ impl Server {
             self.shutdown();
         }
         Ok(())
+    }
+
+    /// Handle watch events until none are left. Events can also arrive while we wait
+    /// for a reply to our own request; the client queues those, and the fd will not
+    /// signal them again, so this runs before every poll too.
+    fn drain_watches(&mut self) -> Result<(), ServerError> {
+        loop {
+            let events = self.plat.store.take_watch_events()?;
+            if events.is_empty() {
+                return Ok(());
+            }
+            for ev in events {
+                self.on_watch(ev);
+            }
+        }
     }
 
     fn serve_port(&mut self, port: EvtchnPort) {
