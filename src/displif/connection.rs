@@ -339,7 +339,10 @@ impl Connection {
                 return refuse(libc::EINVAL, format!("geometry {width}x{height}@{bpp}"));
             }
             let pitch = (u64::from(width) * u64::from(bpp)).div_ceil(8);
-            if u64::from(data_ofs) + pitch * u64::from(height) > bytes {
+            let need = pitch
+                .checked_mul(u64::from(height))
+                .and_then(|n| n.checked_add(u64::from(data_ofs)));
+            if need.is_none_or(|n| n > bytes) {
                 return refuse(
                     libc::EINVAL,
                     format!("{width}x{height}@{bpp} does not fit buffer_sz {buffer_sz}"),
