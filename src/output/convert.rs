@@ -299,7 +299,7 @@ pub fn copy_rows(
     }
     let src_span = span(src_pitch, height, row).ok_or(CopyError::Overflow)?;
     // One up-front check so the loop below cannot fail half-way.
-    if offset.checked_add(src_span).map_or(true, |e| e > mem.len()) {
+    if offset.checked_add(src_span).is_none_or(|e| e > mem.len()) {
         return Err(CopyError::Source(OutOfBounds {
             offset,
             len: src_span,
