@@ -52,6 +52,7 @@ fn dir_page(mem: &SimGuestMem, refs: &[u32], next: u32) -> (SimPages, u32) {
     (page, gref.0)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn create(
     cookie: u64,
     w: u32,
