@@ -1633,6 +1633,25 @@ mod tests {
     }
 
     #[test]
+    fn flip_queue_direct_targets() {
+        let direct = NBUF;
+        let mut q = FlipQueue::new(0);
+        assert_eq!(q.push_to(direct, 1), Some(direct));
+        // A copy flip queued behind it draws into one of ours, never the import.
+        assert_eq!(q.back(), 1);
+        assert_eq!(q.push(2), None);
+        // A direct flip replaces the queued copy (latest wins), keeping its cookie.
+        assert_eq!(q.push_to(direct + 1, 3), None);
+        assert!(q.uses(direct + 1));
+        assert!(q.back() < NBUF);
+        assert_eq!(q.complete(), (vec![1], Some(direct + 1)));
+        assert_eq!(q.front(), direct);
+        assert_eq!(q.complete(), (vec![2, 3], None));
+        assert_eq!(q.front(), direct + 1);
+        assert!(!q.uses(direct));
+    }
+
+    #[test]
     fn open_without_a_card_fails_cleanly() {
         let err = Kms::open(Some(Path::new("/nonexistent/card0")), HashMap::new());
         assert!(err.is_err());
