@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use displback::config::{FileConfig, OutputKind, ZeroCopy};
@@ -158,9 +158,6 @@ fn serve(args: ServeArgs) -> Result<()> {
     let output = args.out.output.or(file.output).unwrap_or_default();
     let card = args.out.card.or(file.card);
     let zero_copy = args.zero_copy.or(file.zero_copy).unwrap_or_default();
-    if zero_copy == ZeroCopy::On {
-        bail!("--zero-copy on is not implemented yet; use auto or off (copy path)");
-    }
     let domid = args.domid.or(file.domid);
-    displback::serve::run(output, card.as_deref(), mapping, domid)
+    displback::serve::run(output, card.as_deref(), mapping, domid, zero_copy)
 }

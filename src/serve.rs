@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tracing::{info, warn};
 
 use crate::backend::evtchn::XenEvtchn;
@@ -15,7 +15,9 @@ use crate::backend::signals::StopSignals;
 use crate::backend::xen::{GrantAllocator, Platform};
 use crate::backend::xenstore::XsClient;
 use crate::backend::DomId;
-use crate::config::OutputKind;
+use crate::config::{OutputKind, ZeroCopy};
+use crate::zcopy::gntdev_dmabuf::GntdevDmaBuf;
+use crate::zcopy::{Capabilities, DmaBufOps, FallbackReason, ZeroCopyGate};
 
 /// Open the real Xen interfaces of this domain.
 pub fn real_platform() -> Result<Platform> {
@@ -39,16 +41,58 @@ pub fn real_platform() -> Result<Platform> {
     })
 }
 
+/// The zero-copy gate for `policy`, after probing gntdev's dma-buf ioctls. Only an
+/// output that scans out foreign memory (KMS) can use zero-copy; `on` without it, or
+/// without the kernel support, is an error. Logs once what will run.
+pub fn zero_copy_gate(policy: ZeroCopy, output: OutputKind) -> Result<ZeroCopyGate> {
+    if policy == ZeroCopy::Off {
+        info!("zero-copy off (--zero-copy off): every frame is copied");
+        return Ok(ZeroCopyGate::off());
+    }
+    if output != OutputKind::Kms {
+        if policy == ZeroCopy::On {
+            bail!("--zero-copy on needs the KMS output ({output:?} copies every frame)");
+        }
+        info!("zero-copy unavailable with the {output:?} output: every frame is copied");
+        return Ok(ZeroCopyGate::off());
+    }
+    let (ops, caps): (Option<Arc<dyn DmaBufOps>>, Capabilities) =
+        match GntdevDmaBuf::open(Path::new("/dev/xen/gntdev")) {
+            Ok(g) => {
+                let caps = Capabilities::probe_system(&g);
+                (Some(Arc::new(g)), caps)
+            }
+            Err(e) => {
+                warn!("opening /dev/xen/gntdev for dma-bufs: {e}");
+                (None, Capabilities::none(FallbackReason::NoGntdev))
+            }
+        };
+    let gate = ZeroCopyGate::new(policy, ops, &caps)
+        .map_err(|why| anyhow!("--zero-copy on, but zero-copy is unavailable: {why}"))?;
+    let state = |off: Option<&FallbackReason>| match off {
+        None => "available".to_string(),
+        Some(why) => format!("off ({why})"),
+    };
+    info!(
+        "zero-copy {policy:?}: guest buffers {}, be-alloc buffers {}",
+        state(gate.export_disabled()),
+        state(gate.import_disabled())
+    );
+    Ok(gate)
+}
+
 /// Run the backend until SIGINT/SIGTERM.
 pub fn run(
     output: OutputKind,
     card: Option<&Path>,
     mapping: HashMap<String, String>,
     domid: Option<u16>,
+    zero_copy: ZeroCopy,
 ) -> Result<()> {
     let signals = StopSignals::install().context("installing signal handling")?;
     let plat = real_platform()?;
     info!("backend domain {}", plat.domid.0);
+    let gate = zero_copy_gate(zero_copy, output)?;
     let output = crate::output::open(output, card, mapping)?;
     let mut server = Server::new(
         plat,
@@ -56,7 +100,8 @@ pub fn run(
         ServerConfig {
             only_domid: domid.map(DomId),
         },
-    )?;
+    )?
+    .with_zero_copy(gate);
     server.stop_on_readable(signals.as_raw_fd())?;
     server.run()?;
     Ok(())

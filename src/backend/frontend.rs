@@ -11,15 +11,25 @@
 //! * frontend Closing/Closed while we are Connected: close, back to InitWait.
 //! * toolstack writes `online=0` or our state to Closing/Closed: close, stay Closed.
 //! * our backend directory disappears (domain death): close without writing anything.
+//!
+//! A request answered later ([`Outcome::Deferred`], a zero-copy DBUF_DESTROY waiting
+//! for its release) holds its ring: nothing more is consumed from it until
+//! [`Device::complete_deferred`] puts the answer on it. Linux sends one request per
+//! ring at a time anyway, and this keeps the responses in order.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tracing::{debug, info, warn};
 
-use crate::displif::connection::{Connection, ConnectorCfg, Limits};
+use crate::displif::connection::{
+    Connection, ConnectorCfg, Limits, Outcome, PendingRelease, Reply,
+};
 use crate::displif::request::{decode, encode_pg_flip_event, encode_response};
 use crate::displif::ring::{BackRing, EventProducer, RingError};
 use crate::output::{ConnectorId, Output};
+use crate::zcopy::ZeroCopyGate;
 
 use super::xen::Platform;
 use super::xenstore::{Tx, XsError};
@@ -56,6 +66,8 @@ pub struct ConnectorRings {
     pub evt: EventProducer,
     pub evt_port: EvtchnPort,
     backlog: VecDeque<u64>,
+    /// A request of this ring is waiting for its deferred answer.
+    deferred: bool,
 }
 
 /// A connected frontend: request state plus rings.
@@ -63,6 +75,32 @@ pub struct Live {
     pub connection: Connection,
     pub rings: Vec<ConnectorRings>,
     pub ids: Vec<ConnectorId>,
+    /// Unique per connection in this process: a deferred answer for an earlier
+    /// connection of the same device is dropped.
+    pub serial: u64,
+}
+
+/// Serial numbers of connections ([`Live::serial`]).
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
+
+/// A request whose answer waits for a blocking release; run
+/// [`PendingRelease::wait`] off the event loop, then [`Device::complete_deferred`].
+#[derive(Debug)]
+pub struct DeferredRequest {
+    pub id: u16,
+    pub operation: u8,
+    /// The connection it belongs to ([`Live::serial`]).
+    pub serial: u64,
+    pub release: PendingRelease,
+}
+
+/// What one turn on a ring left behind.
+#[derive(Debug, Default)]
+pub struct RingTurn {
+    /// Requests remain (budget spent).
+    pub more: bool,
+    /// The ring is held by this request until its answer is complete.
+    pub deferred: Option<DeferredRequest>,
 }
 
 /// One vdispl device of one frontend domain.
@@ -76,6 +114,8 @@ pub struct Device {
     pub live: Option<Live>,
     /// Removed by the toolstack: stay Closed until the directory goes away.
     removed: bool,
+    /// The zero-copy decision, shared by all devices.
+    zero_copy: Arc<Mutex<ZeroCopyGate>>,
 }
 
 /// What the server must do after a device changed.
@@ -116,6 +156,7 @@ impl Device {
         dom: DomId,
         dev: u32,
         be_path: String,
+        zero_copy: Arc<Mutex<ZeroCopyGate>>,
     ) -> Result<Self, DeviceError> {
         let expected = format!("/local/domain/{}/device/vdispl/{}", dom.0, dev);
         let fe_path = match plat.store.read(Tx::NONE, &format!("{be_path}/frontend"))? {
@@ -135,6 +176,7 @@ impl Device {
             state: XenbusState::Unknown,
             live: None,
             removed: false,
+            zero_copy,
         };
         // A previous backend may have left a live state: walk it through Closed so the
         // frontend notices, drops its device, and reconnects to us.
@@ -324,6 +366,7 @@ impl Device {
                     evt: EventProducer::new(evt_page),
                     evt_port,
                     backlog: VecDeque::new(),
+                    deferred: false,
                 });
                 out.add_connector(ids[n], &cfg.unique_id, cfg.width, cfg.height)
                     .map_err(|e| DeviceError::Output(cfg.unique_id.clone(), e))?;
@@ -351,11 +394,13 @@ impl Device {
             plat.grants.clone(),
             plat.gntalloc.clone(),
             Limits::default(),
-        );
+        )
+        .with_zero_copy(self.zero_copy.clone());
         self.live = Some(Live {
             connection,
             rings,
             ids,
+            serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
         });
         Ok(())
     }
@@ -395,37 +440,57 @@ impl Device {
         }
     }
 
-    /// Serve connector `idx`'s request ring. `Ok(true)` if requests remain (budget spent).
+    /// Serve connector `idx`'s request ring: up to [`REQUESTS_PER_TURN`] requests, or
+    /// until one is deferred (the ring then waits for [`Device::complete_deferred`]).
     pub fn serve_ring(
         &mut self,
         plat: &mut Platform,
         out: &mut dyn Output,
         idx: u32,
-    ) -> Result<bool, RingError> {
+    ) -> Result<RingTurn, RingError> {
+        let mut turn = RingTurn::default();
         let Some(live) = self.live.as_mut() else {
-            return Ok(false);
+            return Ok(turn);
         };
         let Some(rings) = live.rings.get_mut(idx as usize) else {
-            return Ok(false);
+            return Ok(turn);
         };
+        if rings.deferred {
+            return Ok(turn);
+        }
         let mut handled = 0;
-        let more = loop {
+        turn.more = loop {
             while let Some(slot) = rings.req.next_request()? {
                 let env = decode(&slot);
-                let reply = live.connection.handle(idx, env.request, out);
-                rings.req.put_response(&encode_response(
-                    env.id,
-                    env.operation,
-                    reply.status,
-                    reply.edid_sz,
-                ));
                 handled += 1;
+                match live.connection.serve(idx, env.request, out) {
+                    Outcome::Done(reply) => rings.req.put_response(&encode_response(
+                        env.id,
+                        env.operation,
+                        reply.status,
+                        reply.edid_sz,
+                    )),
+                    Outcome::Deferred(release) => {
+                        rings.deferred = true;
+                        turn.deferred = Some(DeferredRequest {
+                            id: env.id,
+                            operation: env.operation,
+                            serial: live.serial,
+                            release,
+                        });
+                        break;
+                    }
+                }
                 if handled >= REQUESTS_PER_TURN {
                     break;
                 }
             }
             if rings.req.push_responses() {
                 let _ = plat.evtchn.notify(rings.req_port);
+            }
+            if turn.deferred.is_some() {
+                // Requests after it wait for its answer; completing it re-serves the ring.
+                break false;
             }
             if handled >= REQUESTS_PER_TURN {
                 break true;
@@ -434,7 +499,34 @@ impl Device {
                 break false;
             }
         };
-        Ok(more)
+        Ok(turn)
+    }
+
+    /// Answer a deferred request of connector `idx` and free its ring. Returns false
+    /// (and sends nothing) if the connection it belonged to is gone.
+    pub fn complete_deferred(
+        &mut self,
+        plat: &mut Platform,
+        idx: u32,
+        serial: u64,
+        id: u16,
+        operation: u8,
+        reply: Reply,
+    ) -> bool {
+        let Some(live) = self.live.as_mut().filter(|l| l.serial == serial) else {
+            return false;
+        };
+        let Some(rings) = live.rings.get_mut(idx as usize) else {
+            return false;
+        };
+        rings.deferred = false;
+        rings
+            .req
+            .put_response(&encode_response(id, operation, reply.status, reply.edid_sz));
+        if rings.req.push_responses() {
+            let _ = plat.evtchn.notify(rings.req_port);
+        }
+        true
     }
 
     /// Send the PG_FLIP event for a completed flip on connector `idx`.

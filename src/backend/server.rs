@@ -1,19 +1,28 @@
 //! The backend's one event loop: XenStore watches, the shared event-channel fd, the
 //! output's events and timers, and a stop signal, multiplexed with mio.
+//!
+//! Deferred answers: a zero-copy DBUF_DESTROY must wait (up to 2 s) for gntdev to
+//! release the guest's grants. The wait runs on a thread of its own (at most one per
+//! ring, as a ring with a deferred request is not served); its reply comes back over a
+//! channel and the waker, and is put on the ring by the loop, which kept serving every
+//! other ring meanwhile.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, info, warn};
 
+use crate::displif::connection::Reply;
 use crate::output::{FlipDone, Output};
+use crate::zcopy::ZeroCopyGate;
 
-use super::frontend::{Device, Effects};
+use super::frontend::{DeferredRequest, Device, Effects};
 use super::xen::Platform;
 use super::xenstore::{Tx, WatchEvent, XsError};
 use super::{DomId, EvtchnPort, XenbusState};
@@ -58,6 +67,18 @@ impl StopHandle {
     }
 }
 
+/// A deferred request's answer, back from its release thread.
+struct Released {
+    dom: DomId,
+    dev: u32,
+    idx: u32,
+    port: EvtchnPort,
+    serial: u64,
+    id: u16,
+    operation: u8,
+    reply: Reply,
+}
+
 /// One backend process: every guest, every device.
 pub struct Server {
     plat: Platform,
@@ -74,6 +95,9 @@ pub struct Server {
     crash: Arc<AtomicBool>,
     waker: Arc<Waker>,
     extra: Option<RawFd>,
+    zero_copy: Arc<Mutex<ZeroCopyGate>>,
+    released_tx: Sender<Released>,
+    released_rx: Receiver<Released>,
 }
 
 /// Errors that stop the whole server (never a single guest's doing).
@@ -119,7 +143,11 @@ impl Server {
                 .map(|d| format!(" for dom{}", d.0))
                 .unwrap_or_default()
         );
+        let (released_tx, released_rx) = mpsc::channel();
         Ok(Server {
+            released_tx,
+            released_rx,
+            zero_copy: Arc::new(Mutex::new(ZeroCopyGate::off())),
             plat,
             output,
             cfg,
@@ -133,6 +161,12 @@ impl Server {
             waker,
             extra: None,
         })
+    }
+
+    /// Decide on zero-copy with `gate` (default: off, every buffer copied).
+    pub fn with_zero_copy(mut self, gate: ZeroCopyGate) -> Self {
+        self.zero_copy = Arc::new(Mutex::new(gate));
+        self
     }
 
     /// A handle that stops [`Server::run`].
@@ -193,6 +227,9 @@ impl Server {
                     self.ready.push_back(port);
                 }
             }
+            while let Ok(r) = self.released_rx.try_recv() {
+                self.on_released(r);
+            }
             // One turn for each ready ring; leftovers go to the back of the queue.
             for _ in 0..self.ready.len() {
                 let Some(port) = self.ready.pop_front() else {
@@ -239,8 +276,14 @@ impl Server {
             return;
         };
         match device.serve_ring(&mut self.plat, &mut *self.output, idx) {
-            Ok(true) => self.ready.push_back(port),
-            Ok(false) => {}
+            Ok(turn) => {
+                if turn.more {
+                    self.ready.push_back(port);
+                }
+                if let Some(d) = turn.deferred {
+                    self.defer(dom, dev, idx, port, d);
+                }
+            }
             Err(e) => {
                 warn!(
                     dom = dom.0,
@@ -257,6 +300,62 @@ impl Server {
                 }
                 self.apply(dom, dev, fx);
             }
+        }
+    }
+
+    /// Run a deferred request's wait on a thread; its answer comes back to the loop.
+    fn defer(&mut self, dom: DomId, dev: u32, idx: u32, port: EvtchnPort, d: DeferredRequest) {
+        let tx = self.released_tx.clone();
+        let waker = self.waker.clone();
+        let (id, operation, serial) = (d.id, d.operation, d.serial);
+        let spawned = std::thread::Builder::new()
+            .name(format!("release-d{}", dom.0))
+            .spawn(move || {
+                let reply = d.release.wait();
+                let r = Released {
+                    dom,
+                    dev,
+                    idx,
+                    port,
+                    serial,
+                    id,
+                    operation,
+                    reply,
+                };
+                // A stopped server dropped the receiver: nobody to answer.
+                if tx.send(r).is_ok() {
+                    let _ = waker.wake();
+                }
+            });
+        if let Err(e) = spawned {
+            // The buffer was dropped with the closure (closed, not waited for).
+            warn!(dom = dom.0, dev, "no thread for a release wait: {e}");
+            self.on_released(Released {
+                dom,
+                dev,
+                idx,
+                port,
+                serial,
+                id,
+                operation,
+                reply: Reply {
+                    status: -libc::EAGAIN,
+                    edid_sz: 0,
+                },
+            });
+        }
+    }
+
+    /// Put a deferred answer on its ring and serve what queued up behind it. Dropped
+    /// silently if the connection closed meanwhile.
+    fn on_released(&mut self, r: Released) {
+        let Some(device) = self.devices.get_mut(&(r.dom, r.dev)) else {
+            return;
+        };
+        let answered =
+            device.complete_deferred(&mut self.plat, r.idx, r.serial, r.id, r.operation, r.reply);
+        if answered && !self.ready.contains(&r.port) {
+            self.ready.push_back(r.port);
         }
     }
 
@@ -354,7 +453,7 @@ impl Server {
 
     fn add_device(&mut self, (dom, dev): (DomId, u32)) {
         let be_path = format!("{}/{}/{}", self.root, dom.0, dev);
-        match Device::new(&mut self.plat, dom, dev, be_path) {
+        match Device::new(&mut self.plat, dom, dev, be_path, self.zero_copy.clone()) {
             Ok(device) => {
                 info!(dom = dom.0, dev, "new frontend device ({})", device.fe_path);
                 let token = format!("{WATCH_FE}{}:{}", dom.0, dev);

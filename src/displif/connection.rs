@@ -3,17 +3,28 @@
 //!
 //! Every request arrives as a decoded private copy; every field is validated here, and
 //! every failure becomes a negative errno in the response plus a rate-limited log line.
+//!
+//! Zero-copy buffers ([`crate::zcopy`]) are never mapped: the output scans out the
+//! guest's pages (exported as a dma-buf) or its own dumb buffer granted to the guest
+//! (be-alloc). DBUF_DESTROY of an exported buffer must not be answered before gntdev
+//! released the grants, which can take up to 2 s; [`Connection::serve`] hands that wait
+//! back as [`Outcome::Deferred`] so the event loop can run it elsewhere.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
 use crate::backend::mem::MappedRegion;
 use crate::backend::xen::{GrantAllocator, GrantMapper, GrantedPages, PAGE_SIZE};
-use crate::backend::DomId;
+use crate::backend::{DomId, GrantRef};
 use crate::log_limit::LogLimiter;
-use crate::output::{ConnectorId, Frame, Output};
+use crate::output::{
+    ConnectorId, FbLayout, Frame, FrameSource, ImportId, ImportedFb, ImportedFrame, Output,
+};
+use crate::zcopy::policy::ZeroCopyPolicy;
+use crate::zcopy::{BackendAllocBuffer, ZeroCopyBuffer, ZeroCopyGate, DEFAULT_RELEASE_TIMEOUT};
 
 use super::format::PixelFormat;
 use super::pgdir::{self, pages_for};
@@ -62,6 +73,49 @@ pub struct Reply {
     pub edid_sz: u32,
 }
 
+/// What became of a request: answered now, or waiting for a zero-copy buffer's release.
+#[derive(Debug)]
+pub enum Outcome {
+    Done(Reply),
+    /// Answer with [`PendingRelease::wait`]'s reply, off the event loop thread.
+    Deferred(PendingRelease),
+}
+
+/// A DBUF_DESTROY of a zero-copy buffer that is off screen and no longer held by the
+/// output; what is left is closing our dma-buf fd and waiting for gntdev's release.
+#[derive(Debug)]
+pub struct PendingRelease {
+    dom: DomId,
+    cookie: u64,
+    buffer: ZeroCopyBuffer,
+    timeout: Duration,
+}
+
+impl PendingRelease {
+    /// Block (up to the release timeout) until the guest's grants are unmapped; the
+    /// reply is 0 only if they are.
+    pub fn wait(self) -> Reply {
+        let status = match self.buffer.destroy(self.timeout) {
+            Ok(()) => 0,
+            Err(e) => {
+                warn!(
+                    dom = self.dom.0,
+                    "DBUF_DESTROY {:#x}: zero-copy buffer {e}", self.cookie
+                );
+                e.status()
+            }
+        };
+        Reply { status, edid_sz: 0 }
+    }
+}
+
+/// A handled request, before it becomes an [`Outcome`].
+enum Handled {
+    /// The GET_EDID size (0 for everything else).
+    Reply(u32),
+    Deferred(PendingRelease),
+}
+
 /// A refused request: positive errno and the reason for the log.
 #[derive(Debug)]
 struct Refusal {
@@ -78,23 +132,69 @@ fn refuse<T>(errno: i32, why: impl Into<String>) -> Result<T, Refusal> {
 
 /// Where a display buffer's pages come from.
 enum BufferMem {
-    /// The guest's pages, mapped through gntdev.
+    /// The guest's pages, mapped through gntdev (copy path).
     Guest(MappedRegion),
-    /// Our pages granted to the guest (be-alloc).
+    /// Our pages granted to the guest (be-alloc, copy path).
     Backend(GrantedPages),
+    /// The guest's pages exported as a dma-buf and imported by the output (zero-copy).
+    ZeroCopy {
+        buffer: ZeroCopyBuffer,
+        import: ImportId,
+    },
+    /// A dumb buffer of the output granted to the guest (be-alloc, zero-copy).
+    BackendZeroCopy {
+        buffer: BackendAllocBuffer,
+        import: ImportId,
+    },
 }
 
 impl BufferMem {
-    fn region(&self) -> &MappedRegion {
+    /// The mapping the copy path reads, if any.
+    fn mapping(&self) -> Option<&MappedRegion> {
         match self {
-            BufferMem::Guest(m) => m,
-            BufferMem::Backend(g) => &g.region,
+            BufferMem::Guest(m) => Some(m),
+            BufferMem::Backend(g) => Some(&g.region),
+            BufferMem::ZeroCopy { .. } | BufferMem::BackendZeroCopy { .. } => None,
+        }
+    }
+
+    /// The output's import, for a zero-copy buffer.
+    fn import(&self) -> Option<ImportId> {
+        match self {
+            BufferMem::ZeroCopy { import, .. } | BufferMem::BackendZeroCopy { import, .. } => {
+                Some(*import)
+            }
+            BufferMem::Guest(_) | BufferMem::Backend(_) => None,
+        }
+    }
+
+    /// Connection close: release in the DBUF_DESTROY order without waiting.
+    fn close(self, dom: DomId, out: &mut dyn Output) {
+        match self {
+            BufferMem::ZeroCopy { buffer, import } => {
+                out.release_import(import);
+                if let Err(e) = buffer.destroy(Duration::ZERO) {
+                    info!(
+                        dom = dom.0,
+                        "zero-copy buffer not released at close ({e}); gntdev unmaps it when the last holder lets go"
+                    );
+                }
+            }
+            BufferMem::BackendZeroCopy { buffer, import } => {
+                out.release_import(import);
+                if let Err(e) = buffer.destroy() {
+                    info!(dom = dom.0, "be-alloc buffer at close: {e}");
+                }
+            }
+            BufferMem::Guest(_) | BufferMem::Backend(_) => {}
         }
     }
 }
 
 struct DisplayBuffer {
     mem: BufferMem,
+    /// Bytes the buffer's pages hold (whole pages).
+    len: usize,
     /// 0 for a buffer whose geometry arrives with FB_ATTACH (PRIME import).
     width: u32,
     height: u32,
@@ -110,6 +210,8 @@ struct Framebuffer {
     height: u32,
     format: PixelFormat,
     pitch: u32,
+    /// The output's framebuffer, for a zero-copy buffer.
+    imported: Option<ImportedFb>,
 }
 
 /// What a connector shows: a framebuffer and the source rectangle of SET_CONFIG.
@@ -139,6 +241,9 @@ pub struct Connection {
     connectors: Vec<ConnectorState>,
     total_bytes: u64,
     log: LogLimiter,
+    /// Shared by every connection of the backend.
+    zero_copy: Arc<Mutex<ZeroCopyGate>>,
+    release_timeout: Duration,
 }
 
 impl Connection {
@@ -174,7 +279,27 @@ impl Connection {
             connectors,
             total_bytes: 0,
             log: LogLimiter::default(),
+            zero_copy: Arc::new(Mutex::new(ZeroCopyGate::off())),
+            release_timeout: DEFAULT_RELEASE_TIMEOUT,
         }
+    }
+
+    /// Use `gate` (shared by all connections) to decide on zero-copy per buffer.
+    pub fn with_zero_copy(mut self, gate: Arc<Mutex<ZeroCopyGate>>) -> Self {
+        self.zero_copy = gate;
+        self
+    }
+
+    /// How long DBUF_DESTROY waits for a zero-copy buffer's release (default 2 s,
+    /// below the guest's 3 s response timeout).
+    pub fn with_release_timeout(mut self, timeout: Duration) -> Self {
+        self.release_timeout = timeout;
+        self
+    }
+
+    fn gate(&self) -> MutexGuard<'_, ZeroCopyGate> {
+        // The gate holds only counters and flags: a panic elsewhere leaves it usable.
+        self.zero_copy.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Number of live display buffers and framebuffers (tests, stats).
@@ -182,11 +307,24 @@ impl Connection {
         (self.dbufs.len(), self.fbs.len())
     }
 
-    /// Handle one request that arrived on connector `conn`'s ring.
+    /// Handle one request that arrived on connector `conn`'s ring, waiting for a
+    /// zero-copy buffer's release in place (tests, tools; the server uses
+    /// [`Connection::serve`]).
     pub fn handle(&mut self, conn: u32, req: Request, out: &mut dyn Output) -> Reply {
+        match self.serve(conn, req, out) {
+            Outcome::Done(reply) => reply,
+            Outcome::Deferred(pending) => pending.wait(),
+        }
+    }
+
+    /// Handle one request that arrived on connector `conn`'s ring. A DBUF_DESTROY of a
+    /// zero-copy buffer comes back [`Outcome::Deferred`]: everything that needs the
+    /// output is done, the blocking wait is left to the caller.
+    pub fn serve(&mut self, conn: u32, req: Request, out: &mut dyn Output) -> Outcome {
         let result = self.dispatch(conn, req, out);
         match result {
-            Ok(edid_sz) => Reply { status: 0, edid_sz },
+            Ok(Handled::Reply(edid_sz)) => Outcome::Done(Reply { status: 0, edid_sz }),
+            Ok(Handled::Deferred(p)) => Outcome::Deferred(p),
             Err(r) => {
                 if let Some(suppressed) = self.log.allow() {
                     warn!(
@@ -198,15 +336,20 @@ impl Connection {
                         r.why
                     );
                 }
-                Reply {
+                Outcome::Done(Reply {
                     status: -r.errno,
                     edid_sz: 0,
-                }
+                })
             }
         }
     }
 
-    fn dispatch(&mut self, conn: u32, req: Request, out: &mut dyn Output) -> Result<u32, Refusal> {
+    fn dispatch(
+        &mut self,
+        conn: u32,
+        req: Request,
+        out: &mut dyn Output,
+    ) -> Result<Handled, Refusal> {
         let Some(state) = self.connectors.get(conn as usize) else {
             return refuse(libc::EINVAL, format!("no connector {conn}"));
         };
@@ -225,7 +368,7 @@ impl Connection {
                 format!("buffer operation on connector {conn}'s ring"),
             );
         }
-        match req {
+        let result = match req {
             Request::DbufCreate {
                 dbuf_cookie,
                 width,
@@ -245,9 +388,10 @@ impl Connection {
                     flags,
                     gref_directory,
                     data_ofs,
+                    out,
                 )
                 .map(|()| 0),
-            Request::DbufDestroy { dbuf_cookie } => self.dbuf_destroy(dbuf_cookie).map(|()| 0),
+            Request::DbufDestroy { dbuf_cookie } => return self.dbuf_destroy(dbuf_cookie, out),
             Request::FbAttach {
                 dbuf_cookie,
                 fb_cookie,
@@ -255,9 +399,9 @@ impl Connection {
                 height,
                 pixel_format,
             } => self
-                .fb_attach(dbuf_cookie, fb_cookie, width, height, pixel_format)
+                .fb_attach(dbuf_cookie, fb_cookie, width, height, pixel_format, out)
                 .map(|()| 0),
-            Request::FbDetach { fb_cookie } => self.fb_detach(fb_cookie).map(|()| 0),
+            Request::FbDetach { fb_cookie } => self.fb_detach(fb_cookie, out).map(|()| 0),
             Request::SetConfig {
                 fb_cookie,
                 x,
@@ -286,7 +430,8 @@ impl Connection {
                 gref_directory,
             } => self.get_edid(conn as usize, buffer_sz, gref_directory),
             Request::Unknown(code) => refuse(libc::ENOSYS, format!("unknown operation {code:#x}")),
-        }
+        };
+        result.map(Handled::Reply)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -300,6 +445,7 @@ impl Connection {
         flags: u32,
         gref_directory: u32,
         data_ofs: u32,
+        out: &mut dyn Output,
     ) -> Result<(), Refusal> {
         if cookie == 0 {
             return refuse(libc::EINVAL, "display buffer cookie 0");
@@ -357,32 +503,50 @@ impl Connection {
                     "backend allocation needs a geometry and data_ofs 0",
                 );
             }
-            let Some(gntalloc) = self.gntalloc.clone() else {
-                return refuse(
-                    libc::EOPNOTSUPP,
-                    "backend allocation unavailable (no gntalloc)",
-                );
-            };
-            let granted = gntalloc.alloc(self.dom, pages, true).or_else(|e| {
-                refuse(
-                    e.errno().unwrap_or(libc::ENOMEM),
-                    format!("allocating {pages} pages: {e}"),
-                )
-            })?;
-            pgdir::write_refs(&*self.grants, self.dom, gref_directory, &granted.refs)
-                .or_else(|e| refuse(e.errno(), e.to_string()))?;
-            BufferMem::Backend(granted)
+            match self.backend_alloc_zero_copy(width, height, bpp, pages, out)? {
+                Some((buffer, import)) => {
+                    let written =
+                        pgdir::write_refs(&*self.grants, self.dom, gref_directory, buffer.refs());
+                    if let Err(e) = written {
+                        out.release_import(import);
+                        return refuse(e.errno(), e.to_string());
+                    }
+                    BufferMem::BackendZeroCopy { buffer, import }
+                }
+                None => {
+                    let Some(gntalloc) = self.gntalloc.clone() else {
+                        return refuse(
+                            libc::EOPNOTSUPP,
+                            "backend allocation unavailable (no gntalloc)",
+                        );
+                    };
+                    let granted = gntalloc.alloc(self.dom, pages, true).or_else(|e| {
+                        refuse(
+                            e.errno().unwrap_or(libc::ENOMEM),
+                            format!("allocating {pages} pages: {e}"),
+                        )
+                    })?;
+                    pgdir::write_refs(&*self.grants, self.dom, gref_directory, &granted.refs)
+                        .or_else(|e| refuse(e.errno(), e.to_string()))?;
+                    BufferMem::Backend(granted)
+                }
+            }
         } else {
             let refs = pgdir::read_refs(&*self.grants, self.dom, gref_directory, pages)
                 .or_else(|e| refuse(e.errno(), e.to_string()))?;
-            let mem = self
-                .grants
-                .map(self.dom, &refs, false)
-                .or_else(|e| refuse(libc::EINVAL, format!("mapping {pages} buffer pages: {e}")))?;
-            BufferMem::Guest(mem)
+            match self.export_zero_copy(&refs, out)? {
+                Some(mem) => mem,
+                None => {
+                    let mem = self.grants.map(self.dom, &refs, false).or_else(|e| {
+                        refuse(libc::EINVAL, format!("mapping {pages} buffer pages: {e}"))
+                    })?;
+                    BufferMem::Guest(mem)
+                }
+            }
         };
         debug!(
             dom = self.dom.0,
+            zero_copy = mem.import().is_some(),
             "dbuf {cookie:#x}: {width}x{height}@{bpp}, {buffer_sz} bytes, {pages} pages"
         );
         self.total_bytes += bytes;
@@ -390,6 +554,7 @@ impl Connection {
             cookie,
             DisplayBuffer {
                 mem,
+                len: pages * PAGE_SIZE,
                 width,
                 height,
                 bpp,
@@ -400,7 +565,77 @@ impl Connection {
         Ok(())
     }
 
-    fn dbuf_destroy(&mut self, cookie: u64) -> Result<(), Refusal> {
+    /// A guest-allocated buffer: exported and imported by the output (zero-copy), or
+    /// `None` for the copy path. Only a `--zero-copy on` failure refuses the request.
+    fn export_zero_copy(
+        &mut self,
+        refs: &[GrantRef],
+        out: &mut dyn Output,
+    ) -> Result<Option<BufferMem>, Refusal> {
+        let (exported, policy) = {
+            let mut gate = self.gate();
+            (gate.export(self.dom, refs), gate.policy())
+        };
+        let exported =
+            exported.or_else(|e| refuse(e.raw_errno(), format!("zero-copy export: {e}")))?;
+        let Some(exported) = exported else {
+            return Ok(None);
+        };
+        let buffer = ZeroCopyBuffer::new(exported);
+        match out.import_dmabuf(buffer.dmabuf()) {
+            Ok(import) => Ok(Some(BufferMem::ZeroCopy { buffer, import })),
+            Err(e) if policy == ZeroCopyPolicy::On => refuse(
+                e.errno(),
+                format!("the output cannot import the dma-buf: {e}"),
+            ),
+            Err(e) => {
+                // Our fd is the only holder: dropping it releases the export at once.
+                if let Some(suppressed) = self.log.allow() {
+                    info!(
+                        dom = self.dom.0,
+                        suppressed, "the output cannot import a dma-buf ({e}); copying this buffer"
+                    );
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// be-alloc: a dumb buffer of the output granted to the guest (zero-copy), or `None`
+    /// for gntalloc pages and the copy path.
+    fn backend_alloc_zero_copy(
+        &mut self,
+        width: u32,
+        height: u32,
+        bpp: u32,
+        pages: usize,
+        out: &mut dyn Output,
+    ) -> Result<Option<(BackendAllocBuffer, ImportId)>, Refusal> {
+        let pitch = (u64::from(width) * u64::from(bpp)).div_ceil(8) as u32;
+        let mut import = None;
+        let result = self.gate().backend_alloc(self.dom, pages, pitch, || {
+            let (id, dumb) = out
+                .create_dumb(width, height, bpp)
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+            import = Some(id);
+            Ok(dumb)
+        });
+        match (result, import) {
+            (Ok(Some(buffer)), Some(id)) => Ok(Some((buffer, id))),
+            (result, id) => {
+                // The dumb buffer (if any) is gone with the failed attempt.
+                if let Some(id) = id {
+                    out.release_import(id);
+                }
+                match result {
+                    Err(e) => refuse(e.errno(), format!("zero-copy backend allocation: {e}")),
+                    Ok(_) => Ok(None),
+                }
+            }
+        }
+    }
+
+    fn dbuf_destroy(&mut self, cookie: u64, out: &mut dyn Output) -> Result<Handled, Refusal> {
         let Some(buf) = self.dbufs.remove(&cookie) else {
             return refuse(libc::ENOENT, format!("no display buffer {cookie:#x}"));
         };
@@ -416,12 +651,32 @@ impl Connection {
                 dom = self.dom.0,
                 "fb {fb:#x} detached implicitly with its buffer"
             );
-            self.forget_fb(fb);
+            self.forget_fb(fb, out);
         }
         self.total_bytes -= buf.bytes;
-        // Dropping `buf` unmaps the guest's pages before we answer.
-        drop(buf);
-        Ok(())
+        match buf.mem {
+            BufferMem::ZeroCopy { buffer, import } => {
+                // Off screen, framebuffers and GEM handle now (the output lives on this
+                // thread); closing our fd and waiting for gntdev's release is deferred.
+                out.release_import(import);
+                Ok(Handled::Deferred(PendingRelease {
+                    dom: self.dom,
+                    cookie,
+                    buffer,
+                    timeout: self.release_timeout,
+                }))
+            }
+            BufferMem::BackendZeroCopy { buffer, import } => {
+                // The guest unmapped before asking: nothing to wait for.
+                out.release_import(import);
+                buffer
+                    .destroy()
+                    .or_else(|e| refuse(-e.status(), format!("destroying {cookie:#x}: {e}")))?;
+                Ok(Handled::Reply(0))
+            }
+            // Dropping a mapping unmaps the guest's pages before we answer.
+            BufferMem::Guest(_) | BufferMem::Backend(_) => Ok(Handled::Reply(0)),
+        }
     }
 
     fn fb_attach(
@@ -431,6 +686,7 @@ impl Connection {
         width: u32,
         height: u32,
         fourcc: u32,
+        out: &mut dyn Output,
     ) -> Result<(), Refusal> {
         if cookie == 0 {
             return refuse(libc::EINVAL, "framebuffer cookie 0");
@@ -479,15 +735,28 @@ impl Connection {
             );
         }
         let need = u64::from(buf.data_ofs) + u64::from(pitch) * u64::from(height);
-        if need > buf.mem.region().len() as u64 {
+        if need > buf.len as u64 {
             return refuse(
                 libc::EINVAL,
-                format!(
-                    "fb needs {need} bytes, buffer maps {}",
-                    buf.mem.region().len()
-                ),
+                format!("fb needs {need} bytes, buffer has {}", buf.len),
             );
         }
+        let imported = match buf.mem.import() {
+            Some(import) => {
+                let layout = FbLayout {
+                    width,
+                    height,
+                    format,
+                    pitch,
+                    offset: buf.data_ofs,
+                };
+                let fb = out.add_imported_fb(import, &layout).or_else(|e| {
+                    refuse(e.errno(), format!("framebuffer of a zero-copy buffer: {e}"))
+                })?;
+                Some(fb)
+            }
+            None => None,
+        };
         self.fbs.insert(
             cookie,
             Framebuffer {
@@ -496,13 +765,16 @@ impl Connection {
                 height,
                 format,
                 pitch,
+                imported,
             },
         );
         Ok(())
     }
 
-    fn forget_fb(&mut self, cookie: u64) {
-        self.fbs.remove(&cookie);
+    fn forget_fb(&mut self, cookie: u64, out: &mut dyn Output) {
+        if let Some(id) = self.fbs.remove(&cookie).and_then(|fb| fb.imported) {
+            out.remove_imported_fb(id);
+        }
         for c in &mut self.connectors {
             if c.shown.is_some_and(|s| s.fb == cookie) {
                 c.shown = None;
@@ -510,34 +782,49 @@ impl Connection {
         }
     }
 
-    fn fb_detach(&mut self, cookie: u64) -> Result<(), Refusal> {
+    fn fb_detach(&mut self, cookie: u64, out: &mut dyn Output) -> Result<(), Refusal> {
         if !self.fbs.contains_key(&cookie) {
             return refuse(libc::ENOENT, format!("no framebuffer {cookie:#x}"));
         }
-        self.forget_fb(cookie);
+        self.forget_fb(cookie, out);
         Ok(())
     }
 
     /// The frame to show for `shown`, clipped to the connector.
-    fn frame(&self, conn: usize, shown: Shown) -> Result<Frame<'_>, Refusal> {
+    fn frame(&self, conn: usize, shown: Shown) -> Result<FrameSource<'_>, Refusal> {
         let Some(fb) = self.fbs.get(&shown.fb) else {
             return refuse(libc::ENOENT, format!("no framebuffer {:#x}", shown.fb));
         };
         let buf = &self.dbufs[&fb.dbuf];
         let cfg = &self.connectors[conn].cfg;
+        let (width, height) = (shown.width.min(cfg.width), shown.height.min(cfg.height));
+        if let Some(id) = fb.imported {
+            return Ok(FrameSource::Imported(ImportedFrame {
+                fb: id,
+                x: shown.x,
+                y: shown.y,
+                width,
+                height,
+                format: fb.format,
+                fb_cookie: shown.fb,
+            }));
+        }
+        let Some(mem) = buf.mem.mapping() else {
+            return refuse(libc::EINVAL, "zero-copy buffer without a framebuffer");
+        };
         let bytes_pp = fb.format.bpp() / 8;
         let offset = u64::from(buf.data_ofs)
             + u64::from(shown.y) * u64::from(fb.pitch)
             + u64::from(shown.x) * u64::from(bytes_pp);
-        Ok(Frame {
-            mem: buf.mem.region(),
+        Ok(FrameSource::Mapped(Frame {
+            mem,
             offset: offset as usize,
-            width: shown.width.min(cfg.width),
-            height: shown.height.min(cfg.height),
+            width,
+            height,
             pitch: fb.pitch,
             format: fb.format,
             fb_cookie: shown.fb,
-        })
+        }))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -670,8 +957,11 @@ impl Connection {
                 "closing with {dbufs} display buffers and {fbs} framebuffers live"
             );
         }
+        // The output's imports go with their buffers (framebuffers included).
         self.fbs.clear();
-        self.dbufs.clear();
+        for (_, buf) in self.dbufs.drain() {
+            buf.mem.close(self.dom, out);
+        }
         self.total_bytes = 0;
     }
 }

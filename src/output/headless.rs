@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::convert::Copier;
-use super::{ConnectorId, FlipDone, Frame, Output, OutputError};
+use super::{ConnectorId, FlipDone, Frame, FrameSource, Output, OutputError};
 
 /// The default refresh period (60 Hz).
 pub const PERIOD_60HZ: Duration = Duration::from_nanos(16_666_667);
@@ -201,6 +201,14 @@ impl Headless {
     }
 }
 
+/// Headless keeps pixels, so it can only show what it can read: never imports.
+fn mapped<'a, 'b>(frame: &'b FrameSource<'a>) -> Result<&'b Frame<'a>, OutputError> {
+    match frame {
+        FrameSource::Mapped(f) => Ok(f),
+        FrameSource::Imported(_) => Err(OutputError::Unsupported),
+    }
+}
+
 impl Output for Headless {
     fn add_connector(
         &mut self,
@@ -240,11 +248,12 @@ impl Output for Headless {
     fn set_config(
         &mut self,
         conn: ConnectorId,
-        frame: Option<&Frame<'_>>,
+        frame: Option<&FrameSource<'_>>,
     ) -> Result<(), OutputError> {
         if !self.conns.contains_key(&conn) {
             return Err(OutputError::NotConfigured);
         }
+        let frame = frame.map(mapped).transpose()?;
         // Whatever was pending is older than this config: complete it now.
         self.flush_pending(conn);
         let Some(frame) = frame else {
@@ -265,7 +274,8 @@ impl Output for Headless {
         Ok(())
     }
 
-    fn page_flip(&mut self, conn: ConnectorId, frame: &Frame<'_>) -> Result<(), OutputError> {
+    fn page_flip(&mut self, conn: ConnectorId, frame: &FrameSource<'_>) -> Result<(), OutputError> {
+        let frame = mapped(frame)?;
         let (start, last) = match self.conns.get(&conn) {
             Some(Conn {
                 enabled_at: Some(t),
@@ -370,8 +380,8 @@ mod tests {
         }
     }
 
-    fn frame(mem: &MappedRegion, cookie: u64) -> Frame<'_> {
-        Frame {
+    fn frame(mem: &MappedRegion, cookie: u64) -> FrameSource<'_> {
+        FrameSource::Mapped(Frame {
             mem,
             offset: 0,
             width: 4,
@@ -379,7 +389,7 @@ mod tests {
             pitch: 16,
             format: PixelFormat::Xrgb8888,
             fb_cookie: cookie,
-        }
+        })
     }
 
     fn filled(v: u32) -> MappedRegion {
@@ -465,7 +475,7 @@ mod tests {
             format: PixelFormat::Rgb565,
             fb_cookie: 9,
         };
-        h.set_config(c, Some(&f)).unwrap();
+        h.set_config(c, Some(&FrameSource::Mapped(f))).unwrap();
         let img = h.snapshot_handle().frame(c).unwrap();
         assert_eq!(img.pixels, vec![0xff0000, 0x00ff00]);
         assert_eq!(img.pixel(1, 0), Some(0x00ff00));

@@ -8,6 +8,14 @@
 //! when larger), connection state is re-read at every SET_CONFIG, flips queued while
 //! one is pending are merged (latest wins) instead of failing with EBUSY, and every
 //! CRTC we take is restored on disable and on drop.
+//!
+//! Zero-copy: a guest buffer exported as a dma-buf is imported with
+//! `PRIME_FD_TO_HANDLE`, each of its framebuffers is made with AddFB2 (the guest's
+//! pitch, `offsets[0] = data_ofs`), and flips to it go to the CRTC directly through the
+//! same flip queue (targets from [`NBUF`] on). It needs a mode of exactly the guest
+//! image's size (no letterboxing without a copy). be-alloc buffers are dumb buffers of
+//! this card ([`Output::create_dumb`]). [`Kms::frame_counts`] tells copies from direct
+//! scanouts.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -15,20 +23,26 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use drm::buffer::{Buffer as _, DrmFourcc};
+use drm::buffer::{Buffer as _, DrmFourcc, DrmModifier, PlanarBuffer};
 use drm::control::dumbbuffer::DumbBuffer;
 use drm::control::{
-    connector, crtc, framebuffer, Device as ControlDevice, Event, Mode, ModeFlags, ModeTypeFlags,
-    PageFlipFlags,
+    connector, crtc, framebuffer, Device as ControlDevice, Event, FbCmd2Flags, Mode, ModeFlags,
+    ModeTypeFlags, PageFlipFlags,
 };
 use drm::{ClientCapability, Device as _, DriverCapability};
 
 use super::convert::Copier;
-use super::{ConnectorId, FlipDone, Frame, Output, OutputError};
+use super::{
+    ConnectorId, FbLayout, FlipDone, Frame, FrameSource, ImportId, ImportedFb, ImportedFrame,
+    Output, OutputError,
+};
+use crate::backend::xen::PAGE_SIZE;
 use crate::displif::format::PixelFormat;
+use crate::zcopy::{DmaBufFd, ScanoutImport};
 
 /// Scanout buffers per active connector: front, in flight, and queued (latest wins).
 const NBUF: usize = 3;
@@ -189,6 +203,9 @@ struct InFlight {
 
 /// Which of the [`NBUF`] buffers is scanned out, in flight, or queued, and which guest
 /// cookies each flip completes. Pure state; the caller does the ioctls.
+///
+/// Indices from [`NBUF`] on name imported guest framebuffers (zero-copy targets, pushed
+/// with [`FlipQueue::push_to`]); [`FlipQueue::back`] only ever returns our own buffers.
 #[derive(Debug)]
 pub struct FlipQueue {
     front: usize,
@@ -220,7 +237,9 @@ impl FlipQueue {
     /// queued buffer if there is one: latest wins overwrites it).
     pub fn back(&self) -> usize {
         if let Some((b, _)) = &self.queued {
-            return *b;
+            if *b < NBUF {
+                return *b;
+            }
         }
         let busy = self.in_flight.as_ref().map(|f| f.buf);
         (0..NBUF)
@@ -231,7 +250,12 @@ impl FlipQueue {
     /// A flip of [`FlipQueue::back`] with `cookie` was drawn. Returns the buffer to
     /// submit now, or `None` if it is queued behind the flip in flight.
     pub fn push(&mut self, cookie: u64) -> Option<usize> {
-        let b = self.back();
+        self.push_to(self.back(), cookie)
+    }
+
+    /// A flip to buffer `b` (ours from [`FlipQueue::back`], or an imported target).
+    /// Returns the buffer to submit now, or `None` if it is queued (latest wins).
+    pub fn push_to(&mut self, b: usize, cookie: u64) -> Option<usize> {
         if self.in_flight.is_none() {
             self.in_flight = Some(InFlight {
                 buf: b,
@@ -241,10 +265,20 @@ impl FlipQueue {
             return Some(b);
         }
         match &mut self.queued {
-            Some((_, cookies)) => cookies.push(cookie),
+            Some((target, cookies)) => {
+                *target = b;
+                cookies.push(cookie);
+            }
             None => self.queued = Some((b, vec![cookie])),
         }
         None
+    }
+
+    /// True if `b` is scanned out, in flight or queued.
+    pub fn uses(&self, b: usize) -> bool {
+        self.front == b
+            || self.in_flight.as_ref().is_some_and(|f| f.buf == b)
+            || self.queued.as_ref().is_some_and(|(q, _)| *q == b)
     }
 
     /// Submitting the flip in flight failed: drop it; returns its cookies.
@@ -368,8 +402,134 @@ struct Active {
     mode: Mode,
     size: (u32, u32),
     bufs: Vec<ScanBuf>,
+    /// Imported framebuffers flipped to: flip target `NBUF + i` is `direct[i]`
+    /// (`None` once removed).
+    direct: Vec<Option<framebuffer::Handle>>,
     flips: FlipQueue,
     saved: SavedCrtc,
+}
+
+impl Active {
+    /// The framebuffer of flip target `b`.
+    fn target_fb(&self, b: usize) -> Option<framebuffer::Handle> {
+        match b.checked_sub(NBUF) {
+            None => self.bufs.get(b).map(|s| s.fb),
+            Some(i) => self.direct.get(i).copied().flatten(),
+        }
+    }
+
+    /// The flip target of an imported framebuffer (registered on first use).
+    fn direct_target(&mut self, fb: framebuffer::Handle) -> usize {
+        let i = match self.direct.iter().position(|d| *d == Some(fb)) {
+            Some(i) => i,
+            None => {
+                self.direct.push(Some(fb));
+                self.direct.len() - 1
+            }
+        };
+        NBUF + i
+    }
+}
+
+/// A dma-buf imported into the card (or a be-alloc dumb buffer), and its framebuffers.
+struct KmsImport {
+    handle: drm::buffer::Handle,
+    /// A PRIME import: GEM_CLOSE on release. A be-alloc dumb buffer's handle is freed
+    /// by its [`KmsDumb`] instead.
+    close_handle: bool,
+    fbs: Vec<ImportedFb>,
+}
+
+/// A guest framebuffer in an imported buffer, for AddFB2.
+struct Planar {
+    size: (u32, u32),
+    format: DrmFourcc,
+    pitch: u32,
+    offset: u32,
+    handle: drm::buffer::Handle,
+}
+
+impl PlanarBuffer for Planar {
+    fn size(&self) -> (u32, u32) {
+        self.size
+    }
+    fn format(&self) -> DrmFourcc {
+        self.format
+    }
+    fn modifier(&self) -> Option<DrmModifier> {
+        None
+    }
+    fn pitches(&self) -> [u32; 4] {
+        [self.pitch, 0, 0, 0]
+    }
+    fn handles(&self) -> [Option<drm::buffer::Handle>; 4] {
+        [Some(self.handle), None, None, None]
+    }
+    fn offsets(&self) -> [u32; 4] {
+        [self.offset, 0, 0, 0]
+    }
+}
+
+/// A be-alloc dumb buffer of the card. The [`Kms`] output takes it off screen and
+/// removes its framebuffers ([`Output::release_import`]); this frees the buffer itself.
+struct KmsDumb {
+    card: Arc<Card>,
+    db: DumbBuffer,
+    freed: bool,
+}
+
+impl ScanoutImport for KmsDumb {
+    fn on_screen(&self) -> bool {
+        false // Output::release_import ran first
+    }
+    fn take_off_screen(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn release(&mut self) -> std::io::Result<()> {
+        if std::mem::replace(&mut self.freed, true) {
+            return Ok(());
+        }
+        self.card.destroy_dumb_buffer(self.db)
+    }
+}
+
+impl crate::zcopy::DumbBuffer for KmsDumb {
+    fn size(&self) -> usize {
+        // CREATE_DUMB rounds `pitch * height` up to whole pages.
+        (self.db.pitch() as usize * self.db.size().1 as usize).next_multiple_of(PAGE_SIZE)
+    }
+    fn pitch(&self) -> u32 {
+        self.db.pitch()
+    }
+    fn prime_fd(&self) -> std::io::Result<DmaBufFd> {
+        let flags = (libc::O_CLOEXEC | libc::O_RDWR) as u32;
+        let fd = self.card.buffer_to_prime_fd(self.db.handle(), flags)?;
+        Ok(DmaBufFd::from_owned(fd))
+    }
+}
+
+impl Drop for KmsDumb {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            tracing::debug!("freeing a be-alloc dumb buffer: {e}");
+        }
+    }
+}
+
+/// Frames shown by copying versus by scanning out the guest's buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameCounts {
+    pub copied: u64,
+    pub zero_copy: u64,
+}
+
+impl FrameCounts {
+    fn count(&mut self, frame: &FrameSource<'_>) {
+        match frame {
+            FrameSource::Mapped(_) => self.copied += 1,
+            FrameSource::Imported(_) => self.zero_copy += 1,
+        }
+    }
 }
 
 struct KmsConn {
@@ -381,7 +541,7 @@ struct KmsConn {
 
 /// The KMS [`Output`].
 pub struct Kms {
-    card: Card,
+    card: Arc<Card>,
     path: PathBuf,
     mapping: HashMap<String, String>,
     conns: BTreeMap<ConnectorId, KmsConn>,
@@ -389,6 +549,11 @@ pub struct Kms {
     /// Flips to report at the next dispatch (superseded or disabled).
     immediate: Vec<FlipDone>,
     master: bool,
+    imports: HashMap<ImportId, KmsImport>,
+    /// Imported framebuffers: (their import, the KMS handle).
+    imported_fbs: HashMap<ImportedFb, (ImportId, framebuffer::Handle)>,
+    next_id: u64,
+    counts: FrameCounts,
 }
 
 fn open_card(path: &Path) -> anyhow::Result<Card> {
@@ -460,20 +625,92 @@ impl Kms {
         // Only for completeness of what we enumerate; everything here is legacy KMS.
         let _ = card.set_client_capability(ClientCapability::UniversalPlanes, true);
         let kms = Kms {
-            card,
+            card: Arc::new(card),
             path,
             mapping,
             conns: BTreeMap::new(),
             copier: Copier::new(),
             immediate: Vec::new(),
             master: true,
+            imports: HashMap::new(),
+            imported_fbs: HashMap::new(),
+            next_id: 1,
+            counts: FrameCounts::default(),
         };
         tracing::info!(
             card = %kms.path.display(),
             connectors = ?kms.connector_names(),
-            "KMS output ready (legacy modesetting, copy path)"
+            "KMS output ready (legacy modesetting; copy path, PRIME import for zero-copy)"
         );
         Ok(kms)
+    }
+
+    /// Frames shown so far by copying and by direct scanout (zero-copy).
+    pub fn frame_counts(&self) -> FrameCounts {
+        self.counts
+    }
+
+    fn new_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Make sure no CRTC scans out, flips to or has queued the imported framebuffer
+    /// `fb`: such a connector shows black from one of our buffers instead (or is
+    /// disabled if even that fails). Then `fb` can be removed without a CRTC going dark.
+    fn take_off_screen(&mut self, fb: framebuffer::Handle) {
+        let users: Vec<ConnectorId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.active.as_ref().is_some_and(|a| {
+                    a.direct
+                        .iter()
+                        .position(|d| *d == Some(fb))
+                        .is_some_and(|i| a.flips.uses(NBUF + i))
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in users {
+            let Some(kc) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            let phys = kc.phys;
+            let Some(a) = kc.active.as_mut() else {
+                continue;
+            };
+            let b = a.flips.back();
+            let buf = &mut a.bufs[b];
+            buf.map.bytes().fill(0);
+            buf.drawn = None;
+            match self
+                .card
+                .set_crtc(a.crtc, Some(buf.fb), (0, 0), &[phys], Some(a.mode))
+            {
+                Ok(()) => {
+                    let dropped = a.flips.modeset(b);
+                    self.immediate.extend(
+                        dropped
+                            .into_iter()
+                            .map(|fb_cookie| FlipDone { conn, fb_cookie }),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(?conn, "taking a guest buffer off screen: {e}; disabling");
+                    self.deactivate(conn, true);
+                }
+            }
+        }
+        for kc in self.conns.values_mut() {
+            if let Some(a) = kc.active.as_mut() {
+                for d in &mut a.direct {
+                    if *d == Some(fb) {
+                        *d = None;
+                    }
+                }
+            }
+        }
     }
 
     /// The card's connectors as (KMS name, connected?).
@@ -704,6 +941,13 @@ impl Kms {
         for id in ids {
             self.deactivate(id, true);
         }
+        if self.master && self.counts != FrameCounts::default() {
+            tracing::info!(
+                copied = self.counts.copied,
+                zero_copy = self.counts.zero_copy,
+                "KMS frames shown: copied vs scanned out directly"
+            );
+        }
         if self.master {
             self.master = false;
             if let Err(e) = self.card.release_master_lock() {
@@ -712,7 +956,30 @@ impl Kms {
         }
     }
 
-    fn enable(&mut self, conn: ConnectorId, frame: &Frame<'_>) -> Result<(), OutputError> {
+    /// The KMS framebuffer of an imported frame, checked to cover `size` exactly (legacy
+    /// KMS scans out a mode-sized window of it at the source offset).
+    fn imported_fb(
+        &self,
+        f: &ImportedFrame,
+        size: (u32, u32),
+    ) -> Result<framebuffer::Handle, OutputError> {
+        let &(_, fb) = self
+            .imported_fbs
+            .get(&f.fb)
+            .ok_or(OutputError::NotConfigured)?;
+        if (f.width, f.height) != size {
+            tracing::warn!(
+                guest = %format_args!("{}x{}", f.width, f.height),
+                mode = %format_args!("{}x{}", size.0, size.1),
+                "a zero-copy buffer needs a mode of exactly its size"
+            );
+            return Err(OutputError::Format(f.format));
+        }
+        Ok(fb)
+    }
+
+    fn enable(&mut self, conn: ConnectorId, frame: &FrameSource<'_>) -> Result<(), OutputError> {
+        let (fw, fh) = frame.size();
         let kc = self.conns.get(&conn).ok_or(OutputError::NotConfigured)?;
         let (phys, name) = (kc.phys, kc.name.clone());
         let info = self.card.get_connector(phys, false)?;
@@ -721,10 +988,14 @@ impl Kms {
             return Err(OutputError::Disconnected(name));
         }
         let infos: Vec<ModeInfo> = info.modes().iter().map(ModeInfo::from).collect();
-        let (idx, fit) = choose_mode(&infos, frame.width, frame.height)
-            .ok_or_else(|| OutputError::Disconnected(name.clone()))?;
+        let (idx, fit) =
+            choose_mode(&infos, fw, fh).ok_or_else(|| OutputError::Disconnected(name.clone()))?;
         let mode = info.modes()[idx];
         let size = (infos[idx].width, infos[idx].height);
+        let direct_fb = match frame {
+            FrameSource::Imported(f) => Some(self.imported_fb(f, size)?),
+            FrameSource::Mapped(_) => None,
+        };
 
         // Same mode as now: draw into the back buffer and swap it in.
         let same = self
@@ -736,10 +1007,18 @@ impl Kms {
             let Some(a) = self.conns.get_mut(&conn).and_then(|c| c.active.as_mut()) else {
                 return Err(OutputError::NotConfigured);
             };
-            let b = a.flips.back();
-            Self::draw(&mut self.copier, &mut a.bufs[b], a.size, frame)?;
+            let (b, fb, pos) = match (frame, direct_fb) {
+                (FrameSource::Imported(f), Some(fb)) => (a.direct_target(fb), fb, (f.x, f.y)),
+                (FrameSource::Mapped(f), _) => {
+                    let b = a.flips.back();
+                    Self::draw(&mut self.copier, &mut a.bufs[b], a.size, f)?;
+                    (b, a.bufs[b].fb, (0, 0))
+                }
+                (FrameSource::Imported(_), None) => return Err(OutputError::NotConfigured),
+            };
             self.card
-                .set_crtc(a.crtc, Some(a.bufs[b].fb), (0, 0), &[phys], Some(mode))?;
+                .set_crtc(a.crtc, Some(fb), pos, &[phys], Some(mode))?;
+            self.counts.count(frame);
             let dropped = a.flips.modeset(b);
             self.immediate.extend(
                 dropped
@@ -752,7 +1031,7 @@ impl Kms {
         tracing::info!(
             ?conn,
             connector = %name,
-            guest = %format_args!("{}x{}", frame.width, frame.height),
+            guest = %format_args!("{fw}x{fh}"),
             mode = %format_args!("{}x{}@{}", size.0, size.1, infos[idx].refresh),
             ?fit,
             "mode chosen"
@@ -770,12 +1049,21 @@ impl Kms {
                 (crtc, Some(self.save_crtc(crtc)))
             }
         };
+        // Our buffers exist in every mode: copy-path frames may follow imported ones.
         let shown = match self.alloc_buffers(size) {
             Err(e) => Err(OutputError::from(e)),
             Ok(mut bufs) => {
-                let r = Self::draw(&mut self.copier, &mut bufs[0], size, frame).and_then(|()| {
+                let r = match (frame, direct_fb) {
+                    (FrameSource::Imported(f), Some(fb)) => Ok((fb, (f.x, f.y))),
+                    (FrameSource::Mapped(f), _) => {
+                        Self::draw(&mut self.copier, &mut bufs[0], size, f)
+                            .map(|()| (bufs[0].fb, (0, 0)))
+                    }
+                    (FrameSource::Imported(_), None) => Err(OutputError::NotConfigured),
+                }
+                .and_then(|(fb, pos)| {
                     self.card
-                        .set_crtc(crtc, Some(bufs[0].fb), (0, 0), &[phys], Some(mode))
+                        .set_crtc(crtc, Some(fb), pos, &[phys], Some(mode))
                         .map_err(OutputError::from)
                 });
                 match r {
@@ -823,13 +1111,19 @@ impl Kms {
             (None, Some(saved)) => saved,
             (None, None) => self.save_crtc(crtc),
         };
+        self.counts.count(frame);
+        let (direct, front) = match direct_fb {
+            Some(fb) => (vec![Some(fb)], NBUF),
+            None => (Vec::new(), 0),
+        };
         if let Some(kc) = self.conns.get_mut(&conn) {
             kc.active = Some(Active {
                 crtc,
                 mode,
                 size,
                 bufs,
-                flips: FlipQueue::new(0),
+                direct,
+                flips: FlipQueue::new(front),
                 saved,
             });
         }
@@ -888,10 +1182,11 @@ impl Kms {
                 .map(|fb_cookie| FlipDone { conn, fb_cookie }),
         );
         if let Some(b) = next {
-            if let Err(e) = self
-                .card
-                .page_flip(crtc, a.bufs[b].fb, PageFlipFlags::EVENT, None)
-            {
+            let submitted = match a.target_fb(b) {
+                Some(fb) => self.card.page_flip(crtc, fb, PageFlipFlags::EVENT, None),
+                None => Err(std::io::ErrorKind::NotFound.into()),
+            };
+            if let Err(e) = submitted {
                 tracing::warn!(?conn, connector = %kc.name, "queued page flip failed: {e}");
                 let cookies = a.flips.submit_failed();
                 done.extend(
@@ -974,7 +1269,7 @@ impl Output for Kms {
     fn set_config(
         &mut self,
         conn: ConnectorId,
-        frame: Option<&Frame<'_>>,
+        frame: Option<&FrameSource<'_>>,
     ) -> Result<(), OutputError> {
         if !self.conns.contains_key(&conn) {
             return Err(OutputError::NotConfigured);
@@ -988,20 +1283,37 @@ impl Output for Kms {
         }
     }
 
-    fn page_flip(&mut self, conn: ConnectorId, frame: &Frame<'_>) -> Result<(), OutputError> {
+    fn page_flip(&mut self, conn: ConnectorId, frame: &FrameSource<'_>) -> Result<(), OutputError> {
+        let size = match self.conns.get(&conn).and_then(|c| c.active.as_ref()) {
+            Some(a) => a.size,
+            None => return Err(OutputError::NotConfigured),
+        };
+        let direct_fb = match frame {
+            FrameSource::Imported(f) => Some(self.imported_fb(f, size)?),
+            FrameSource::Mapped(_) => None,
+        };
         let Some(kc) = self.conns.get_mut(&conn) else {
             return Err(OutputError::NotConfigured);
         };
         let Some(a) = kc.active.as_mut() else {
             return Err(OutputError::NotConfigured);
         };
-        let b = a.flips.back();
-        Self::draw(&mut self.copier, &mut a.bufs[b], a.size, frame)?;
-        if let Some(b) = a.flips.push(frame.fb_cookie) {
-            if let Err(e) = self
-                .card
-                .page_flip(a.crtc, a.bufs[b].fb, PageFlipFlags::EVENT, None)
-            {
+        let target = match (frame, direct_fb) {
+            (FrameSource::Imported(_), Some(fb)) => a.direct_target(fb),
+            (FrameSource::Mapped(f), _) => {
+                let b = a.flips.back();
+                Self::draw(&mut self.copier, &mut a.bufs[b], a.size, f)?;
+                b
+            }
+            (FrameSource::Imported(_), None) => return Err(OutputError::NotConfigured),
+        };
+        self.counts.count(frame);
+        if let Some(b) = a.flips.push_to(target, frame.fb_cookie()) {
+            let submitted = match a.target_fb(b) {
+                Some(fb) => self.card.page_flip(a.crtc, fb, PageFlipFlags::EVENT, None),
+                None => Err(std::io::ErrorKind::NotFound.into()),
+            };
+            if let Err(e) = submitted {
                 tracing::warn!(?conn, connector = %kc.name, "page flip failed: {e}");
                 a.flips.submit_failed();
                 return Err(e.into());
@@ -1025,6 +1337,108 @@ impl Output for Kms {
     fn dispatch(&mut self, _now: Instant, done: &mut Vec<FlipDone>) {
         done.append(&mut self.immediate);
         self.read_events(done);
+    }
+
+    fn import_dmabuf(&mut self, dmabuf: &DmaBufFd) -> Result<ImportId, OutputError> {
+        let fd = dmabuf.as_fd().ok_or(OutputError::Unsupported)?;
+        let handle = self.card.prime_fd_to_buffer(fd)?;
+        let id = ImportId(self.new_id());
+        self.imports.insert(
+            id,
+            KmsImport {
+                handle,
+                close_handle: true,
+                fbs: Vec::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    fn create_dumb(
+        &mut self,
+        width: u32,
+        height: u32,
+        bpp: u32,
+    ) -> Result<(ImportId, Box<dyn crate::zcopy::DumbBuffer>), OutputError> {
+        // The fourcc only labels the drm crate's struct; CREATE_DUMB takes the bpp.
+        let db = self
+            .card
+            .create_dumb_buffer((width, height), DrmFourcc::Xrgb8888, bpp)?;
+        let id = ImportId(self.new_id());
+        self.imports.insert(
+            id,
+            KmsImport {
+                handle: db.handle(),
+                close_handle: false,
+                fbs: Vec::new(),
+            },
+        );
+        let dumb = KmsDumb {
+            card: self.card.clone(),
+            db,
+            freed: false,
+        };
+        Ok((id, Box::new(dumb)))
+    }
+
+    fn add_imported_fb(
+        &mut self,
+        import: ImportId,
+        layout: &FbLayout,
+    ) -> Result<ImportedFb, OutputError> {
+        let handle = self
+            .imports
+            .get(&import)
+            .ok_or(OutputError::NotConfigured)?
+            .handle;
+        let format = DrmFourcc::try_from(layout.format.fourcc())
+            .map_err(|_| OutputError::Format(layout.format))?;
+        let planar = Planar {
+            size: (layout.width, layout.height),
+            format,
+            pitch: layout.pitch,
+            offset: layout.offset,
+            handle,
+        };
+        let fb = self
+            .card
+            .add_planar_framebuffer(&planar, FbCmd2Flags::empty())?;
+        let id = ImportedFb(self.new_id());
+        self.imported_fbs.insert(id, (import, fb));
+        if let Some(i) = self.imports.get_mut(&import) {
+            i.fbs.push(id);
+        }
+        Ok(id)
+    }
+
+    fn remove_imported_fb(&mut self, id: ImportedFb) {
+        let Some((import, fb)) = self.imported_fbs.remove(&id) else {
+            return;
+        };
+        if let Some(i) = self.imports.get_mut(&import) {
+            i.fbs.retain(|f| *f != id);
+        }
+        self.take_off_screen(fb);
+        if let Err(e) = self.card.destroy_framebuffer(fb) {
+            tracing::warn!("removing an imported framebuffer: {e}");
+        }
+    }
+
+    fn release_import(&mut self, import: ImportId) {
+        let Some(i) = self.imports.get(&import) else {
+            return;
+        };
+        for fb in i.fbs.clone() {
+            self.remove_imported_fb(fb);
+        }
+        let Some(i) = self.imports.remove(&import) else {
+            return;
+        };
+        if i.close_handle {
+            if let Err(e) = self.card.close_buffer(i.handle) {
+                tracing::warn!("closing an imported GEM handle: {e}");
+            }
+        }
     }
 }
 
@@ -1216,6 +1630,25 @@ mod tests {
         assert_eq!(q.drain(), vec![4, 5]);
         assert!(!q.busy());
         assert_eq!(q.front(), 2);
+    }
+
+    #[test]
+    fn flip_queue_direct_targets() {
+        let direct = NBUF;
+        let mut q = FlipQueue::new(0);
+        assert_eq!(q.push_to(direct, 1), Some(direct));
+        // A copy flip queued behind it draws into one of ours, never the import.
+        assert_eq!(q.back(), 1);
+        assert_eq!(q.push(2), None);
+        // A direct flip replaces the queued copy (latest wins), keeping its cookie.
+        assert_eq!(q.push_to(direct + 1, 3), None);
+        assert!(q.uses(direct + 1));
+        assert!(q.back() < NBUF);
+        assert_eq!(q.complete(), (vec![1], Some(direct + 1)));
+        assert_eq!(q.front(), direct);
+        assert_eq!(q.complete(), (vec![2, 3], None));
+        assert_eq!(q.front(), direct + 1);
+        assert!(!q.uses(direct));
     }
 
     #[test]

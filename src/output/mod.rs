@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::backend::mem::MappedRegion;
 use crate::backend::DomId;
 use crate::displif::format::PixelFormat;
+use crate::zcopy::{DmaBufFd, DumbBuffer};
 
 pub mod convert;
 pub mod headless;
@@ -37,6 +38,71 @@ pub struct Frame<'a> {
     pub fb_cookie: u64,
 }
 
+/// A dma-buf (or a be-alloc dumb buffer) the output holds, named by the output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ImportId(pub u64);
+
+/// A framebuffer the output made of an import ([`Output::add_imported_fb`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ImportedFb(pub u64);
+
+/// The layout of a guest framebuffer in its buffer (FB_ATTACH).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FbLayout {
+    pub width: u32,
+    pub height: u32,
+    pub format: PixelFormat,
+    /// Bytes per line.
+    pub pitch: u32,
+    /// Byte offset of the first pixel (`data_ofs`).
+    pub offset: u32,
+}
+
+/// An imported framebuffer to scan out as is (zero-copy): the source rectangle of
+/// SET_CONFIG, clipped to the connector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImportedFrame {
+    pub fb: ImportedFb,
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+    pub format: PixelFormat,
+    pub fb_cookie: u64,
+}
+
+/// What to show: guest pixels in a mapping (copied/converted by the output), or a
+/// framebuffer the output imported (scanned out directly, no copy).
+#[derive(Clone, Copy, Debug)]
+pub enum FrameSource<'a> {
+    Mapped(Frame<'a>),
+    Imported(ImportedFrame),
+}
+
+impl FrameSource<'_> {
+    /// The guest's framebuffer cookie, echoed in the flip event.
+    pub fn fb_cookie(&self) -> u64 {
+        match self {
+            FrameSource::Mapped(f) => f.fb_cookie,
+            FrameSource::Imported(f) => f.fb_cookie,
+        }
+    }
+
+    /// Size of the shown rectangle.
+    pub fn size(&self) -> (u32, u32) {
+        match self {
+            FrameSource::Mapped(f) => (f.width, f.height),
+            FrameSource::Imported(f) => (f.width, f.height),
+        }
+    }
+}
+
+impl<'a> From<Frame<'a>> for FrameSource<'a> {
+    fn from(f: Frame<'a>) -> Self {
+        FrameSource::Mapped(f)
+    }
+}
+
 /// A flip the output has completed (the scanout now shows it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlipDone {
@@ -57,6 +123,8 @@ pub enum OutputError {
     NotConfigured,
     #[error("format {0:?} cannot be shown")]
     Format(PixelFormat),
+    #[error("not supported by this output")]
+    Unsupported,
     #[error("{0}")]
     Device(#[from] std::io::Error),
 }
@@ -70,6 +138,7 @@ impl OutputError {
             OutputError::Disconnected(_) => libc::ENODEV,
             OutputError::NotConfigured => libc::EINVAL,
             OutputError::Format(_) => libc::EINVAL,
+            OutputError::Unsupported => libc::EOPNOTSUPP,
             OutputError::Device(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -92,12 +161,12 @@ pub trait Output {
     fn set_config(
         &mut self,
         conn: ConnectorId,
-        frame: Option<&Frame<'_>>,
+        frame: Option<&FrameSource<'_>>,
     ) -> Result<(), OutputError>;
     /// PG_FLIP: queue `frame`; its [`FlipDone`] comes from [`Output::dispatch`] later.
     /// A flip queued while one is pending replaces the queued one (latest wins), and the
     /// replaced one is still reported done.
-    fn page_flip(&mut self, conn: ConnectorId, frame: &Frame<'_>) -> Result<(), OutputError>;
+    fn page_flip(&mut self, conn: ConnectorId, frame: &FrameSource<'_>) -> Result<(), OutputError>;
     /// A pollable fd that signals output events (DRM flip events), if any.
     fn event_fd(&self) -> Option<RawFd> {
         None
@@ -108,6 +177,38 @@ pub trait Output {
     }
     /// Handle output events and due timers; append completed flips to `done`.
     fn dispatch(&mut self, now: Instant, done: &mut Vec<FlipDone>);
+
+    // Zero-copy. An output that can scan out foreign memory implements these; the
+    // defaults say "unsupported" and the caller takes the copy path.
+
+    /// Import a guest buffer's dma-buf (KMS: `PRIME_FD_TO_HANDLE`). The output keeps its
+    /// own reference until [`Output::release_import`].
+    fn import_dmabuf(&mut self, _dmabuf: &DmaBufFd) -> Result<ImportId, OutputError> {
+        Err(OutputError::Unsupported)
+    }
+    /// be-alloc: a dumb buffer of the scanout device for a `width` x `height` image of
+    /// `bpp` bits per pixel, registered as an import (for framebuffers).
+    fn create_dumb(
+        &mut self,
+        _width: u32,
+        _height: u32,
+        _bpp: u32,
+    ) -> Result<(ImportId, Box<dyn DumbBuffer>), OutputError> {
+        Err(OutputError::Unsupported)
+    }
+    /// FB_ATTACH on an imported buffer: make a framebuffer of it.
+    fn add_imported_fb(
+        &mut self,
+        _import: ImportId,
+        _layout: &FbLayout,
+    ) -> Result<ImportedFb, OutputError> {
+        Err(OutputError::Unsupported)
+    }
+    /// FB_DETACH: take the framebuffer off screen if shown, then remove it.
+    fn remove_imported_fb(&mut self, _fb: ImportedFb) {}
+    /// Drop the output's hold on an import: off screen, its framebuffers, its GEM
+    /// handle (a be-alloc dumb buffer itself is freed by its [`DumbBuffer`]).
+    fn release_import(&mut self, _import: ImportId) {}
 }
 
 /// Open the output `kind` names (`card` and `mapping` are for KMS).

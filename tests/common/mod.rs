@@ -16,6 +16,7 @@ use displback::sim::pattern;
 use displback::sim::toolstack::Toolstack;
 use displback::sim::xenstored::SimXenstored;
 use displback::sim::SimXen;
+use displback::zcopy::ZeroCopyGate;
 
 pub const BACKEND: DomId = DomId(0);
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -32,6 +33,18 @@ pub struct Rig {
 
 impl Rig {
     pub fn new() -> Self {
+        let headless = Headless::new();
+        let view = headless.snapshot_handle();
+        Self::with_output(Box::new(headless), view, ZeroCopyGate::off())
+    }
+
+    /// A rig whose backend uses `output` (`view` shows what its headless part shows)
+    /// and decides on zero-copy with `gate`.
+    pub fn with_output(
+        output: Box<dyn displback::output::Output + Send>,
+        view: HeadlessView,
+        gate: ZeroCopyGate,
+    ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -40,8 +53,6 @@ impl Rig {
         let xenstored = SimXenstored::new();
         let toolstack =
             Toolstack::new(XsClient::from_stream(xenstored.connect(0).unwrap()).unwrap());
-        let headless = Headless::new();
-        let view = headless.snapshot_handle();
         let mut rig = Rig {
             sim,
             xenstored,
@@ -49,15 +60,25 @@ impl Rig {
             toolstack,
             backend: None,
         };
-        rig.start_backend(Box::new(headless));
+        rig.start_backend_with(output, gate);
         rig
     }
 
     /// Start a backend process (there must be none running).
     pub fn start_backend(&mut self, output: Box<dyn displback::output::Output + Send>) {
+        self.start_backend_with(output, ZeroCopyGate::off());
+    }
+
+    fn start_backend_with(
+        &mut self,
+        output: Box<dyn displback::output::Output + Send>,
+        gate: ZeroCopyGate,
+    ) {
         assert!(self.backend.is_none());
         let plat = self.sim.platform(&self.xenstored, BACKEND).unwrap();
-        let mut server = Server::new(plat, output, ServerConfig::default()).unwrap();
+        let mut server = Server::new(plat, output, ServerConfig::default())
+            .unwrap()
+            .with_zero_copy(gate);
         let stop = server.stop_handle();
         let thread = std::thread::spawn(move || server.run().expect("backend failed"));
         self.backend = Some((stop, thread));
