@@ -18,7 +18,8 @@ pub enum OutputKind {
     Headless,
 }
 
-/// Zero-copy policy (issue #5; only `off` is implemented so far, `auto` falls back to copy).
+/// Zero-copy policy: `auto` uses gntdev dma-buf where the kernel and the KMS driver
+/// allow it and copies otherwise; `on` refuses to run without it; `off` always copies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ZeroCopy {
