@@ -11,7 +11,7 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use super::gntdev::{ioc_none, open_device, retry_eintr};
+use super::ioctl::{ioc_none, ioctl, open_device};
 use super::types::{DomId, EvtchnPort, XenError};
 use super::xen::EventChannels;
 
@@ -103,22 +103,21 @@ impl XenEvtchn {
         let fd = self.fd.as_raw_fd();
         // SAFETY: `arg` is a live repr(C) struct of the size encoded in `request`; the
         // kernel only reads it.
-        let rc = retry_eintr(|| unsafe {
-            libc::ioctl(fd, request as libc::Ioctl, &mut arg as *mut EvtchnNotify)
-        });
-        if rc < 0 {
-            return Err(XenError::last_os(op));
-        }
+        unsafe { ioctl(fd, request, &mut arg as *mut EvtchnNotify, op) }?;
         Ok(())
     }
 
     fn reset(&self) -> Result<(), XenError> {
         let fd = self.fd.as_raw_fd();
         // SAFETY: IOCTL_EVTCHN_RESET takes no argument.
-        let rc = retry_eintr(|| unsafe { libc::ioctl(fd, IOCTL_EVTCHN_RESET as libc::Ioctl) });
-        if rc < 0 {
-            return Err(XenError::last_os("IOCTL_EVTCHN_RESET"));
-        }
+        unsafe {
+            ioctl(
+                fd,
+                IOCTL_EVTCHN_RESET,
+                std::ptr::null_mut::<u8>(),
+                "IOCTL_EVTCHN_RESET",
+            )
+        }?;
         Ok(())
     }
 
@@ -200,16 +199,19 @@ impl EventChannels for XenEvtchn {
             remote_port: remote_port.0,
         };
         let fd = self.fd.as_raw_fd();
+        let op = "IOCTL_EVTCHN_BIND_INTERDOMAIN";
         // SAFETY: `arg` is a live repr(C) struct of the size encoded in the number.
-        let rc = retry_eintr(|| unsafe {
-            libc::ioctl(
+        let rc = unsafe {
+            ioctl(
                 fd,
-                IOCTL_EVTCHN_BIND_INTERDOMAIN as libc::Ioctl,
+                IOCTL_EVTCHN_BIND_INTERDOMAIN,
                 &mut arg as *mut EvtchnBindInterdomain,
+                op,
             )
-        });
+        }?;
+        // The ioctl's return value is the new local port.
         let local =
-            u32::try_from(rc).map_err(|_| XenError::last_os("IOCTL_EVTCHN_BIND_INTERDOMAIN"))?;
+            u32::try_from(rc).map_err(|_| XenError::Invalid(format!("{op} returned {rc}")))?;
         self.bound.insert(local);
         Ok(EvtchnPort(local))
     }

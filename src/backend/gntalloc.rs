@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::gntdev::{checked_len, ioc_none, open_device, retry_eintr};
+use super::gntdev::checked_len;
+use super::ioctl::{ioc_none, ioctl, open_device};
 use super::mem::MappedRegion;
 use super::types::{DomId, GrantRef, XenError};
 use super::xen::{GrantAllocator, GrantedPages};
@@ -119,16 +120,14 @@ fn dealloc_gref(fd: RawFd, index: u64, count: u32) -> Result<(), XenError> {
     };
     // SAFETY: `arg` is a live repr(C) struct of the size encoded in the ioctl number;
     // the kernel only reads it.
-    let rc = retry_eintr(|| unsafe {
-        libc::ioctl(
+    unsafe {
+        ioctl(
             fd,
-            IOCTL_GNTALLOC_DEALLOC_GREF as libc::Ioctl,
+            IOCTL_GNTALLOC_DEALLOC_GREF,
             &mut arg as *mut GntallocDeallocGref,
+            "IOCTL_GNTALLOC_DEALLOC_GREF",
         )
-    });
-    if rc < 0 {
-        return Err(XenError::last_os("IOCTL_GNTALLOC_DEALLOC_GREF"));
-    }
+    }?;
     Ok(())
 }
 
@@ -162,16 +161,14 @@ impl GrantAllocator for Gntalloc {
         let fd = self.fd.as_raw_fd();
         // SAFETY: `req` is a u64-aligned buffer with the header and room for `count`
         // grant ids, which is what the kernel reads and writes for this request.
-        let rc = retry_eintr(|| unsafe {
-            libc::ioctl(
+        unsafe {
+            ioctl(
                 fd,
-                IOCTL_GNTALLOC_ALLOC_GREF as libc::Ioctl,
+                IOCTL_GNTALLOC_ALLOC_GREF,
                 req.as_mut_ptr(),
+                "IOCTL_GNTALLOC_ALLOC_GREF",
             )
-        });
-        if rc < 0 {
-            return Err(XenError::last_os("IOCTL_GNTALLOC_ALLOC_GREF"));
-        }
+        }?;
         let Some((index, refs)) = parse_alloc_reply(&req, pages) else {
             return Err(XenError::Invalid("short gntalloc reply".into()));
         };

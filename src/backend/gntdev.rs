@@ -8,7 +8,6 @@
 
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,18 +15,13 @@ use std::sync::Arc;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+use super::ioctl::{ioc_none, ioctl, open_device};
 use super::mem::MappedRegion;
 use super::types::{DomId, GrantRef, XenError};
 use super::xen::{GrantMapper, PAGE_SIZE};
 
 /// Refuse to map more pages than this in one request (hostile or corrupt counts).
 pub const MAX_MAP_PAGES: usize = 1 << 20;
-
-/// `_IOC(_IOC_NONE, type, nr, size)` as on x86, Arm and Arm64 (`_IOC_NONE == 0`,
-/// size in bits 16..30, type in bits 8..16, nr in bits 0..8).
-pub(crate) const fn ioc_none(ty: u8, nr: u8, size: usize) -> u32 {
-    ((size as u32) << 16) | ((ty as u32) << 8) | nr as u32
-}
 
 /// `struct ioctl_gntdev_grant_ref { __u32 domid; __u32 ref; };` (8 bytes)
 #[repr(C)]
@@ -140,32 +134,6 @@ pub(crate) fn map_request_index(buf: &[u64]) -> u64 {
     buf.get(1).copied().unwrap_or(0)
 }
 
-/// Retry a syscall returning -1/errno on EINTR.
-pub(crate) fn retry_eintr(mut f: impl FnMut() -> libc::c_int) -> libc::c_int {
-    loop {
-        let rc = f();
-        if rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-            continue;
-        }
-        return rc;
-    }
-}
-
-/// Open a Xen device node read-write (std adds O_CLOEXEC), plus `extra` open flags.
-pub(crate) fn open_device(
-    path: &Path,
-    extra: libc::c_int,
-    op: &'static str,
-) -> Result<OwnedFd, XenError> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC | extra)
-        .open(path)
-        .map(OwnedFd::from)
-        .map_err(|source| XenError::Io { op, source })
-}
-
 fn unmap_grant_ref(fd: RawFd, index: u64, count: u32) -> Result<(), XenError> {
     let mut arg = GntdevUnmapGrantRef {
         index,
@@ -174,16 +142,14 @@ fn unmap_grant_ref(fd: RawFd, index: u64, count: u32) -> Result<(), XenError> {
     };
     // SAFETY: `arg` is a live repr(C) struct of exactly the size encoded in the ioctl
     // number; the kernel only reads it.
-    let rc = retry_eintr(|| unsafe {
-        libc::ioctl(
+    unsafe {
+        ioctl(
             fd,
-            IOCTL_GNTDEV_UNMAP_GRANT_REF as libc::Ioctl,
+            IOCTL_GNTDEV_UNMAP_GRANT_REF,
             &mut arg as *mut GntdevUnmapGrantRef,
+            "IOCTL_GNTDEV_UNMAP_GRANT_REF",
         )
-    });
-    if rc < 0 {
-        return Err(XenError::last_os("IOCTL_GNTDEV_UNMAP_GRANT_REF"));
-    }
+    }?;
     Ok(())
 }
 
@@ -233,16 +199,14 @@ impl GrantMapper for Gntdev {
         let fd = self.fd.as_raw_fd();
         // SAFETY: `req` is a u64-aligned buffer holding the header and `count` refs, as
         // the kernel reads (and writes `index` into) for this request.
-        let rc = retry_eintr(|| unsafe {
-            libc::ioctl(
+        unsafe {
+            ioctl(
                 fd,
-                IOCTL_GNTDEV_MAP_GRANT_REF as libc::Ioctl,
+                IOCTL_GNTDEV_MAP_GRANT_REF,
                 req.as_mut_ptr(),
+                "IOCTL_GNTDEV_MAP_GRANT_REF",
             )
-        });
-        if rc < 0 {
-            return Err(XenError::last_os("IOCTL_GNTDEV_MAP_GRANT_REF"));
-        }
+        }?;
         let index = map_request_index(&req);
         let Ok(offset) = libc::off_t::try_from(index) else {
             if let Err(e) = unmap_grant_ref(fd, index, count) {

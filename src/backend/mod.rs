@@ -5,6 +5,7 @@ pub mod evtchn;
 pub mod frontend;
 pub mod gntalloc;
 pub mod gntdev;
+pub(crate) mod ioctl;
 pub mod mem;
 pub mod server;
 pub mod signals;

@@ -113,18 +113,16 @@ fn ioctl_words(
     words: &mut [u32],
     op: &'static str,
 ) -> Result<(), DmaBufError> {
-    loop {
-        // SAFETY: `words` is a live, exclusively borrowed, 4-byte aligned buffer at least
-        // as large as the struct `request` encodes (callers size it for `count` refs plus
-        // the header); the kernel reads and writes only within that size.
-        let rc = unsafe { libc::ioctl(fd, request as _, words.as_mut_ptr()) };
-        if rc >= 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINTR) {
-            return Err(DmaBufError { op, source: err });
-        }
+    // SAFETY: `words` is a live, exclusively borrowed, 4-byte aligned buffer at least as
+    // large as the struct `request` encodes (callers size it for `count` refs plus the
+    // header); the kernel reads and writes only within that size.
+    match unsafe { crate::backend::ioctl::ioctl(fd, request, words.as_mut_ptr(), op) } {
+        Ok(_) => Ok(()),
+        Err(crate::backend::XenError::Io { op, source }) => Err(DmaBufError { op, source }),
+        Err(e) => Err(DmaBufError {
+            op,
+            source: std::io::Error::other(e.to_string()),
+        }),
     }
 }
 
@@ -324,19 +322,7 @@ mod tests {
     use super::*;
     use std::mem::size_of;
 
-    /// `_IOC(_IOC_NONE, type, nr, size)` on the architectures with `_IOC_NONE = 0`.
-    fn ioc_none(ty: u8, nr: u32, size: usize) -> u32 {
-        const NRSHIFT: u32 = 0;
-        const TYPESHIFT: u32 = 8;
-        const SIZESHIFT: u32 = 16;
-        const DIRSHIFT: u32 = 30;
-        const IOC_NONE: u32 = 0;
-        assert!(size < (1 << 14), "_IOC size field is 14 bits");
-        (IOC_NONE << DIRSHIFT)
-            | ((size as u32) << SIZESHIFT)
-            | (u32::from(ty) << TYPESHIFT)
-            | (nr << NRSHIFT)
-    }
+    use crate::backend::ioctl::ioc_none;
 
     #[test]
     fn ioctl_numbers_match_the_structs() {
