@@ -15,6 +15,14 @@ debian_mirror() {
     apt-cache policy | awk '$3 == "bookworm/main" && $4 == "amd64" {print $2; exit}'
 }
 
+# "pkg=version ..." as debootstrap will see them (bookworm main, not -security/-updates).
+main_versions() {
+    local p
+    for p in "$@"; do
+        printf '%s=%s ' "$p" "$(apt-cache madison "$p" | awk -F' *[|] *' '$3 ~ / bookworm\/main / {print $2; exit}')"
+    done
+}
+
 _build_dom0() { # $1 = output dir
     local out=$1 root=$1/root m mirror
     mirror=$(debian_mirror); [[ -n $mirror ]] || die "cannot find a bookworm mirror in apt's sources"
@@ -44,7 +52,7 @@ _build_dom0() { # $1 = output dir
 
 prepare_xen() {
     local dir=$CACHE/dom0-$(content_hash "$KDIR" "$DOM0_PACKAGES" "$DOM0_MODULES" "$DOM0_IMG_SIZE" \
-        "$(debian_mirror)" "$(date +%G-%V)" "$LIB_DIR/xen.sh" "$LIB_DIR/modclosure.py")
+        "$(debian_mirror)" "$(main_versions ${DOM0_PACKAGES//,/ })" "$LIB_DIR/xen.sh" "$LIB_DIR/modclosure.py")
     build_once "$dir" _build_dom0
     XEN_BIN=$dir/xen
     DOM0_IMG=$dir/dom0.img
