@@ -86,10 +86,11 @@ class VM:
         return time.monotonic() - self.t0
 
     def wait_for(self, pattern: str, timeout: float, start: int = 0,
-                 fail: str | None = None) -> tuple[int, re.Match]:
+                 fail: str | None = None, what: str | None = None) -> tuple[int, re.Match]:
         """Wait for a serial line matching `pattern` (searched from line index `start`).
         Returns (index, match). Raises Timeout on timeout, on QEMU exit, or when a line
         matches `fail` first."""
+        what = what or repr(pattern)
         rx = re.compile(pattern)
         frx = re.compile(fail) if fail else None
         deadline = time.monotonic() + timeout
@@ -102,13 +103,13 @@ class VM:
                     if m:
                         return i, m
                     if frx and frx.search(line):
-                        raise Timeout(f"failure marker before {pattern!r}: {line.strip()}")
+                        raise Timeout(f"no {what}; instead: {line.strip()}")
                     i += 1
                 if self.eof:
-                    raise Timeout(f"QEMU exited (rc={self.proc.poll()}) before {pattern!r}")
+                    raise Timeout(f"QEMU exited (rc={self.proc.poll()}) before {what}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise Timeout(f"no {pattern!r} within {timeout:.0f} s")
+                    raise Timeout(f"no {what} within {timeout:.0f} s")
                 self.cond.wait(min(left, 1.0))
 
     def tail(self, n: int = 15) -> str:

@@ -41,8 +41,8 @@ class Run:
     def __init__(self, v: vm.VM, workdir: str):
         self.v, self.workdir, self.i = v, workdir, 0
 
-    def wait(self, rx: str, timeout: float, fail: str | None = None) -> re.Match:
-        self.i, m = self.v.wait_for(rx, timeout, self.i, fail)
+    def wait(self, rx: str, timeout: float, fail: str | None = None, what: str | None = None) -> re.Match:
+        self.i, m = self.v.wait_for(rx, timeout, self.i, fail, what)
         return m
 
     def check_hold(self, dom: str, m: re.Match, tag: str, fmt: str = "xrgb8888",
@@ -84,7 +84,7 @@ def _xl_secs(r: Run, dom: str) -> float | None:
 
 def _flip(r: Run, s: str, dom: str, fmt: str, res: Result, end: str) -> None:
     sw = Stopwatch()
-    m = r.wait(rf"\[{dom}\].*" + HOLD_RX.replace("(?P<", "(?P<"), 400, fail=end)
+    m = r.wait(rf"\[{dom}\].*" + HOLD_RX, 400, fail=end, what=f"HOLD from DomU {dom}")
     res.timings["create→hold"] = sw.lap()
     xs = _xl_secs(r, dom)
     if xs is not None:
@@ -209,12 +209,16 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
             res = results[s]
             res.timings.update({f"boot:{k}": t for k, t in boot.items()} if s == names[0] else {})
             t0 = time.monotonic()
+            begin = r.i
             try:
                 r.wait(rf"HARNESS SCENARIO {s} BEGIN", 600)
+                begin = r.i
                 _scenario(r, s, res)
             except (vm.Timeout, RuntimeError, ValueError, OSError) as e:
                 res.status = "FAIL"
-                extra = r.marker_lines(r"HARNESS (BACKEND|XL-CREATE|TIMEOUT)|\[xl\]|GUEST-CLIENT ERROR")[-6:]
+                mine = [l for _, l in v.lines[begin:]]
+                extra = [l.strip() for l in mine if re.search(
+                    r"HARNESS (BACKEND|XL-CREATE|TIMEOUT|GNTDEV)|GUEST-CLIENT ERROR|unable to add|panic", l)][:8]
                 res.detail = f"{e}" + "".join(f"\n  {l}" for l in extra)
                 # resynchronise on this scenario's end marker
                 try:
