@@ -1,1 +1,93 @@
-//! STUB
+//! Configuration: an optional TOML file (`--config`), overridden by command-line flags.
+//! The per-guest part (connectors, resolutions, be-alloc) comes from xl.cfg through
+//! XenStore; this file only says how displback itself runs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where frames go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputKind {
+    /// Linux KMS on a DRM card.
+    #[default]
+    Kms,
+    /// No display: frames are kept in memory (and written as PNG by `demo --out`).
+    Headless,
+}
+
+/// Zero-copy policy (issue #5; only `off` is implemented so far, `auto` falls back to copy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ZeroCopy {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// The config file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub output: Option<OutputKind>,
+    /// DRM card, e.g. `/dev/dri/card0`; absent = first card with connectors and CRTCs.
+    pub card: Option<PathBuf>,
+    /// Serve one frontend domain only.
+    pub domid: Option<u16>,
+    pub zero_copy: Option<ZeroCopy>,
+    /// Guest connector `unique-id` → KMS connector name (`HDMI-A-1`, `DP-2`, ...).
+    /// Without an entry a `unique-id` must itself be a KMS connector name.
+    pub connectors: HashMap<String, String>,
+}
+
+/// Errors reading the config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("parsing {0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+}
+
+impl FileConfig {
+    /// Load and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        Self::parse(&text).map_err(|e| ConfigError::Parse(path.into(), e))
+    }
+
+    /// Parse config text.
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/displback.toml"
+        ))
+        .unwrap();
+        let cfg = FileConfig::parse(&text).unwrap();
+        assert_eq!(cfg.output, Some(OutputKind::Kms));
+        assert_eq!(
+            cfg.connectors.get("guest-hdmi").map(String::as_str),
+            Some("HDMI-A-1")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(FileConfig::parse("outptu = \"kms\"").is_err());
+        assert!(FileConfig::parse("output = \"vga\"").is_err());
+        assert_eq!(FileConfig::parse("").unwrap(), FileConfig::default());
+    }
+}

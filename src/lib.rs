@@ -14,6 +14,8 @@ pub mod backend;
 pub mod config;
 pub mod demo;
 pub mod displif;
+pub mod log_limit;
 pub mod output;
+pub mod serve;
 pub mod sim;
 pub mod zcopy;

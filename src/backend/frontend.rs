@@ -1,1 +1,529 @@
-//! STUB
+//! One frontend device (domain, device id): the XenBus state machine on the backend side
+//! (displif.h "STATE DIAGRAMS", libxenbe's rules), and the rings of a live connection.
+//!
+//! ```text
+//!   backend:  Initialising(1) -> InitWait(2) -> [frontend Initialised(3)] -> bind -> Connected(4)
+//!   close:    Closing(5) -> unmap/unbind everything -> Closed(6) -> InitWait(2) or stay Closed
+//! ```
+//! * frontend Initialising while we are Connected: it restarted; close, back to InitWait.
+//! * frontend Initialised while we wait: bind rings, go Connected. (Connected while we
+//!   wait means rings of a previous backend: we wait for the frontend to reconnect.)
+//! * frontend Closing/Closed while we are Connected: close, back to InitWait.
+//! * toolstack writes `online=0` or our state to Closing/Closed: close, stay Closed.
+//! * our backend directory disappears (domain death): close without writing anything.
+
+use std::collections::VecDeque;
+
+use tracing::{debug, info, warn};
+
+use crate::displif::connection::{Connection, ConnectorCfg, Limits};
+use crate::displif::request::{decode, encode_pg_flip_event, encode_response};
+use crate::displif::ring::{BackRing, EventProducer, RingError};
+use crate::output::{ConnectorId, Output};
+
+use super::xen::Platform;
+use super::xenstore::{Tx, XsError};
+use super::{DomId, EvtchnPort, GrantRef, XenbusState};
+
+/// Most connectors we accept on one device (Linux uses at most 4).
+pub const MAX_CONNECTORS: u32 = 16;
+/// Largest connector resolution we accept from XenStore.
+pub const MAX_DIMENSION: u32 = 8192;
+/// Requests handled per ring per turn, so one busy guest cannot starve the others.
+pub const REQUESTS_PER_TURN: usize = 64;
+/// Flip events kept while a frontend's event page is full.
+const EVENT_BACKLOG: usize = 64;
+
+/// Why a device could not connect or had to close.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("xenstore: {0}")]
+    Xs(#[from] XsError),
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Xen(#[from] super::XenError),
+    #[error("output refused connector {0}: {1}")]
+    Output(String, crate::output::OutputError),
+    #[error("{0}")]
+    Ring(#[from] RingError),
+}
+
+/// The rings of one connector of a live connection.
+pub struct ConnectorRings {
+    pub req: BackRing,
+    pub req_port: EvtchnPort,
+    pub evt: EventProducer,
+    pub evt_port: EvtchnPort,
+    backlog: VecDeque<u64>,
+}
+
+/// A connected frontend: request state plus rings.
+pub struct Live {
+    pub connection: Connection,
+    pub rings: Vec<ConnectorRings>,
+    pub ids: Vec<ConnectorId>,
+}
+
+/// One vdispl device of one frontend domain.
+pub struct Device {
+    pub dom: DomId,
+    pub dev: u32,
+    pub be_path: String,
+    pub fe_path: String,
+    /// The state we last wrote.
+    pub state: XenbusState,
+    pub live: Option<Live>,
+    /// Removed by the toolstack: stay Closed until the directory goes away.
+    removed: bool,
+}
+
+/// What the server must do after a device changed.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Ports bound (to register) and unbound (to forget).
+    pub bound: Vec<(EvtchnPort, u32)>,
+    pub unbound: Vec<EvtchnPort>,
+}
+
+fn parse_u32(s: &str) -> Option<u32> {
+    let s = s.trim_end_matches('\0');
+    if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Parse `"<W>x<H>"`, each 1..=MAX_DIMENSION.
+pub fn parse_resolution(s: &str) -> Option<(u32, u32)> {
+    let (w, h) = s.split_once('x')?;
+    let (w, h) = (parse_u32(w)?, parse_u32(h)?);
+    ((1..=MAX_DIMENSION).contains(&w) && (1..=MAX_DIMENSION).contains(&h)).then_some((w, h))
+}
+
+/// A connector id from xl.cfg: non-empty, short, no spaces or separators.
+pub fn valid_unique_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+impl Device {
+    /// A device found under our backend directory. `fe_path` comes from its `frontend` node.
+    pub fn new(
+        plat: &mut Platform,
+        dom: DomId,
+        dev: u32,
+        be_path: String,
+    ) -> Result<Self, DeviceError> {
+        let expected = format!("/local/domain/{}/device/vdispl/{}", dom.0, dev);
+        let fe_path = match plat.store.read(Tx::NONE, &format!("{be_path}/frontend"))? {
+            Some(p) if p == expected => p,
+            Some(p) => {
+                return Err(DeviceError::Config(format!(
+                    "frontend path {p:?} is not {expected}"
+                )))
+            }
+            None => expected,
+        };
+        let mut d = Device {
+            dom,
+            dev,
+            be_path,
+            fe_path,
+            state: XenbusState::Unknown,
+            live: None,
+            removed: false,
+        };
+        // A previous backend may have left a live state: walk it through Closed so the
+        // frontend notices, drops its device, and reconnects to us.
+        let found = d.read_state(plat, &d.be_path.clone())?;
+        if !matches!(
+            found,
+            XenbusState::Unknown | XenbusState::Initialising | XenbusState::Closed
+        ) {
+            info!(
+                dom = dom.0,
+                dev, "taking over from a previous backend (state {found:?})"
+            );
+            d.write_state(plat, XenbusState::Closing)?;
+            d.write_state(plat, XenbusState::Closed)?;
+        }
+        plat.store
+            .write(Tx::NONE, &format!("{}/versions", d.be_path), "1,2")?;
+        d.write_state(plat, XenbusState::Initialising)?;
+        Ok(d)
+    }
+
+    fn read_state(&self, plat: &mut Platform, dir: &str) -> Result<XenbusState, XsError> {
+        Ok(plat
+            .store
+            .read(Tx::NONE, &format!("{dir}/state"))?
+            .map_or(XenbusState::Unknown, |s| XenbusState::parse(&s)))
+    }
+
+    fn write_state(&mut self, plat: &mut Platform, s: XenbusState) -> Result<(), XsError> {
+        debug!(
+            dom = self.dom.0,
+            dev = self.dev,
+            "backend state {:?} -> {s:?}",
+            self.state
+        );
+        plat.store
+            .write(Tx::NONE, &format!("{}/state", self.be_path), s.as_str())?;
+        self.state = s;
+        Ok(())
+    }
+
+    /// Re-evaluate after any XenStore change concerning this device.
+    pub fn reconcile(
+        &mut self,
+        plat: &mut Platform,
+        out: &mut dyn Output,
+        fx: &mut Effects,
+    ) -> Result<(), DeviceError> {
+        let actual = self.read_state(plat, &self.be_path.clone())?;
+        let online = plat
+            .store
+            .read(Tx::NONE, &format!("{}/online", self.be_path))?;
+        let removal = online.as_deref() == Some("0")
+            || (actual != self.state
+                && matches!(actual, XenbusState::Closing | XenbusState::Closed));
+        if removal && !self.removed {
+            info!(dom = self.dom.0, dev = self.dev, "removed by the toolstack");
+            self.removed = true;
+            self.close(plat, out, fx, XenbusState::Closed)?;
+            return Ok(());
+        }
+        if self.removed {
+            return Ok(());
+        }
+        if actual == XenbusState::Initialising && self.state != XenbusState::Initialising {
+            // Someone reset us: start over.
+            self.state = XenbusState::Initialising;
+        }
+        let fe = self.read_state(plat, &self.fe_path.clone())?;
+        use XenbusState::*;
+        match (fe, self.state) {
+            (Initialising, Connected) => {
+                info!(dom = self.dom.0, dev = self.dev, "frontend restarted");
+                self.close(plat, out, fx, InitWait)?;
+            }
+            (Initialising, Initialising | Closed) => self.write_state(plat, InitWait)?,
+            // A frontend still Connected to a previous backend has stale rings: it must
+            // notice our reset and come back through Initialising first.
+            (Initialised, Initialising | InitWait) => match self.bind(plat, out, fx) {
+                Ok(()) => {
+                    self.write_state(plat, Connected)?;
+                    info!(dom = self.dom.0, dev = self.dev, "connected");
+                }
+                Err(e) => {
+                    warn!(dom = self.dom.0, dev = self.dev, "cannot connect: {e}");
+                    self.close(plat, out, fx, Closed)?;
+                }
+            },
+            (Closing | Closed | Unknown, Initialised | Connected) => {
+                info!(dom = self.dom.0, dev = self.dev, "frontend closed ({fe:?})");
+                self.close(plat, out, fx, InitWait)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn read_node(plat: &mut Platform, path: &str) -> Result<String, DeviceError> {
+        plat.store
+            .read(Tx::NONE, path)?
+            .ok_or_else(|| DeviceError::Config(format!("{path} is missing")))
+    }
+
+    fn read_u32(plat: &mut Platform, path: &str) -> Result<u32, DeviceError> {
+        let s = Self::read_node(plat, path)?;
+        parse_u32(&s).ok_or_else(|| DeviceError::Config(format!("{path} = {s:?} is not a number")))
+    }
+
+    /// The connectors configured in the frontend directory (contiguous from 0).
+    fn read_connectors(&self, plat: &mut Platform) -> Result<Vec<ConnectorCfg>, DeviceError> {
+        let mut cfgs = Vec::new();
+        for n in 0..MAX_CONNECTORS {
+            let base = format!("{}/{n}", self.fe_path);
+            let Some(res) = plat.store.read(Tx::NONE, &format!("{base}/resolution"))? else {
+                break;
+            };
+            let (width, height) = parse_resolution(&res).ok_or_else(|| {
+                DeviceError::Config(format!("{base}/resolution = {res:?} is not WxH"))
+            })?;
+            let unique_id = Self::read_node(plat, &format!("{base}/unique-id"))?;
+            if !valid_unique_id(&unique_id) {
+                return Err(DeviceError::Config(format!(
+                    "{base}/unique-id = {unique_id:?} is not a valid id"
+                )));
+            }
+            cfgs.push(ConnectorCfg {
+                unique_id,
+                width,
+                height,
+            });
+        }
+        if cfgs.is_empty() {
+            return Err(DeviceError::Config(format!(
+                "{}/0/resolution: no connectors",
+                self.fe_path
+            )));
+        }
+        Ok(cfgs)
+    }
+
+    fn bind(
+        &mut self,
+        plat: &mut Platform,
+        out: &mut dyn Output,
+        fx: &mut Effects,
+    ) -> Result<(), DeviceError> {
+        let cfgs = self.read_connectors(plat)?;
+        let ids: Vec<ConnectorId> = (0..cfgs.len() as u32)
+            .map(|idx| ConnectorId {
+                dom: self.dom,
+                dev: self.dev,
+                idx,
+            })
+            .collect();
+        // Build everything first; on any error the partial state drops (unmapping and
+        // unbinding through `undo`).
+        let mut rings: Vec<ConnectorRings> = Vec::new();
+        let mut added: Vec<ConnectorId> = Vec::new();
+        let result = (|| {
+            for (n, cfg) in cfgs.iter().enumerate() {
+                let base = format!("{}/{n}", self.fe_path);
+                let req_ref = Self::read_u32(plat, &format!("{base}/req-ring-ref"))?;
+                let req_remote = Self::read_u32(plat, &format!("{base}/req-event-channel"))?;
+                let evt_ref = Self::read_u32(plat, &format!("{base}/evt-ring-ref"))?;
+                let evt_remote = Self::read_u32(plat, &format!("{base}/evt-event-channel"))?;
+                if req_ref == 0 || evt_ref == 0 {
+                    return Err(DeviceError::Config(format!("{base}: ring grant ref 0")));
+                }
+                let req_page = plat.grants.map(self.dom, &[GrantRef(req_ref)], true)?;
+                let evt_page = plat.grants.map(self.dom, &[GrantRef(evt_ref)], true)?;
+                let req_port = plat
+                    .evtchn
+                    .bind_interdomain(self.dom, EvtchnPort(req_remote))?;
+                let evt_port = match plat
+                    .evtchn
+                    .bind_interdomain(self.dom, EvtchnPort(evt_remote))
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = plat.evtchn.unbind(req_port);
+                        return Err(e.into());
+                    }
+                };
+                rings.push(ConnectorRings {
+                    req: BackRing::new(req_page),
+                    req_port,
+                    evt: EventProducer::new(evt_page),
+                    evt_port,
+                    backlog: VecDeque::new(),
+                });
+                out.add_connector(ids[n], &cfg.unique_id, cfg.width, cfg.height)
+                    .map_err(|e| DeviceError::Output(cfg.unique_id.clone(), e))?;
+                added.push(ids[n]);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for id in added {
+                out.remove_connector(id);
+            }
+            for r in rings {
+                let _ = plat.evtchn.unbind(r.req_port);
+                let _ = plat.evtchn.unbind(r.evt_port);
+            }
+            return Err(e);
+        }
+        for (n, r) in rings.iter().enumerate() {
+            fx.bound.push((r.req_port, n as u32));
+        }
+        let connection = Connection::new(
+            self.dom,
+            self.dev,
+            cfgs,
+            plat.grants.clone(),
+            plat.gntalloc.clone(),
+            Limits::default(),
+        );
+        self.live = Some(Live {
+            connection,
+            rings,
+            ids,
+        });
+        Ok(())
+    }
+
+    /// Close the connection (if any) and end in `final_state`.
+    pub fn close(
+        &mut self,
+        plat: &mut Platform,
+        out: &mut dyn Output,
+        fx: &mut Effects,
+        final_state: XenbusState,
+    ) -> Result<(), DeviceError> {
+        if self.state != XenbusState::Closed {
+            self.write_state(plat, XenbusState::Closing)?;
+        }
+        self.teardown(plat, out, fx);
+        self.write_state(plat, XenbusState::Closed)?;
+        if final_state != XenbusState::Closed {
+            self.write_state(plat, final_state)?;
+        }
+        Ok(())
+    }
+
+    /// Drop the live connection without touching XenStore (domain gone).
+    pub fn teardown(&mut self, plat: &mut Platform, out: &mut dyn Output, fx: &mut Effects) {
+        if let Some(mut live) = self.live.take() {
+            live.connection.close(out);
+            for r in live.rings {
+                for port in [r.req_port, r.evt_port] {
+                    if let Err(e) = plat.evtchn.unbind(port) {
+                        warn!(dom = self.dom.0, "unbinding {port:?}: {e}");
+                    }
+                    fx.unbound.push(port);
+                }
+            }
+            info!(dom = self.dom.0, dev = self.dev, "connection closed");
+        }
+    }
+
+    /// Serve connector `idx`'s request ring. `Ok(true)` if requests remain (budget spent).
+    pub fn serve_ring(
+        &mut self,
+        plat: &mut Platform,
+        out: &mut dyn Output,
+        idx: u32,
+    ) -> Result<bool, RingError> {
+        let Some(live) = self.live.as_mut() else {
+            return Ok(false);
+        };
+        let Some(rings) = live.rings.get_mut(idx as usize) else {
+            return Ok(false);
+        };
+        let mut handled = 0;
+        let more = loop {
+            while let Some(slot) = rings.req.next_request()? {
+                let env = decode(&slot);
+                let reply = live.connection.handle(idx, env.request, out);
+                rings.req.put_response(&encode_response(
+                    env.id,
+                    env.operation,
+                    reply.status,
+                    reply.edid_sz,
+                ));
+                handled += 1;
+                if handled >= REQUESTS_PER_TURN {
+                    break;
+                }
+            }
+            if rings.req.push_responses() {
+                let _ = plat.evtchn.notify(rings.req_port);
+            }
+            if handled >= REQUESTS_PER_TURN {
+                break true;
+            }
+            if !rings.req.final_check_for_requests() {
+                break false;
+            }
+        };
+        Ok(more)
+    }
+
+    /// Send the PG_FLIP event for a completed flip on connector `idx`.
+    pub fn flip_done(&mut self, plat: &mut Platform, idx: u32, fb_cookie: u64) {
+        let Some(rings) = self
+            .live
+            .as_mut()
+            .and_then(|l| l.rings.get_mut(idx as usize))
+        else {
+            return;
+        };
+        if rings.backlog.len() >= EVENT_BACKLOG {
+            warn!(
+                dom = self.dom.0,
+                "event page of connector {idx} stuck: dropping a flip event"
+            );
+            rings.backlog.pop_front();
+        }
+        rings.backlog.push_back(fb_cookie);
+        Self::flush_events(self.dom, plat, rings);
+    }
+
+    fn flush_events(dom: DomId, plat: &mut Platform, rings: &mut ConnectorRings) {
+        let mut sent = false;
+        while let Some(&cookie) = rings.backlog.front() {
+            match rings.evt.push(|id| encode_pg_flip_event(id, cookie)) {
+                Ok(()) => {
+                    rings.backlog.pop_front();
+                    sent = true;
+                }
+                Err(e) => {
+                    debug!(dom = dom.0, "{e}; {} events waiting", rings.backlog.len());
+                    break;
+                }
+            }
+        }
+        if sent {
+            let _ = plat.evtchn.notify(rings.evt_port);
+        }
+    }
+
+    /// Retry events held back by a full event page (called on any activity).
+    pub fn retry_events(&mut self, plat: &mut Platform) {
+        if let Some(live) = self.live.as_mut() {
+            for rings in &mut live.rings {
+                if !rings.backlog.is_empty() {
+                    Self::flush_events(self.dom, plat, rings);
+                }
+            }
+        }
+    }
+
+    /// True once the toolstack asked us to go away.
+    pub fn removed(&self) -> bool {
+        self.removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolution_strings() {
+        assert_eq!(parse_resolution("1024x768"), Some((1024, 768)));
+        for bad in [
+            "",
+            "x",
+            "1024",
+            "1024x",
+            "x768",
+            "0x768",
+            "-1x5",
+            "1024x768x2",
+            "99999999999x1",
+            "1e3x5",
+            " 1x1",
+            "10000x10",
+        ] {
+            assert_eq!(parse_resolution(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unique_ids() {
+        assert!(valid_unique_id("HDMI-A-1"));
+        assert!(!valid_unique_id(""));
+        assert!(!valid_unique_id("a b"));
+        assert!(!valid_unique_id("a,b"));
+        assert!(!valid_unique_id(&"x".repeat(65)));
+    }
+}

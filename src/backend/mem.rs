@@ -5,7 +5,7 @@
 //! atomic accessors; callers validate the private copies they get.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// An offset/length that falls outside the mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -23,6 +23,8 @@ pub struct MappedRegion {
     ptr: NonNull<u8>,
     len: usize,
     release: Option<Release>,
+    /// How many times bytes were copied out (tests prove each request is read once).
+    copies_out: AtomicU64,
 }
 
 // SAFETY: the region is plain shared memory; every access goes through raw-pointer
@@ -54,6 +56,7 @@ impl MappedRegion {
             ptr,
             len,
             release: Some(Box::new(release)),
+            copies_out: AtomicU64::new(0),
         }
     }
 
@@ -65,6 +68,11 @@ impl MappedRegion {
     /// True if the mapping is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Number of [`MappedRegion::read`] calls so far.
+    pub fn copies_out(&self) -> u64 {
+        self.copies_out.load(Ordering::Relaxed)
     }
 
     /// Start address, for identification in logs and for the output's fast copies.
@@ -86,6 +94,7 @@ impl MappedRegion {
     /// Copy `dst.len()` bytes at `offset` out of the mapping.
     pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<(), OutOfBounds> {
         self.check(offset, dst.len())?;
+        self.copies_out.fetch_add(1, Ordering::Relaxed);
         // SAFETY: bounds checked above; the source is mapped for our lifetime and `dst`
         // is private memory that cannot overlap a foreign mapping.
         unsafe {

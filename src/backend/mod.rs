@@ -6,6 +6,8 @@ pub mod frontend;
 pub mod gntalloc;
 pub mod gntdev;
 pub mod mem;
+pub mod server;
+pub mod signals;
 pub mod types;
 pub mod xen;
 pub mod xenstore;

@@ -78,6 +78,11 @@ impl BackRing {
         Ok(Some(slot))
     }
 
+    /// The shared page (tests count how often it was copied from).
+    pub fn page(&self) -> &MappedRegion {
+        &self.page
+    }
+
     /// `RING_FINAL_CHECK_FOR_REQUESTS`: re-arm `req_event` and report whether requests
     /// arrived meanwhile (then the caller must keep consuming; no wake-up is lost).
     pub fn final_check_for_requests(&mut self) -> bool {

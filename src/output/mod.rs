@@ -109,3 +109,15 @@ pub trait Output {
     /// Handle output events and due timers; append completed flips to `done`.
     fn dispatch(&mut self, now: Instant, done: &mut Vec<FlipDone>);
 }
+
+/// Open the output `kind` names (`card` and `mapping` are for KMS).
+pub fn open(
+    kind: crate::config::OutputKind,
+    card: Option<&std::path::Path>,
+    mapping: std::collections::HashMap<String, String>,
+) -> anyhow::Result<Box<dyn Output + Send>> {
+    Ok(match kind {
+        crate::config::OutputKind::Kms => Box::new(kms::Kms::open(card, mapping)?),
+        crate::config::OutputKind::Headless => Box::new(headless::Headless::new()),
+    })
+}

@@ -1,0 +1,429 @@
+//! The backend's one event loop: XenStore watches, the shared event-channel fd, the
+//! output's events and timers, and a stop signal, multiplexed with mio.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use tracing::{debug, info, warn};
+
+use crate::output::{FlipDone, Output};
+
+use super::frontend::{Device, Effects};
+use super::xen::Platform;
+use super::xenstore::{Tx, WatchEvent, XsError};
+use super::{DomId, EvtchnPort, XenbusState};
+
+const TOK_XS: Token = Token(0);
+const TOK_EVTCHN: Token = Token(1);
+const TOK_OUTPUT: Token = Token(2);
+const TOK_WAKE: Token = Token(3);
+/// Extra fd a caller may register (signals).
+const TOK_EXTRA: Token = Token(4);
+
+const WATCH_ROOT: &str = "displback:backends";
+const WATCH_FE: &str = "displback:fe:";
+
+/// Backend configuration.
+#[derive(Clone, Debug, Default)]
+pub struct ServerConfig {
+    /// Serve this frontend domain only (`--domid`).
+    pub only_domid: Option<DomId>,
+}
+
+/// Stops a running server from another thread.
+#[derive(Clone)]
+pub struct StopHandle {
+    flag: Arc<AtomicBool>,
+    crash: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl StopHandle {
+    /// Stop cleanly: close every connection (frontends see Closed) and return.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+
+    /// Stop as if killed: return without writing anything to XenStore (tests of a
+    /// backend restart; dropping the server then releases what the kernel would).
+    pub fn crash(&self) {
+        self.crash.store(true, Ordering::SeqCst);
+        self.stop();
+    }
+}
+
+/// One backend process: every guest, every device.
+pub struct Server {
+    plat: Platform,
+    output: Box<dyn Output + Send>,
+    cfg: ServerConfig,
+    root: String,
+    devices: HashMap<(DomId, u32), Device>,
+    /// Request-ring port → (device, connector).
+    ports: HashMap<EvtchnPort, (DomId, u32, u32)>,
+    /// Rings with requests left over after their turn.
+    ready: VecDeque<EvtchnPort>,
+    poll: Poll,
+    stop: Arc<AtomicBool>,
+    crash: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    extra: Option<RawFd>,
+}
+
+/// Errors that stop the whole server (never a single guest's doing).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("xenstore: {0}")]
+    Xs(#[from] XsError),
+    #[error("event loop: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("event channels: {0}")]
+    Xen(#[from] super::XenError),
+}
+
+impl Server {
+    /// Set up: find our backend directory, register fds, watch for devices.
+    pub fn new(
+        mut plat: Platform,
+        output: Box<dyn Output + Send>,
+        cfg: ServerConfig,
+    ) -> Result<Self, ServerError> {
+        let own = plat.store.get_domain_path(plat.domid.0)?;
+        let root = format!("{own}/backend/vdispl");
+        let poll = Poll::new()?;
+        poll.registry().register(
+            &mut SourceFd(&plat.store.as_raw_fd()),
+            TOK_XS,
+            Interest::READABLE,
+        )?;
+        poll.registry().register(
+            &mut SourceFd(&plat.evtchn.as_raw_fd()),
+            TOK_EVTCHN,
+            Interest::READABLE,
+        )?;
+        if let Some(fd) = output.event_fd() {
+            poll.registry()
+                .register(&mut SourceFd(&fd), TOK_OUTPUT, Interest::READABLE)?;
+        }
+        let waker = Arc::new(Waker::new(poll.registry(), TOK_WAKE)?);
+        plat.store.watch(&root, WATCH_ROOT)?;
+        info!(
+            "watching {root}{}",
+            cfg.only_domid
+                .map(|d| format!(" for dom{}", d.0))
+                .unwrap_or_default()
+        );
+        Ok(Server {
+            plat,
+            output,
+            cfg,
+            root,
+            devices: HashMap::new(),
+            ports: HashMap::new(),
+            ready: VecDeque::new(),
+            poll,
+            stop: Arc::new(AtomicBool::new(false)),
+            crash: Arc::new(AtomicBool::new(false)),
+            waker,
+            extra: None,
+        })
+    }
+
+    /// A handle that stops [`Server::run`].
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            flag: self.stop.clone(),
+            crash: self.crash.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
+    /// Also wake on `fd`; readable = stop (used for a signalfd).
+    pub fn stop_on_readable(&mut self, fd: RawFd) -> std::io::Result<()> {
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&fd), TOK_EXTRA, Interest::READABLE)?;
+        self.extra = Some(fd);
+        Ok(())
+    }
+
+    /// Number of devices currently connected (tests, status).
+    pub fn connected(&self) -> usize {
+        self.devices.values().filter(|d| d.live.is_some()).count()
+    }
+
+    /// Run until stopped. Guest misbehaviour never ends this loop.
+    pub fn run(&mut self) -> Result<(), ServerError> {
+        let mut events = Events::with_capacity(64);
+        let mut done: Vec<FlipDone> = Vec::new();
+        let mut fired: Vec<EvtchnPort> = Vec::new();
+        // The watch fires once on registration; that event triggers the first scan.
+        while !self.stop.load(Ordering::SeqCst) {
+            self.drain_watches()?;
+            let timeout = if !self.ready.is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                self.output
+                    .next_deadline()
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+            };
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+            for ev in events.iter() {
+                if ev.token() == TOK_EXTRA {
+                    info!("signal received, stopping");
+                    self.stop.store(true, Ordering::SeqCst);
+                }
+            }
+            // Always drain both sources: cheap, and immune to missed edges.
+            self.drain_watches()?;
+            fired.clear();
+            self.plat.evtchn.pending(&mut fired)?;
+            for port in fired.drain(..) {
+                if !self.ready.contains(&port) {
+                    self.ready.push_back(port);
+                }
+            }
+            // One turn for each ready ring; leftovers go to the back of the queue.
+            for _ in 0..self.ready.len() {
+                let Some(port) = self.ready.pop_front() else {
+                    break;
+                };
+                self.serve_port(port);
+            }
+            self.output.dispatch(Instant::now(), &mut done);
+            for d in done.drain(..) {
+                if let Some(dev) = self.devices.get_mut(&(d.conn.dom, d.conn.dev)) {
+                    dev.flip_done(&mut self.plat, d.conn.idx, d.fb_cookie);
+                }
+            }
+            for dev in self.devices.values_mut() {
+                dev.retry_events(&mut self.plat);
+            }
+        }
+        if !self.crash.load(Ordering::SeqCst) {
+            self.shutdown();
+        }
+        Ok(())
+    }
+
+    /// Handle watch events until none are left. Events can also arrive while we wait
+    /// for a reply to our own request; the client queues those, and the fd will not
+    /// signal them again, so this runs before every poll too.
+    fn drain_watches(&mut self) -> Result<(), ServerError> {
+        loop {
+            let events = self.plat.store.take_watch_events()?;
+            if events.is_empty() {
+                return Ok(());
+            }
+            for ev in events {
+                self.on_watch(ev);
+            }
+        }
+    }
+
+    fn serve_port(&mut self, port: EvtchnPort) {
+        let Some(&(dom, dev, idx)) = self.ports.get(&port) else {
+            return;
+        };
+        let Some(device) = self.devices.get_mut(&(dom, dev)) else {
+            return;
+        };
+        match device.serve_ring(&mut self.plat, &mut *self.output, idx) {
+            Ok(true) => self.ready.push_back(port),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(
+                    dom = dom.0,
+                    dev, "connector {idx}: {e}; closing the connection"
+                );
+                let mut fx = Effects::default();
+                if let Err(e) = device.close(
+                    &mut self.plat,
+                    &mut *self.output,
+                    &mut fx,
+                    XenbusState::Closed,
+                ) {
+                    warn!(dom = dom.0, dev, "closing: {e}");
+                }
+                self.apply(dom, dev, fx);
+            }
+        }
+    }
+
+    fn apply(&mut self, dom: DomId, dev: u32, fx: Effects) {
+        for port in fx.unbound {
+            self.ports.remove(&port);
+            self.ready.retain(|p| *p != port);
+        }
+        for (port, idx) in fx.bound {
+            self.ports.insert(port, (dom, dev, idx));
+            // Requests may already be waiting (sent before we bound): look now.
+            self.ready.push_back(port);
+        }
+    }
+
+    /// Parse `<root>/<dom>/<dev>[/...]`.
+    fn device_of(&self, path: &str) -> Option<(DomId, Option<u32>)> {
+        let rest = path.strip_prefix(&self.root)?.strip_prefix('/')?;
+        let mut parts = rest.split('/');
+        let dom = parts.next()?.parse::<u16>().ok()?;
+        let dev = parts.next().and_then(|d| d.parse::<u32>().ok());
+        Some((DomId(dom), dev))
+    }
+
+    fn on_watch(&mut self, ev: WatchEvent) {
+        debug!("watch {} ({})", ev.path, ev.token);
+        let key = if let Some(rest) = ev.token.strip_prefix(WATCH_FE) {
+            let mut it = rest.split(':');
+            match (
+                it.next().and_then(|d| d.parse().ok()),
+                it.next().and_then(|d| d.parse().ok()),
+            ) {
+                (Some(dom), Some(dev)) => Some((DomId(dom), dev)),
+                _ => None,
+            }
+        } else {
+            match self.device_of(&ev.path) {
+                Some((dom, Some(dev))) if self.devices.contains_key(&(dom, dev)) => {
+                    Some((dom, dev))
+                }
+                _ => None,
+            }
+        };
+        match key {
+            Some(k) => self.reconcile(k),
+            None => self.rescan(),
+        }
+    }
+
+    /// Compare the devices in XenStore with ours: add new ones, drop vanished ones.
+    fn rescan(&mut self) {
+        let mut present = HashSet::new();
+        let doms = match self.plat.store.directory(Tx::NONE, &self.root) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!("listing {}: {e}", self.root);
+                return;
+            }
+        };
+        for d in doms {
+            let Ok(dom) = d.parse::<u16>() else { continue };
+            let dom = DomId(dom);
+            if self.cfg.only_domid.is_some_and(|only| only != dom) {
+                continue;
+            }
+            let devs = self
+                .plat
+                .store
+                .directory(Tx::NONE, &format!("{}/{}", self.root, dom.0))
+                .unwrap_or_default();
+            for v in devs {
+                if let Ok(dev) = v.parse::<u32>() {
+                    present.insert((dom, dev));
+                }
+            }
+        }
+        let gone: Vec<_> = self
+            .devices
+            .keys()
+            .filter(|k| !present.contains(k))
+            .copied()
+            .collect();
+        for k in gone {
+            self.remove_device(k);
+        }
+        let mut new: Vec<_> = present
+            .into_iter()
+            .filter(|k| !self.devices.contains_key(k))
+            .collect();
+        new.sort();
+        for k in new {
+            self.add_device(k);
+        }
+    }
+
+    fn add_device(&mut self, (dom, dev): (DomId, u32)) {
+        let be_path = format!("{}/{}/{}", self.root, dom.0, dev);
+        match Device::new(&mut self.plat, dom, dev, be_path) {
+            Ok(device) => {
+                info!(dom = dom.0, dev, "new frontend device ({})", device.fe_path);
+                let token = format!("{WATCH_FE}{}:{}", dom.0, dev);
+                if let Err(e) = self
+                    .plat
+                    .store
+                    .watch(&format!("{}/state", device.fe_path), &token)
+                {
+                    warn!(dom = dom.0, dev, "watching the frontend: {e}");
+                }
+                self.devices.insert((dom, dev), device);
+                self.reconcile((dom, dev));
+            }
+            Err(e) => warn!(dom = dom.0, dev, "ignoring device: {e}"),
+        }
+    }
+
+    fn remove_device(&mut self, key: (DomId, u32)) {
+        let Some(mut device) = self.devices.remove(&key) else {
+            return;
+        };
+        info!(
+            dom = key.0 .0,
+            dev = key.1,
+            "backend directory removed: dropping the device"
+        );
+        let mut fx = Effects::default();
+        device.teardown(&mut self.plat, &mut *self.output, &mut fx);
+        let token = format!("{WATCH_FE}{}:{}", key.0 .0, key.1);
+        let _ = self
+            .plat
+            .store
+            .unwatch(&format!("{}/state", device.fe_path), &token);
+        self.apply(key.0, key.1, fx);
+    }
+
+    fn reconcile(&mut self, key: (DomId, u32)) {
+        let Some(device) = self.devices.get_mut(&key) else {
+            return;
+        };
+        let mut fx = Effects::default();
+        if let Err(e) = device.reconcile(&mut self.plat, &mut *self.output, &mut fx) {
+            // Most often the directory vanished under us (domain death): rescan decides.
+            debug!(dom = key.0 .0, dev = key.1, "reconcile: {e}");
+            self.apply(key.0, key.1, fx);
+            self.rescan();
+            return;
+        }
+        self.apply(key.0, key.1, fx);
+    }
+
+    fn shutdown(&mut self) {
+        let keys: Vec<_> = self.devices.keys().copied().collect();
+        for (dom, dev) in keys {
+            let Some(device) = self.devices.get_mut(&(dom, dev)) else {
+                continue;
+            };
+            let mut fx = Effects::default();
+            // Leave Closed behind so frontends notice; a restarted backend picks up.
+            if let Err(e) = device.close(
+                &mut self.plat,
+                &mut *self.output,
+                &mut fx,
+                XenbusState::Closed,
+            ) {
+                debug!(dom = dom.0, dev, "closing at exit: {e}");
+            }
+            self.apply(dom, dev, fx);
+        }
+        info!("stopped");
+    }
+}

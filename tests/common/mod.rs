@@ -1,0 +1,218 @@
+//! A backend on the simulated Xen, plus helpers to bring up simulated guests.
+#![allow(dead_code)]
+
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use displback::backend::server::{Server, ServerConfig, StopHandle};
+use displback::backend::xenstore::XsClient;
+use displback::backend::DomId;
+use displback::displif::format::PixelFormat;
+use displback::output::convert::convert_row;
+use displback::output::headless::{Headless, HeadlessView, Image};
+use displback::output::ConnectorId;
+use displback::sim::frontend::{DumbBuf, FrontendSim};
+use displback::sim::pattern;
+use displback::sim::toolstack::Toolstack;
+use displback::sim::xenstored::SimXenstored;
+use displback::sim::SimXen;
+
+pub const BACKEND: DomId = DomId(0);
+pub const WAIT: Duration = Duration::from_secs(10);
+pub const FLIP_WAIT: Duration = Duration::from_millis(3100);
+
+/// The backend (headless output) running in its own thread on a simulated Xen.
+pub struct Rig {
+    pub sim: SimXen,
+    pub xenstored: SimXenstored,
+    pub view: HeadlessView,
+    pub toolstack: Toolstack,
+    backend: Option<(StopHandle, JoinHandle<()>)>,
+}
+
+impl Rig {
+    pub fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let sim = SimXen::new();
+        let xenstored = SimXenstored::new();
+        let toolstack =
+            Toolstack::new(XsClient::from_stream(xenstored.connect(0).unwrap()).unwrap());
+        let headless = Headless::new();
+        let view = headless.snapshot_handle();
+        let mut rig = Rig {
+            sim,
+            xenstored,
+            view,
+            toolstack,
+            backend: None,
+        };
+        rig.start_backend(Box::new(headless));
+        rig
+    }
+
+    /// Start a backend process (there must be none running).
+    pub fn start_backend(&mut self, output: Box<dyn displback::output::Output + Send>) {
+        assert!(self.backend.is_none());
+        let plat = self.sim.platform(&self.xenstored, BACKEND).unwrap();
+        let mut server = Server::new(plat, output, ServerConfig::default()).unwrap();
+        let stop = server.stop_handle();
+        let thread = std::thread::spawn(move || server.run().expect("backend failed"));
+        self.backend = Some((stop, thread));
+    }
+
+    /// A fresh headless output for a restarted backend; `view` follows it.
+    pub fn restart_backend_after_crash(&mut self) {
+        let (stop, thread) = self.backend.take().unwrap();
+        stop.crash();
+        thread.join().unwrap();
+        let headless = Headless::new();
+        self.view = headless.snapshot_handle();
+        self.start_backend(Box::new(headless));
+    }
+
+    pub fn stop_backend(&mut self) {
+        if let Some((stop, thread)) = self.backend.take() {
+            stop.stop();
+            thread.join().unwrap();
+        }
+    }
+
+    /// Create a guest with one vdispl device and connect its frontend.
+    pub fn guest(&mut self, dom: u16, connectors: &[(&str, u32, u32)]) -> FrontendSim {
+        self.guest_with(dom, false, connectors)
+    }
+
+    pub fn guest_with(
+        &mut self,
+        dom: u16,
+        be_alloc: bool,
+        connectors: &[(&str, u32, u32)],
+    ) -> FrontendSim {
+        let conns: Vec<(String, u32, u32)> = connectors
+            .iter()
+            .map(|(id, w, h)| (id.to_string(), *w, *h))
+            .collect();
+        self.toolstack
+            .add_vdispl(BACKEND, DomId(dom), 0, be_alloc, &conns)
+            .unwrap();
+        let xs = XsClient::from_stream(self.xenstored.connect(dom).unwrap()).unwrap();
+        let mut fe = FrontendSim::new(&self.sim, xs, DomId(dom), 0).unwrap();
+        fe.wait_connected(WAIT).unwrap();
+        fe
+    }
+
+    /// Read a XenStore node as the toolstack.
+    pub fn read(&mut self, path: &str) -> Option<String> {
+        self.toolstack
+            .xs()
+            .read(displback::backend::xenstore::Tx::NONE, path)
+            .unwrap()
+    }
+
+    /// Wait until `path` reads `want`.
+    pub fn wait_node(&mut self, path: &str, want: &str) {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if self.read(path).as_deref() == Some(want) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{path} never became {want:?} (is {:?})",
+                self.read(path)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn frame(&self, dom: u16, idx: u32) -> Image {
+        self.view
+            .frame(ConnectorId {
+                dom: DomId(dom),
+                dev: 0,
+                idx,
+            })
+            .expect("no frame shown")
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.backend.take() {
+            stop.stop();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Draw pattern `frame` of connector `conn` into `buf` in `format`.
+pub fn draw(buf: &DumbBuf, format: PixelFormat, frame: u32, conn: u32) {
+    displback::demo::draw(buf, format, frame, conn).unwrap();
+}
+
+/// What the output must show for a buffer drawn with `draw`: the guest's bytes converted
+/// to XRGB8888 by the reference converter, as 0x00RRGGBB.
+pub fn expected(format: PixelFormat, frame: u32, conn: u32, width: u32, height: u32) -> Vec<u32> {
+    let mut src = vec![0u8; format.min_pitch(width).unwrap() as usize];
+    let mut dst = vec![0u8; width as usize * 4];
+    let mut out = Vec::with_capacity((width * height) as usize);
+    for y in 0..height {
+        pattern::draw_row(format, frame, conn, y, &mut src);
+        convert_row(format, &src, &mut dst, width as usize);
+        out.extend(
+            dst.chunks_exact(4)
+                .map(|p| u32::from_le_bytes([p[0], p[1], p[2], 0])),
+        );
+    }
+    out
+}
+
+/// Assert an image equals the expected pixels, naming the first difference.
+pub fn assert_image(img: &Image, want: &[u32], width: u32, height: u32) {
+    assert_eq!((img.width, img.height), (width, height));
+    if let Some(i) = img.pixels.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "pixel ({}, {}) is {:#08x}, expected {:#08x}",
+            i as u32 % width,
+            i as u32 / width,
+            img.pixels[i],
+            want[i]
+        );
+    }
+}
+
+/// Set up `n` buffers + framebuffers on connector 0's ring at the connector's size.
+pub fn buffers(
+    fe: &mut FrontendSim,
+    n: usize,
+    w: u32,
+    h: u32,
+    format: PixelFormat,
+) -> Vec<(DumbBuf, u64)> {
+    (0..n)
+        .map(|_| {
+            let buf = fe.create_dumb(w, h, format.bpp()).unwrap();
+            let fb = fe.attach_fb(&buf, w, h, format.fourcc()).unwrap();
+            (buf, fb)
+        })
+        .collect()
+}
+
+/// Flip `frames` frames on connector `conn`, alternating two buffers; checks every event.
+pub fn flip_frames(
+    fe: &mut FrontendSim,
+    conn: u32,
+    bufs: &[(DumbBuf, u64)],
+    format: PixelFormat,
+    frames: u32,
+) {
+    for f in 1..=frames {
+        let (buf, fb) = &bufs[(f % 2) as usize];
+        draw(buf, format, f, conn);
+        fe.page_flip(conn, *fb).unwrap();
+        fe.wait_flip_event(conn, *fb, FLIP_WAIT).unwrap();
+    }
+}
