@@ -84,7 +84,7 @@ def _xl_secs(r: Run, dom: str) -> float | None:
 
 def _flip(r: Run, s: str, dom: str, fmt: str, res: Result, end: str) -> None:
     sw = Stopwatch()
-    m = r.wait(rf"\[{dom}\].*" + HOLD_RX, 400, fail=end, what=f"HOLD from DomU {dom}")
+    m = r.wait(rf"\[{dom}\].*(?:{HOLD_RX})", 400, fail=end, what=f"HOLD from DomU {dom}")
     res.timings["create→hold"] = sw.lap()
     xs = _xl_secs(r, dom)
     if xs is not None:
@@ -123,20 +123,20 @@ def _scenario(r: Run, s: str, res: Result) -> None:
             res.status = "FAIL"
     elif s == "xen-restart":
         sw = Stopwatch()
-        m = r.wait(rf"\[restart\].*" + HOLD_RX, 400, fail=end)
+        m = r.wait(rf"\[restart\].*(?:{HOLD_RX})", 400, fail=end)
         res.timings["create→hold1"] = sw.lap()
         c1 = r.check_hold("restart", m, "hold1")
         r.wait(r"HARNESS BACKEND KILLED", 60, fail=end)
         sw.lap()
-        m = r.wait(rf"\[restart\].*" + HOLD_RX, 400, fail=end)
+        m = r.wait(rf"\[restart\].*(?:{HOLD_RX})", 400, fail=end)
         res.timings["restart→hold2"] = sw.lap()
         c2 = r.check_hold("restart", m, "hold2")
         res.status = "PASS" if c1.ok and c2.ok else "FAIL"
         res.detail = f"before kill: {c1.detail}\nafter restart: {c2.detail}"
     elif s == "xen-two-domus":
         sw = Stopwatch()
-        m1 = r.wait(rf"\[two1\].*" + HOLD_RX, 400, fail=end)
-        m2 = r.wait(rf"\[two2\].*" + HOLD_RX, 400, fail=end)
+        m1 = r.wait(rf"\[two1\].*(?:{HOLD_RX})", 400, fail=end)
+        m2 = r.wait(rf"\[two2\].*(?:{HOLD_RX})", 400, fail=end)
         res.timings["create→both-hold"] = sw.lap()
         # Both guests draw connector 0's pattern; two2 ends one frame later. Which one the
         # single bochs output shows is the backend's policy: accept either, say which.
