@@ -238,5 +238,6 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
         rc = v.stop(timeout=60)
         total = v.elapsed()
     results[names[0]].timings["vm-total"] = total
+    results[names[0]].timings["images"] = art["build_secs"]
     print(f"=== Xen VM exited rc={rc} after {total:.1f}s", flush=True)
     return list(results.values())
