@@ -1,0 +1,53 @@
+"""Scenario results, the summary table, and shared constants for the runners."""
+
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+# Which program draws in a scenario: name -> shell command template run inside the VM.
+# {frames} {hold} {fmt} are filled in; switching a scenario's program is one word.
+PROGRAMS = {
+    "guest-client": "/bin/guest_client --frames {frames} --hold-secs {hold} --format {fmt} --wait-secs 20",
+    "demo": "/bin/displback demo --output kms --frames {frames} --hold-secs {hold}{fmt_opt}",
+}
+# Serial markers the programs print when they hold a frame on screen.
+HOLD_RX = (r"(?:GUEST-CLIENT HOLD frame=(?P<frame>\d+) width=(?P<w>\d+) height=(?P<h>\d+))"
+           r"|(?:DEMO HOLD frame=(?P<dframe>\d+) conn=(?P<conn>\d+) width=(?P<dw>\d+) height=(?P<dh>\d+))")
+ERROR_RX = r"GUEST-CLIENT ERROR|HARNESS-EXIT rc=[1-9]|Kernel panic"
+
+
+def hold_info(m) -> tuple[int, int, int, int]:
+    """(frame, conn, width, height) from a HOLD_RX match."""
+    if m.group("frame") is not None:
+        return int(m.group("frame")), 0, int(m.group("w")), int(m.group("h"))
+    return int(m.group("dframe")), int(m.group("conn")), int(m.group("dw")), int(m.group("dh"))
+
+
+def program_cmd(program: str, frames: int, hold: int, fmt: str) -> str:
+    return PROGRAMS[program].format(frames=frames, hold=hold, fmt=fmt,
+                                    fmt_opt=" --format rgb565" if fmt == "rgb565" else "")
+
+
+@dataclass
+class Result:
+    name: str
+    status: str = "FAIL"  # PASS / FAIL
+    detail: str = "not run"
+    timings: dict = field(default_factory=dict)  # label -> seconds
+
+    def timing_str(self) -> str:
+        return " ".join(f"{k}={v:.1f}s" for k, v in self.timings.items())
+
+
+def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, text=True, capture_output=True, **kw)
+
+
+class Stopwatch:
+    def __init__(self):
+        self.t0 = time.monotonic()
+
+    def lap(self) -> float:
+        t = time.monotonic()
+        d, self.t0 = t - self.t0, t
+        return d

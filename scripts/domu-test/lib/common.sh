@@ -1,0 +1,82 @@
+# Shared helpers for the domu-test image builders (sourced, bash).
+# Everything built here is cached OUTSIDE the checkout, keyed by content:
+#   ${DISPLBACK_CACHE:-/var/cache/displback-domu-test}/<artifact>-<hash>/
+set -euo pipefail
+
+CACHE=${DISPLBACK_CACHE:-/var/cache/displback-domu-test}
+LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+mkdir -p "$CACHE/debs"
+
+log() { printf '[domu-test %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# apt-get update once per boot of the host (apt-cache needs current lists).
+apt_updated() {
+    local stamp=/run/displback-domu-test.apt-updated
+    [[ -e $stamp ]] && return 0
+    log "apt-get update"
+    apt-get update -q >/dev/null || die "apt-get update failed"
+    touch "$stamp"
+}
+
+# Host tools the harness needs (installed only when missing).
+ensure_host_tools() {
+    local need=() pkg bin
+    for pair in qemu-system-x86_64:qemu-system-x86 cpio:cpio xz:xz-utils mkfs.ext4:e2fsprogs \
+                depmod:kmod debootstrap:debootstrap zstd:zstd strip:binutils; do
+        bin=${pair%%:*}; pkg=${pair#*:}
+        command -v "$bin" >/dev/null 2>&1 || need+=("$pkg")
+    done
+    # debootstrap needs these at run time
+    [[ -e /usr/share/keyrings/debian-archive-keyring.gpg ]] || need+=(debian-archive-keyring)
+    if ((${#need[@]})); then
+        apt_updated
+        log "installing host tools: ${need[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null \
+            || die "apt-get install ${need[*]} failed"
+    fi
+}
+
+# Candidate version of a package in the host's apt lists.
+pkg_version() {
+    apt-cache policy "$1" | awk '/Candidate:/ {print $2}'
+}
+
+# The kernel package Debian's linux-image-amd64 currently points at, e.g. linux-image-6.1.0-56-amd64.
+kernel_pkg() {
+    apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-6/ {print $2; exit}'
+}
+
+# Download PKG[=VER] into $CACHE/debs (once) and print the .deb path.
+fetch_deb() {
+    local spec=$1 name=${1%%=*} ver deb
+    if [[ $spec == *=* ]]; then ver=${spec#*=}; else ver=$(pkg_version "$name"); fi
+    [[ -n $ver && $ver != "(none)" ]] || die "no version of $name in the apt lists"
+    deb=$(ls "$CACHE"/debs/"${name}_${ver//:/%3a}"_*.deb 2>/dev/null | head -n1 || true)
+    if [[ -z $deb ]]; then
+        log "apt-get download $name=$ver"
+        (cd "$CACHE/debs" && apt-get download -q "$name=$ver" >/dev/null 2>&1) || die "apt-get download $name=$ver failed"
+        deb=$(ls "$CACHE"/debs/"${name}_${ver//:/%3a}"_*.deb | head -n1)
+    fi
+    printf '%s\n' "$deb"
+}
+
+# sha256 (first 16 hex digits) of its arguments' text and of the named files' contents.
+content_hash() {
+    local f
+    {
+        for f in "$@"; do
+            if [[ -f $f ]]; then sha256sum "$f"; else printf '%s\n' "$f"; fi
+        done
+    } | sha256sum | cut -c1-16
+}
+
+# Build helper: run "$2..." to create directory $1 atomically (tmp dir, then rename).
+build_once() {
+    local dest=$1; shift
+    [[ -e $dest/.done ]] && return 0
+    rm -rf "$dest.tmp"; mkdir -p "$dest.tmp"
+    "$@" "$dest.tmp" || { rm -rf "$dest.tmp"; die "building $(basename "$dest") failed"; }
+    touch "$dest.tmp/.done"
+    rm -rf "$dest"; mv "$dest.tmp" "$dest"
+}
