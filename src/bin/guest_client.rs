@@ -73,7 +73,9 @@ struct Target {
 }
 
 fn parse_mode(s: &str) -> Result<(u16, u16)> {
-    let (w, h) = s.split_once('x').ok_or_else(|| anyhow!("mode must be WxH, got {s:?}"))?;
+    let (w, h) = s
+        .split_once('x')
+        .ok_or_else(|| anyhow!("mode must be WxH, got {s:?}"))?;
     Ok((w.parse()?, h.parse()?))
 }
 
@@ -102,7 +104,9 @@ fn open_target(path: &Path, want: Option<(u16, u16)>) -> Result<Target> {
     // A CRTC the connector's encoders can drive: prefer the current one.
     let mut crtc = None;
     for &enc in conn.encoders() {
-        let Ok(info) = card.get_encoder(enc) else { continue };
+        let Ok(info) = card.get_encoder(enc) else {
+            continue;
+        };
         if let Some(c) = info.crtc() {
             crtc = Some(c);
             break;
@@ -116,7 +120,13 @@ fn open_target(path: &Path, want: Option<(u16, u16)>) -> Result<Target> {
         Some(c) => c,
         None => *res.crtcs().first().ok_or_else(|| anyhow!("no CRTC"))?,
     };
-    Ok(Target { card, path: path.to_owned(), conn, crtc, mode })
+    Ok(Target {
+        card,
+        path: path.to_owned(),
+        conn,
+        crtc,
+        mode,
+    })
 }
 
 fn find_target(args: &Args) -> Result<Target> {
@@ -130,7 +140,9 @@ fn find_target(args: &Args) -> Result<Target> {
                     .map(|rd| {
                         rd.filter_map(|e| e.ok().map(|e| e.path()))
                             .filter(|p| {
-                                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("card"))
+                                p.file_name()
+                                    .and_then(|n| n.to_str())
+                                    .is_some_and(|n| n.starts_with("card"))
                             })
                             .collect()
                     })
@@ -189,7 +201,11 @@ fn wait_flip(card: &Card, crtc: crtc::Handle, timeout: Duration) -> Result<()> {
         if left.is_zero() {
             bail!("no page-flip event within {} ms", timeout.as_millis());
         }
-        let mut pfd = libc::pollfd { fd: card.0.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: card.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
         let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
         if n < 0 {
@@ -246,12 +262,16 @@ fn run(args: &Args) -> Result<()> {
     );
     let card = &t.card;
     let mut dbs = [
-        card.create_dumb_buffer((w, h), fourcc, bpp).context("create dumb buffer 0")?,
-        card.create_dumb_buffer((w, h), fourcc, bpp).context("create dumb buffer 1")?,
+        card.create_dumb_buffer((w, h), fourcc, bpp)
+            .context("create dumb buffer 0")?,
+        card.create_dumb_buffer((w, h), fourcc, bpp)
+            .context("create dumb buffer 1")?,
     ];
     let fbs = [
-        card.add_framebuffer(&dbs[0], depth, bpp).context("add framebuffer 0")?,
-        card.add_framebuffer(&dbs[1], depth, bpp).context("add framebuffer 1")?,
+        card.add_framebuffer(&dbs[0], depth, bpp)
+            .context("add framebuffer 0")?,
+        card.add_framebuffer(&dbs[1], depth, bpp)
+            .context("add framebuffer 1")?,
     ];
     let pitch = dbs[0].pitch() as usize;
     let [db0, db1] = &mut dbs;
@@ -260,16 +280,36 @@ fn run(args: &Args) -> Result<()> {
         card.map_dumb_buffer(db1).context("map dumb buffer 1")?,
     ];
 
-    draw(maps[0].as_mut(), pitch, w as usize, h as usize, args.format, 0);
-    card.set_crtc(t.crtc, Some(fbs[0]), (0, 0), &[t.conn.handle()], Some(t.mode))
-        .context("set_crtc")?;
+    draw(
+        maps[0].as_mut(),
+        pitch,
+        w as usize,
+        h as usize,
+        args.format,
+        0,
+    );
+    card.set_crtc(
+        t.crtc,
+        Some(fbs[0]),
+        (0, 0),
+        &[t.conn.handle()],
+        Some(t.mode),
+    )
+    .context("set_crtc")?;
 
     let timeout = Duration::from_millis(args.flip_timeout_ms);
     let mut lat_us = Vec::with_capacity(args.frames as usize);
     let start = Instant::now();
     for k in 1..=args.frames {
         let back = (k % 2) as usize;
-        draw(maps[back].as_mut(), pitch, w as usize, h as usize, args.format, k);
+        draw(
+            maps[back].as_mut(),
+            pitch,
+            w as usize,
+            h as usize,
+            args.format,
+            k,
+        );
         let t0 = Instant::now();
         card.page_flip(t.crtc, fbs[back], PageFlipFlags::EVENT, None)
             .with_context(|| format!("page_flip {k}"))?;
@@ -289,7 +329,10 @@ fn run(args: &Args) -> Result<()> {
         lat_us.last().copied().unwrap_or(0),
         total_ms
     );
-    println!("GUEST-CLIENT HOLD frame={} width={} height={}", args.frames, w, h);
+    println!(
+        "GUEST-CLIENT HOLD frame={} width={} height={}",
+        args.frames, w, h
+    );
     std::thread::sleep(Duration::from_secs(args.hold_secs));
     println!("GUEST-CLIENT DONE");
     Ok(())
