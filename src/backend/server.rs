@@ -289,16 +289,7 @@ impl Server {
                     dom = dom.0,
                     dev, "connector {idx}: {e}; closing the connection"
                 );
-                let mut fx = Effects::default();
-                if let Err(e) = device.close(
-                    &mut self.plat,
-                    &mut *self.output,
-                    &mut fx,
-                    XenbusState::Closed,
-                ) {
-                    warn!(dom = dom.0, dev, "closing: {e}");
-                }
-                self.apply(dom, dev, fx);
+                self.close_device(dom, dev);
             }
         }
     }
@@ -357,6 +348,23 @@ impl Server {
         if answered && !self.ready.contains(&r.port) {
             self.ready.push_back(r.port);
         }
+    }
+
+    /// Close one device's connection, ending in Closed, and forget its ports.
+    fn close_device(&mut self, dom: DomId, dev: u32) {
+        let Some(device) = self.devices.get_mut(&(dom, dev)) else {
+            return;
+        };
+        let mut fx = Effects::default();
+        if let Err(e) = device.close(
+            &mut self.plat,
+            &mut *self.output,
+            &mut fx,
+            XenbusState::Closed,
+        ) {
+            warn!(dom = dom.0, dev, "closing: {e}");
+        }
+        self.apply(dom, dev, fx);
     }
 
     fn apply(&mut self, dom: DomId, dev: u32, fx: Effects) {
@@ -508,20 +516,8 @@ impl Server {
     fn shutdown(&mut self) {
         let keys: Vec<_> = self.devices.keys().copied().collect();
         for (dom, dev) in keys {
-            let Some(device) = self.devices.get_mut(&(dom, dev)) else {
-                continue;
-            };
-            let mut fx = Effects::default();
             // Leave Closed behind so frontends notice; a restarted backend picks up.
-            if let Err(e) = device.close(
-                &mut self.plat,
-                &mut *self.output,
-                &mut fx,
-                XenbusState::Closed,
-            ) {
-                debug!(dom = dom.0, dev, "closing at exit: {e}");
-            }
-            self.apply(dom, dev, fx);
+            self.close_device(dom, dev);
         }
         info!("stopped");
     }

@@ -237,3 +237,27 @@ pub fn flip_frames(
         fe.wait_flip_event(conn, *fb, FLIP_WAIT).unwrap();
     }
 }
+
+/// Two XRGB8888 buffers on connector `conn` of guest `dom`, shown with SET_CONFIG and
+/// flipped `frames` times; checks the final picture. Returns the buffers.
+pub fn show_and_flip(
+    rig: &Rig,
+    fe: &mut FrontendSim,
+    dom: u16,
+    conn: u32,
+    (w, h): (u32, u32),
+    frames: u32,
+) -> Vec<(DumbBuf, u64)> {
+    let format = PixelFormat::Xrgb8888;
+    let bufs = buffers(fe, 2, w, h, format);
+    draw(&bufs[0].0, format, 0, conn);
+    fe.set_config(conn, bufs[0].1, w, h, format.bpp()).unwrap();
+    flip_frames(fe, conn, &bufs, format, frames);
+    assert_image(
+        &rig.frame(dom, conn),
+        &expected(format, frames, conn, w, h),
+        w,
+        h,
+    );
+    bufs
+}
