@@ -1,21 +1,39 @@
 //! The KMS output (copy path): each guest connector drives one physical connector of a
 //! DRM card through three XRGB8888 dumb buffers. Guest frames are copied (converted
-//! when needed) into a back buffer and shown with legacy `SET_CRTC` / `PAGE_FLIP`
-//! (atomic modesetting is not used). Flip-complete events arrive on the card fd.
+//! when needed) into a back buffer and shown by the CRTC's primary plane.
+//! Flip-complete events arrive on the card fd; a guest flip is reported done when the
+//! kernel reports the flip done.
+//!
+//! Paths: atomic modesetting where the driver accepts `DRM_CLIENT_CAP_ATOMIC` (modesets
+//! with `MODE_ID`/`ACTIVE`/`CRTC_ID` and the primary plane's `FB_ID`/`SRC_*`/`CRTC_*`,
+//! flips as `FB_ID` commits with `PAGE_FLIP_EVENT | NONBLOCK`; see [`atomic`]), legacy
+//! `SET_CRTC` / `PAGE_FLIP` otherwise. A connector whose atomic commit fails falls back
+//! to legacy for good; the path in use is logged once per connector.
+//! `DISPLBACK_KMS_ATOMIC=0` in the environment forces legacy.
+//!
+//! Mode choice ([`choose_mode`]): the guest's exact size if the connector offers it,
+//! else the preferred mode (or the smallest one the image fits in). In the latter
+//! case, on the atomic path, the primary plane is asked (`TEST_ONLY`) to show the guest
+//! image scaled to fit the mode (aspect kept, centred: [`atomic::fit_rect`]), the
+//! buffers then being of the guest's size; if it refuses, the image is centred on
+//! black (or its centre shown when larger) by the copy into mode-sized buffers. The
+//! choice is logged.
 //!
 //! Versus displ_be (reference §3.5, §3.11.4): the guest size need not match a mode
-//! exactly (the preferred mode is used with the image centred on black, or cropped
-//! when larger), connection state is re-read at every SET_CONFIG, flips queued while
-//! one is pending are merged (latest wins) instead of failing with EBUSY, and every
-//! CRTC we take is restored on disable and on drop.
+//! exactly (see above), connection state is re-read at every SET_CONFIG, flips queued
+//! while one is pending are merged (latest wins) instead of failing with EBUSY, and
+//! every CRTC we take is restored on disable and on drop (atomically when we took it
+//! atomically, else with `SET_CRTC`).
 //!
 //! Zero-copy: a guest buffer exported as a dma-buf is imported with
 //! `PRIME_FD_TO_HANDLE`, each of its framebuffers is made with AddFB2 (the guest's
 //! pitch, `offsets[0] = data_ofs`), and flips to it go to the CRTC directly through the
 //! same flip queue (targets from [`NBUF`] on). It needs a mode of exactly the guest
-//! image's size (no letterboxing without a copy). be-alloc buffers are dumb buffers of
-//! this card ([`Output::create_dumb`]). [`Kms::frame_counts`] tells copies from direct
-//! scanouts.
+//! image's size, or a plane that scales it (no letterboxing without a copy). be-alloc
+//! buffers are dumb buffers of this card ([`Output::create_dumb`]).
+//! [`Kms::frame_counts`] tells copies from direct scanouts.
+
+pub mod atomic;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -30,11 +48,12 @@ use anyhow::{bail, Context};
 use drm::buffer::{Buffer as _, DrmFourcc, DrmModifier, PlanarBuffer};
 use drm::control::dumbbuffer::DumbBuffer;
 use drm::control::{
-    connector, crtc, framebuffer, Device as ControlDevice, Event, FbCmd2Flags, Mode, ModeFlags,
-    ModeTypeFlags, PageFlipFlags,
+    connector, crtc, framebuffer, plane, Device as ControlDevice, Event, FbCmd2Flags, Mode,
+    ModeFlags, ModeTypeFlags, PageFlipFlags,
 };
 use drm::{ClientCapability, Device as _, DriverCapability};
 
+use self::atomic::{AtomicState, PlaneGeom};
 use super::convert::Copier;
 use super::{
     ConnectorId, FbLayout, FlipDone, Frame, FrameSource, ImportId, ImportedFb, ImportedFrame,
@@ -189,6 +208,33 @@ impl Placement {
         (self.dst_y as usize)
             .checked_mul(pitch)?
             .checked_add((self.dst_x as usize).checked_mul(4)?)
+    }
+}
+
+/// How a connector's current mode shows guest images (for [`Layout::holds_for`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The plane scales the image (buffers of the guest's size).
+    pub plane_fit: bool,
+    /// On the atomic path.
+    pub atomic: bool,
+    /// Buffer size.
+    pub size: (u32, u32),
+    /// The guest size the layout was chosen for.
+    pub guest: (u32, u32),
+}
+
+impl Layout {
+    /// In the same mode, can a `guest`-sized image with `fit` be shown by just
+    /// swapping buffers? A plane-fitted layout holds for its own size (atomic only);
+    /// a copy layout always on the legacy path or for an exact mode, and on the atomic
+    /// path for the guest size whose scaling was already decided.
+    pub fn holds_for(&self, fit: Fit, guest: (u32, u32)) -> bool {
+        if self.plane_fit {
+            self.atomic && self.size == guest
+        } else {
+            fit == Fit::Exact || !self.atomic || self.guest == guest
+        }
     }
 }
 
@@ -397,37 +443,104 @@ struct SavedCrtc {
     conns: Vec<connector::Handle>,
 }
 
+/// An imported framebuffer flipped to, and where in it the shown image starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DirectFb {
+    fb: framebuffer::Handle,
+    pos: (u32, u32),
+}
+
 struct Active {
     crtc: crtc::Handle,
     mode: Mode,
+    /// Size of our buffers and of the shown image: the mode's, or with `plane_fit`
+    /// the guest image's.
     size: (u32, u32),
+    /// The plane scales (and centres) the image to the mode: buffers of the guest
+    /// image's size, atomic only.
+    plane_fit: bool,
+    /// The guest image size the layout was chosen for.
+    guest: (u32, u32),
     bufs: Vec<ScanBuf>,
     /// Imported framebuffers flipped to: flip target `NBUF + i` is `direct[i]`
     /// (`None` once removed).
-    direct: Vec<Option<framebuffer::Handle>>,
+    direct: Vec<Option<DirectFb>>,
     flips: FlipQueue,
     saved: SavedCrtc,
+    /// The atomic path's objects, properties and saved state; `None`: legacy.
+    atomic: Option<AtomicState>,
 }
 
 impl Active {
-    /// The framebuffer of flip target `b`.
-    fn target_fb(&self, b: usize) -> Option<framebuffer::Handle> {
+    /// The framebuffer of flip target `b` and where its image starts.
+    fn target(&self, b: usize) -> Option<(framebuffer::Handle, (u32, u32))> {
         match b.checked_sub(NBUF) {
-            None => self.bufs.get(b).map(|s| s.fb),
-            Some(i) => self.direct.get(i).copied().flatten(),
+            None => self.bufs.get(b).map(|s| (s.fb, (0, 0))),
+            Some(i) => self.direct.get(i).copied().flatten().map(|d| (d.fb, d.pos)),
         }
     }
 
-    /// The flip target of an imported framebuffer (registered on first use).
-    fn direct_target(&mut self, fb: framebuffer::Handle) -> usize {
-        let i = match self.direct.iter().position(|d| *d == Some(fb)) {
+    /// The flip target of an imported framebuffer shown from `pos` (registered on
+    /// first use).
+    fn direct_target(&mut self, fb: framebuffer::Handle, pos: (u32, u32)) -> usize {
+        let d = DirectFb { fb, pos };
+        let i = match self.direct.iter().position(|x| *x == Some(d)) {
             Some(i) => i,
             None => {
-                self.direct.push(Some(fb));
+                self.direct.push(Some(d));
                 self.direct.len() - 1
             }
         };
         NBUF + i
+    }
+
+    /// Show `fb` (from `pos`) now in the current mode, blocking, without an event.
+    /// A failed atomic commit is retried with legacy `SET_CRTC` (unless the plane
+    /// scales, which legacy cannot); if that works the connector stays legacy and
+    /// this returns `Ok(true)`.
+    fn show_now(
+        &mut self,
+        card: &Card,
+        phys: connector::Handle,
+        fb: framebuffer::Handle,
+        pos: (u32, u32),
+    ) -> std::io::Result<bool> {
+        let Some(st) = self.atomic.as_mut() else {
+            card.set_crtc(self.crtc, Some(fb), pos, &[phys], Some(self.mode))?;
+            return Ok(false);
+        };
+        let Err(e) = atomic::commit_flip(card, st, fb, pos, false) else {
+            return Ok(false);
+        };
+        tracing::warn!(crtc = ?self.crtc, "atomic commit failed: {e}");
+        if self.plane_fit {
+            return Err(e);
+        }
+        card.set_crtc(self.crtc, Some(fb), pos, &[phys], Some(self.mode))
+            .map_err(|_| e)?;
+        self.atomic = None;
+        Ok(true)
+    }
+
+    /// Submit the flip to target `b` with a flip-complete event. A failed atomic
+    /// commit is retried with legacy `PAGE_FLIP` as in [`Active::show_now`].
+    fn submit_flip(&mut self, card: &Card, b: usize) -> std::io::Result<bool> {
+        let (fb, pos) = self.target(b).ok_or(std::io::ErrorKind::NotFound)?;
+        let Some(st) = self.atomic.as_mut() else {
+            card.page_flip(self.crtc, fb, PageFlipFlags::EVENT, None)?;
+            return Ok(false);
+        };
+        let Err(e) = atomic::commit_flip(card, st, fb, pos, true) else {
+            return Ok(false);
+        };
+        tracing::warn!(crtc = ?self.crtc, "atomic page flip failed: {e}");
+        if self.plane_fit {
+            return Err(e);
+        }
+        card.page_flip(self.crtc, fb, PageFlipFlags::EVENT, None)
+            .map_err(|_| e)?;
+        self.atomic = None;
+        Ok(true)
     }
 }
 
@@ -537,6 +650,43 @@ struct KmsConn {
     phys: connector::Handle,
     name: String,
     active: Option<Active>,
+    /// An atomic commit failed (or atomic cannot drive it): legacy from now on.
+    legacy_only: bool,
+    /// The path last logged for it (`true`: atomic).
+    path_logged: Option<bool>,
+}
+
+impl KmsConn {
+    /// Log the path in use the first time it is known and whenever it changes.
+    fn note_path(&mut self, conn: ConnectorId, atomic: bool) {
+        if self.path_logged == Some(atomic) {
+            return;
+        }
+        self.path_logged = Some(atomic);
+        if atomic {
+            tracing::info!(?conn, connector = %self.name, path = "atomic",
+                "KMS path: atomic modesetting (flips: FB_ID commits with PAGE_FLIP_EVENT|NONBLOCK)");
+        } else {
+            tracing::info!(?conn, connector = %self.name, path = "legacy",
+                "KMS path: legacy modesetting (SET_CRTC, PAGE_FLIP with events)");
+        }
+    }
+
+    /// The atomic path failed for it: legacy from now on.
+    fn fell_back(&mut self, conn: ConnectorId) {
+        self.legacy_only = true;
+        self.note_path(conn, false);
+    }
+}
+
+/// Why showing a frame in new buffers failed.
+enum ShowError {
+    /// A `TEST_ONLY` commit refused the configuration.
+    Refused(std::io::Error),
+    /// The atomic commit itself failed.
+    Commit(std::io::Error),
+    /// Anything else (allocation, copy, legacy modeset, the frame itself).
+    Other(OutputError),
 }
 
 /// The KMS [`Output`].
@@ -554,6 +704,8 @@ pub struct Kms {
     imported_fbs: HashMap<ImportedFb, (ImportId, framebuffer::Handle)>,
     next_id: u64,
     counts: FrameCounts,
+    /// The driver accepted `DRM_CLIENT_CAP_ATOMIC`.
+    atomic: bool,
 }
 
 fn open_card(path: &Path) -> anyhow::Result<Card> {
@@ -622,8 +774,20 @@ impl Kms {
                 path.display()
             )
         })?;
-        // Only for completeness of what we enumerate; everything here is legacy KMS.
+        // Universal planes for the primary plane lookup; atomic implies it anyway.
         let _ = card.set_client_capability(ClientCapability::UniversalPlanes, true);
+        let atomic = if std::env::var_os("DISPLBACK_KMS_ATOMIC").is_some_and(|v| v == "0") {
+            tracing::info!("DISPLBACK_KMS_ATOMIC=0: legacy modesetting only");
+            false
+        } else {
+            match card.set_client_capability(ClientCapability::Atomic, true) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::info!("the driver refuses atomic modesetting ({e}): legacy only");
+                    false
+                }
+            }
+        };
         let kms = Kms {
             card: Arc::new(card),
             path,
@@ -636,11 +800,13 @@ impl Kms {
             imported_fbs: HashMap::new(),
             next_id: 1,
             counts: FrameCounts::default(),
+            atomic,
         };
         tracing::info!(
             card = %kms.path.display(),
             connectors = ?kms.connector_names(),
-            "KMS output ready (legacy modesetting; copy path, PRIME import for zero-copy)"
+            modesetting = if atomic { "atomic (legacy fallback)" } else { "legacy" },
+            "KMS output ready (copy path, PRIME import for zero-copy)"
         );
         Ok(kms)
     }
@@ -666,8 +832,8 @@ impl Kms {
                 c.active.as_ref().is_some_and(|a| {
                     a.direct
                         .iter()
-                        .position(|d| *d == Some(fb))
-                        .is_some_and(|i| a.flips.uses(NBUF + i))
+                        .enumerate()
+                        .any(|(i, d)| d.is_some_and(|d| d.fb == fb) && a.flips.uses(NBUF + i))
                 })
             })
             .map(|(id, _)| *id)
@@ -684,11 +850,15 @@ impl Kms {
             let buf = &mut a.bufs[b];
             buf.map.bytes().fill(0);
             buf.drawn = None;
-            match self
-                .card
-                .set_crtc(a.crtc, Some(buf.fb), (0, 0), &[phys], Some(a.mode))
-            {
-                Ok(()) => {
+            let black = buf.fb;
+            match a.show_now(&self.card, phys, black, (0, 0)) {
+                Ok(fell_back) => {
+                    if fell_back {
+                        kc.fell_back(conn);
+                    }
+                    let Some(a) = kc.active.as_mut() else {
+                        continue;
+                    };
                     let dropped = a.flips.modeset(b);
                     self.immediate.extend(
                         dropped
@@ -705,7 +875,7 @@ impl Kms {
         for kc in self.conns.values_mut() {
             if let Some(a) = kc.active.as_mut() {
                 for d in &mut a.direct {
-                    if *d == Some(fb) {
+                    if d.is_some_and(|d| d.fb == fb) {
                         *d = None;
                     }
                 }
@@ -807,7 +977,30 @@ impl Kms {
         }
     }
 
-    fn restore_crtc(card: &Card, c: crtc::Handle, saved: &SavedCrtc) {
+    /// Give `c` back its saved state: atomically if we took it atomically (falling
+    /// back to `SET_CRTC`), else with `SET_CRTC`. Returns how: `atomic`, `set_crtc`,
+    /// or `disabled` (the saved state could not be put back).
+    fn restore_active(
+        card: &Card,
+        c: crtc::Handle,
+        saved: &SavedCrtc,
+        atomic: Option<&AtomicState>,
+    ) -> &'static str {
+        if let Some(st) = atomic {
+            match atomic::commit_restore(card, st, saved.mode.as_ref()) {
+                Ok(()) => return "atomic",
+                Err(e) => tracing::debug!(?c, "atomic restore failed ({e}); trying SET_CRTC"),
+            }
+        }
+        if Self::restore_crtc(card, c, saved) {
+            "set_crtc"
+        } else {
+            "disabled"
+        }
+    }
+
+    /// Legacy restore; false if the CRTC had to be disabled instead.
+    fn restore_crtc(card: &Card, c: crtc::Handle, saved: &SavedCrtc) -> bool {
         let restored = match (saved.fb, saved.mode) {
             (Some(fb), Some(mode)) if !saved.conns.is_empty() => {
                 card.set_crtc(c, Some(fb), saved.pos, &saved.conns, Some(mode))
@@ -824,7 +1017,9 @@ impl Kms {
             if let Err(e) = card.set_crtc(c, None, (0, 0), &[], None) {
                 tracing::warn!(?c, "cannot disable CRTC: {e}");
             }
+            return false;
         }
+        true
     }
 
     fn alloc_buffers(&self, (w, h): (u32, u32)) -> std::io::Result<Vec<ScanBuf>> {
@@ -924,10 +1119,10 @@ impl Kms {
                     .map(|fb_cookie| FlipDone { conn, fb_cookie }),
             );
         }
-        tracing::info!(?conn, connector = %kc.name, "display disabled");
         // Restoring waits for a flip in flight, whose event is then stale: consume it
         // so it cannot complete a later flip on the same CRTC early.
-        Self::restore_crtc(&self.card, a.crtc, &a.saved);
+        let restored = Self::restore_active(&self.card, a.crtc, &a.saved, a.atomic.as_ref());
+        tracing::info!(?conn, connector = %kc.name, restored, "display disabled");
         Self::free_buffers(&self.card, a.bufs);
         if busy {
             self.pump_events_into_immediate();
@@ -956,8 +1151,8 @@ impl Kms {
         }
     }
 
-    /// The KMS framebuffer of an imported frame, checked to cover `size` exactly (legacy
-    /// KMS scans out a mode-sized window of it at the source offset).
+    /// The KMS framebuffer of an imported frame, checked to cover `size` exactly (the
+    /// plane scans out a `size` window of it at the source offset).
     fn imported_fb(
         &self,
         f: &ImportedFrame,
@@ -971,17 +1166,82 @@ impl Kms {
             tracing::warn!(
                 guest = %format_args!("{}x{}", f.width, f.height),
                 mode = %format_args!("{}x{}", size.0, size.1),
-                "a zero-copy buffer needs a mode of exactly its size"
+                "a zero-copy buffer needs a mode of exactly its size or a scaling plane"
             );
             return Err(OutputError::Format(f.format));
         }
         Ok(fb)
     }
 
+    /// Allocate `size` buffers, put `frame` in the first (or take its import) and show
+    /// it in `mode` on `crtc`: through `st` with `geom` (after a `TEST_ONLY` commit
+    /// with `test`), or with legacy `SET_CRTC` (`geom` a [`PlaneGeom::full`]).
+    #[allow(clippy::too_many_arguments)]
+    fn show_in_new_buffers(
+        &mut self,
+        crtc: crtc::Handle,
+        phys: connector::Handle,
+        mode: &Mode,
+        size: (u32, u32),
+        frame: &FrameSource<'_>,
+        st: Option<&mut AtomicState>,
+        geom: &PlaneGeom,
+        test: bool,
+    ) -> Result<Vec<ScanBuf>, ShowError> {
+        let direct_fb = match frame {
+            FrameSource::Imported(f) => Some(self.imported_fb(f, size).map_err(ShowError::Other)?),
+            FrameSource::Mapped(_) => None,
+        };
+        let mut bufs = self
+            .alloc_buffers(size)
+            .map_err(|e| ShowError::Other(e.into()))?;
+        let fb = match (frame, direct_fb) {
+            (FrameSource::Imported(_), Some(fb)) => Ok(fb),
+            (FrameSource::Mapped(f), _) => {
+                Self::draw(&mut self.copier, &mut bufs[0], size, f).map(|()| bufs[0].fb)
+            }
+            (FrameSource::Imported(_), None) => Err(OutputError::NotConfigured),
+        };
+        let shown = fb.map_err(ShowError::Other).and_then(|fb| match st {
+            Some(st) => {
+                if test {
+                    atomic::commit_modeset(&*self.card, st, mode, fb, geom, true)
+                        .map_err(ShowError::Refused)?;
+                }
+                atomic::commit_modeset(&*self.card, st, mode, fb, geom, false)
+                    .map_err(ShowError::Commit)
+            }
+            None => self
+                .card
+                .set_crtc(
+                    crtc,
+                    Some(fb),
+                    (geom.src.x, geom.src.y),
+                    &[phys],
+                    Some(*mode),
+                )
+                .map_err(|e| ShowError::Other(e.into())),
+        });
+        match shown {
+            Ok(()) => Ok(bufs),
+            Err(e) => {
+                Self::free_buffers(&self.card, bufs);
+                Err(e)
+            }
+        }
+    }
+
+    /// The connector (if any) gave up on atomic: remember, and log the path.
+    fn fell_back(&mut self, conn: ConnectorId) {
+        if let Some(kc) = self.conns.get_mut(&conn) {
+            kc.fell_back(conn);
+        }
+    }
+
     fn enable(&mut self, conn: ConnectorId, frame: &FrameSource<'_>) -> Result<(), OutputError> {
         let (fw, fh) = frame.size();
         let kc = self.conns.get(&conn).ok_or(OutputError::NotConfigured)?;
-        let (phys, name) = (kc.phys, kc.name.clone());
+        let (phys, name, legacy_only) = (kc.phys, kc.name.clone(), kc.legacy_only);
         let info = self.card.get_connector(phys, false)?;
         if info.state() == connector::State::Disconnected || info.modes().is_empty() {
             tracing::warn!(?conn, connector = %name, "SET_CONFIG on a disconnected connector");
@@ -991,33 +1251,55 @@ impl Kms {
         let (idx, fit) =
             choose_mode(&infos, fw, fh).ok_or_else(|| OutputError::Disconnected(name.clone()))?;
         let mode = info.modes()[idx];
-        let size = (infos[idx].width, infos[idx].height);
-        let direct_fb = match frame {
-            FrameSource::Imported(f) => Some(self.imported_fb(f, size)?),
-            FrameSource::Mapped(_) => None,
+        let mode_size = (infos[idx].width, infos[idx].height);
+        let pos = match frame {
+            FrameSource::Imported(f) => (f.x, f.y),
+            FrameSource::Mapped(_) => (0, 0),
         };
 
-        // Same mode as now: draw into the back buffer and swap it in.
-        let same = self
+        // Same mode and layout as now: draw into the back buffer and swap it in. A
+        // plane-fitted layout holds for its guest size; a letterbox on the atomic path
+        // for the guest size whose scaling was refused.
+        let reuse = self
             .conns
             .get(&conn)
             .and_then(|c| c.active.as_ref())
-            .is_some_and(|a| a.mode == mode);
-        if same {
-            let Some(a) = self.conns.get_mut(&conn).and_then(|c| c.active.as_mut()) else {
+            .is_some_and(|a| {
+                a.mode == mode
+                    && Layout {
+                        plane_fit: a.plane_fit,
+                        atomic: a.atomic.is_some(),
+                        size: a.size,
+                        guest: a.guest,
+                    }
+                    .holds_for(fit, (fw, fh))
+            });
+        if reuse {
+            let size = self
+                .conns
+                .get(&conn)
+                .and_then(|c| c.active.as_ref())
+                .map_or(mode_size, |a| a.size);
+            let direct_fb = match frame {
+                FrameSource::Imported(f) => Some(self.imported_fb(f, size)?),
+                FrameSource::Mapped(_) => None,
+            };
+            let Some(kc) = self.conns.get_mut(&conn) else {
                 return Err(OutputError::NotConfigured);
             };
-            let (b, fb, pos) = match (frame, direct_fb) {
-                (FrameSource::Imported(f), Some(fb)) => (a.direct_target(fb), fb, (f.x, f.y)),
+            let Some(a) = kc.active.as_mut() else {
+                return Err(OutputError::NotConfigured);
+            };
+            let (b, fb) = match (frame, direct_fb) {
+                (FrameSource::Imported(_), Some(fb)) => (a.direct_target(fb, pos), fb),
                 (FrameSource::Mapped(f), _) => {
                     let b = a.flips.back();
                     Self::draw(&mut self.copier, &mut a.bufs[b], a.size, f)?;
-                    (b, a.bufs[b].fb, (0, 0))
+                    (b, a.bufs[b].fb)
                 }
                 (FrameSource::Imported(_), None) => return Err(OutputError::NotConfigured),
             };
-            self.card
-                .set_crtc(a.crtc, Some(fb), pos, &[phys], Some(mode))?;
+            let fell_back = a.show_now(&self.card, phys, fb, pos)?;
             self.counts.count(frame);
             let dropped = a.flips.modeset(b);
             self.immediate.extend(
@@ -1025,6 +1307,9 @@ impl Kms {
                     .into_iter()
                     .map(|fb_cookie| FlipDone { conn, fb_cookie }),
             );
+            if fell_back {
+                kc.fell_back(conn);
+            }
             return Ok(());
         }
 
@@ -1032,7 +1317,7 @@ impl Kms {
             ?conn,
             connector = %name,
             guest = %format_args!("{fw}x{fh}"),
-            mode = %format_args!("{}x{}@{}", size.0, size.1, infos[idx].refresh),
+            mode = %format_args!("{}x{}@{}", mode_size.0, mode_size.1, infos[idx].refresh),
             ?fit,
             "mode chosen"
         );
@@ -1049,34 +1334,88 @@ impl Kms {
                 (crtc, Some(self.save_crtc(crtc)))
             }
         };
-        // Our buffers exist in every mode: copy-path frames may follow imported ones.
-        let shown = match self.alloc_buffers(size) {
-            Err(e) => Err(OutputError::from(e)),
-            Ok(mut bufs) => {
-                let r = match (frame, direct_fb) {
-                    (FrameSource::Imported(f), Some(fb)) => Ok((fb, (f.x, f.y))),
-                    (FrameSource::Mapped(f), _) => {
-                        Self::draw(&mut self.copier, &mut bufs[0], size, f)
-                            .map(|()| (bufs[0].fb, (0, 0)))
-                    }
-                    (FrameSource::Imported(_), None) => Err(OutputError::NotConfigured),
-                }
-                .and_then(|(fb, pos)| {
-                    self.card
-                        .set_crtc(crtc, Some(fb), pos, &[phys], Some(mode))
-                        .map_err(OutputError::from)
-                });
-                match r {
-                    Ok(()) => Ok(bufs),
-                    Err(e) => {
-                        Self::free_buffers(&self.card, bufs);
-                        Err(e)
+        // The path: the old mode's (with the state saved when the CRTC was taken), or
+        // atomic if the driver and the objects allow it.
+        let mut st = match (&old, &fresh_save) {
+            (Some(o), _) => o.atomic.clone(),
+            (None, Some(saved)) if self.atomic && !legacy_only => {
+                let taken: Vec<plane::Handle> = self
+                    .conns
+                    .iter()
+                    .filter(|(id, _)| **id != conn)
+                    .filter_map(|(_, c)| c.active.as_ref()?.atomic.as_ref().map(|s| s.plane))
+                    .collect();
+                match AtomicState::probe(&*self.card, crtc, phys, &saved.conns, &taken) {
+                    Ok(st) => Some(st),
+                    Err(why) => {
+                        tracing::info!(?conn, connector = %name, "atomic modesetting not usable: {why}");
+                        self.fell_back(conn);
+                        None
                     }
                 }
             }
+            _ => None,
         };
-        let bufs = match shown {
-            Ok(bufs) => bufs,
+
+        // Not an exact mode: try the plane scaling the guest image to fit (TEST_ONLY
+        // first), else letterbox (or crop) by the copy into mode-sized buffers.
+        let mut decided: Option<Result<(Vec<ScanBuf>, bool), OutputError>> = None;
+        let mut scaling_refused = None;
+        if fit != Fit::Exact {
+            if let (Some(s), Some(geom)) =
+                (st.as_mut(), PlaneGeom::scaled(pos, (fw, fh), mode_size))
+            {
+                match self.show_in_new_buffers(
+                    crtc,
+                    phys,
+                    &mode,
+                    (fw, fh),
+                    frame,
+                    Some(s),
+                    &geom,
+                    true,
+                ) {
+                    Ok(bufs) => decided = Some(Ok((bufs, true))),
+                    Err(ShowError::Refused(e)) => scaling_refused = Some(e),
+                    Err(ShowError::Commit(e)) => {
+                        tracing::warn!(?conn, connector = %name, "atomic modeset failed: {e}; legacy from now on");
+                        st = None;
+                        self.fell_back(conn);
+                    }
+                    Err(ShowError::Other(e)) => decided = Some(Err(e)),
+                }
+            }
+        }
+        let full = PlaneGeom::full(pos, mode_size);
+        let decided = match decided {
+            Some(d) => d,
+            None => {
+                let mut r = self.show_in_new_buffers(
+                    crtc,
+                    phys,
+                    &mode,
+                    mode_size,
+                    frame,
+                    st.as_mut(),
+                    &full,
+                    false,
+                );
+                if let Err(ShowError::Commit(e)) = &r {
+                    tracing::warn!(?conn, connector = %name, "atomic modeset failed: {e}; legacy from now on");
+                    st = None;
+                    self.fell_back(conn);
+                    r = self.show_in_new_buffers(
+                        crtc, phys, &mode, mode_size, frame, None, &full, false,
+                    );
+                }
+                r.map(|bufs| (bufs, false)).map_err(|e| match e {
+                    ShowError::Refused(e) | ShowError::Commit(e) => OutputError::from(e),
+                    ShowError::Other(e) => e,
+                })
+            }
+        };
+        let (bufs, plane_fit) = match decided {
+            Ok(d) => d,
             Err(e) => {
                 tracing::warn!(?conn, connector = %name, "SET_CONFIG failed: {e}");
                 match (old, fresh_save) {
@@ -1086,12 +1425,40 @@ impl Kms {
                             kc.active = Some(o);
                         }
                     }
-                    (None, Some(saved)) => Self::restore_crtc(&self.card, crtc, &saved),
+                    (None, Some(saved)) => {
+                        Self::restore_active(&self.card, crtc, &saved, st.as_ref());
+                    }
                     (None, None) => {}
                 }
                 return Err(e);
             }
         };
+        let size = if plane_fit { (fw, fh) } else { mode_size };
+        let scanout = match (plane_fit, fit, st.as_ref()) {
+            (true, _, Some(s)) => format!(
+                "plane-scaled {fw}x{fh} to {}x{}+{}+{}",
+                s.geom.dst.w, s.geom.dst.h, s.geom.dst.x, s.geom.dst.y
+            ),
+            (_, Fit::Exact, _) => "exact".to_owned(),
+            (_, Fit::Letterbox, _) => "letterbox (centred copy)".to_owned(),
+            (_, Fit::Crop, _) => "crop (centre copied)".to_owned(),
+        };
+        let scaling = match (&scaling_refused, fit, st.is_some()) {
+            (Some(e), _, _) => format!("refused by the plane (TEST_ONLY: {e})"),
+            (None, Fit::Exact, _) => "not needed".to_owned(),
+            (None, _, true) => "accepted by the plane (TEST_ONLY)".to_owned(),
+            (None, _, false) => "unavailable (legacy path)".to_owned(),
+        };
+        tracing::info!(
+            ?conn,
+            connector = %name,
+            path = if st.is_some() { "atomic" } else { "legacy" },
+            guest = %format_args!("{fw}x{fh}"),
+            mode = %format_args!("{}x{}@{}", mode_size.0, mode_size.1, infos[idx].refresh),
+            %scanout,
+            %scaling,
+            "scanout configured"
+        );
         let saved = match (old, fresh_save) {
             (Some(mut o), _) => {
                 let busy = o.flips.busy();
@@ -1112,19 +1479,26 @@ impl Kms {
             (None, None) => self.save_crtc(crtc),
         };
         self.counts.count(frame);
-        let (direct, front) = match direct_fb {
-            Some(fb) => (vec![Some(fb)], NBUF),
-            None => (Vec::new(), 0),
+        let (direct, front) = match frame {
+            FrameSource::Imported(f) => match self.imported_fbs.get(&f.fb) {
+                Some(&(_, fb)) => (vec![Some(DirectFb { fb, pos })], NBUF),
+                None => (Vec::new(), 0),
+            },
+            FrameSource::Mapped(_) => (Vec::new(), 0),
         };
         if let Some(kc) = self.conns.get_mut(&conn) {
+            kc.note_path(conn, st.is_some());
             kc.active = Some(Active {
                 crtc,
                 mode,
                 size,
+                plane_fit,
+                guest: (fw, fh),
                 bufs,
                 direct,
                 flips: FlipQueue::new(front),
                 saved,
+                atomic: st,
             });
         }
         Ok(())
@@ -1182,18 +1556,18 @@ impl Kms {
                 .map(|fb_cookie| FlipDone { conn, fb_cookie }),
         );
         if let Some(b) = next {
-            let submitted = match a.target_fb(b) {
-                Some(fb) => self.card.page_flip(crtc, fb, PageFlipFlags::EVENT, None),
-                None => Err(std::io::ErrorKind::NotFound.into()),
-            };
-            if let Err(e) = submitted {
-                tracing::warn!(?conn, connector = %kc.name, "queued page flip failed: {e}");
-                let cookies = a.flips.submit_failed();
-                done.extend(
-                    cookies
-                        .into_iter()
-                        .map(|fb_cookie| FlipDone { conn, fb_cookie }),
-                );
+            match a.submit_flip(&self.card, b) {
+                Ok(false) => {}
+                Ok(true) => kc.fell_back(conn),
+                Err(e) => {
+                    tracing::warn!(?conn, connector = %kc.name, "queued page flip failed: {e}");
+                    let cookies = a.flips.submit_failed();
+                    done.extend(
+                        cookies
+                            .into_iter()
+                            .map(|fb_cookie| FlipDone { conn, fb_cookie }),
+                    );
+                }
             }
         }
     }
@@ -1253,6 +1627,8 @@ impl Output for Kms {
                 phys,
                 name,
                 active: None,
+                legacy_only: false,
+                path_logged: None,
             },
         );
         Ok(())
@@ -1299,7 +1675,7 @@ impl Output for Kms {
             return Err(OutputError::NotConfigured);
         };
         let target = match (frame, direct_fb) {
-            (FrameSource::Imported(_), Some(fb)) => a.direct_target(fb),
+            (FrameSource::Imported(f), Some(fb)) => a.direct_target(fb, (f.x, f.y)),
             (FrameSource::Mapped(f), _) => {
                 let b = a.flips.back();
                 Self::draw(&mut self.copier, &mut a.bufs[b], a.size, f)?;
@@ -1309,14 +1685,14 @@ impl Output for Kms {
         };
         self.counts.count(frame);
         if let Some(b) = a.flips.push_to(target, frame.fb_cookie()) {
-            let submitted = match a.target_fb(b) {
-                Some(fb) => self.card.page_flip(a.crtc, fb, PageFlipFlags::EVENT, None),
-                None => Err(std::io::ErrorKind::NotFound.into()),
-            };
-            if let Err(e) = submitted {
-                tracing::warn!(?conn, connector = %kc.name, "page flip failed: {e}");
-                a.flips.submit_failed();
-                return Err(e.into());
+            match a.submit_flip(&self.card, b) {
+                Ok(false) => {}
+                Ok(true) => kc.fell_back(conn),
+                Err(e) => {
+                    tracing::warn!(?conn, connector = %kc.name, "page flip failed: {e}");
+                    a.flips.submit_failed();
+                    return Err(e.into());
+                }
             }
         }
         Ok(())
@@ -1565,6 +1941,40 @@ mod tests {
             ..f
         };
         assert!(huge.crop(&big).is_none());
+    }
+
+    #[test]
+    fn layout_reuse() {
+        let scaled = Layout {
+            plane_fit: true,
+            atomic: true,
+            size: (1000, 700),
+            guest: (1000, 700),
+        };
+        assert!(scaled.holds_for(Fit::Letterbox, (1000, 700)));
+        assert!(!scaled.holds_for(Fit::Letterbox, (800, 500)));
+        // Fell back to legacy: legacy cannot scale, so a new modeset.
+        let legacy_scaled = Layout {
+            atomic: false,
+            ..scaled
+        };
+        assert!(!legacy_scaled.holds_for(Fit::Letterbox, (1000, 700)));
+        let letterbox = Layout {
+            plane_fit: false,
+            atomic: true,
+            size: (1024, 768),
+            guest: (1000, 700),
+        };
+        assert!(letterbox.holds_for(Fit::Letterbox, (1000, 700)));
+        // Another size: scaling is decided again.
+        assert!(!letterbox.holds_for(Fit::Letterbox, (800, 500)));
+        assert!(letterbox.holds_for(Fit::Exact, (1024, 768)));
+        let legacy = Layout {
+            atomic: false,
+            ..letterbox
+        };
+        assert!(legacy.holds_for(Fit::Letterbox, (800, 500)));
+        assert!(legacy.holds_for(Fit::Crop, (2000, 2000)));
     }
 
     #[test]
