@@ -159,10 +159,14 @@ class VM:
                 return r["return"]
             # asynchronous events are ignored
 
-    def screendump(self, path: str) -> None:
+    def screendump(self, path: str, device: str | None = None) -> None:
+        """PPM of the primary display, or of the display device with QOM id `device`."""
         if os.path.exists(path):
             os.unlink(path)
-        self.qmp("screendump", filename=path)
+        if device:
+            self.qmp("screendump", filename=path, device=device)
+        else:
+            self.qmp("screendump", filename=path)
         if not os.path.exists(path):
             raise RuntimeError("screendump produced no file")
 
