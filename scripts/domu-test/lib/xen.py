@@ -101,14 +101,16 @@ def _xl_secs(r: Run, dom: str) -> float | None:
     return None
 
 
-def _guest_fail(dom: str, end: str) -> str:
-    """Stop waiting on a guest once it gave up or the Dom0 scenario ended."""
-    return rf"{end}|\[{dom}\].*HARNESS-DOMU EXIT ok=0"
+def _guest_fail(dom: str, end: str, backend: str | None = None) -> str:
+    """Stop waiting on a guest once it gave up, its backend cannot connect it, or the Dom0
+    scenario ended."""
+    rx = rf"{end}|\[{dom}\].*HARNESS-DOMU EXIT ok=0"
+    return rx + (rf"|\[be-log:{backend}\].*cannot connect" if backend else "")
 
 
 def _flip(r: Run, s: str, dom: str, fmt: str, res: Result, end: str) -> None:
     sw = Stopwatch()
-    m = r.wait(rf"\[{dom}\].*(?:{HOLD_RX})", 400, fail=_guest_fail(dom, end), what=f"HOLD from DomU {dom}")
+    m = r.wait(rf"\[{dom}\].*(?:{HOLD_RX})", 400, fail=_guest_fail(dom, end, "main"), what=f"HOLD from DomU {dom}")
     res.timings["create→hold"] = sw.lap()
     xs = _xl_secs(r, dom)
     if xs is not None:
@@ -124,12 +126,12 @@ def _two_domus(r: Run, res: Result, end: str) -> None:
     exactly its guest's pattern (distinct pattern connectors), and both guests must have
     been flipping at the same time."""
     sw = Stopwatch()
-    plan = r.wait(r"HARNESS TWO plan two1=dom(\d+)->(\S+) two2=dom(\d+)->(\S+)", 60, fail=end)
+    plan = r.wait(r"HARNESS TWO plan two1=dom(\d+)->(\S+) two2=dom(\d+)->(\S+) ", 60, fail=end)
     problems: list[str] = []
-    m1 = r.wait(rf"\[two1\].*(?:{HOLD_RX})", 400, fail=_guest_fail("two1", end), what="HOLD from two1")
+    m1 = r.wait(rf"\[two1\].*(?:{HOLD_RX})", 400, fail=_guest_fail("two1", end, "two1"), what="HOLD from two1")
     res.timings["create→hold1"] = sw.lap()
     c1 = r.check_hold("two1", m1, "hold", device=None)
-    m2 = r.wait(rf"\[two2\].*(?:{HOLD_RX})", 400, fail=_guest_fail("two2", end), what="HOLD from two2")
+    m2 = r.wait(rf"\[two2\].*(?:{HOLD_RX})", 400, fail=_guest_fail("two2", end, "two2"), what="HOLD from two2")
     res.timings["hold1→hold2"] = sw.lap()
     c2 = r.check_hold("two2", m2, "hold", device=VGA2_ID)
     # two1 must still be on the primary head while two2 holds (its hold outlasts two2's start).
@@ -184,7 +186,7 @@ def _zero_copy(r: Run, s: str, res: Result, end: str) -> None:
     name = {"xen-bealloc": "bealloc", "xen-zcopy-auto-fallback": "zfallback", "xen-zcopy-bealloc": "zbealloc",
             "xen-zcopy-destroy": "zdestroy", "xen-zcopy-pv-fallback": "zpvfallback"}[s]
     sw = Stopwatch()
-    m = r.wait(rf"\[{name}\].*(?:{HOLD_RX})", 400, fail=_guest_fail(name, end), what=f"HOLD from DomU {name}")
+    m = r.wait(rf"\[{name}\].*(?:{HOLD_RX})", 400, fail=_guest_fail(name, end, name), what=f"HOLD from DomU {name}")
     res.timings["create→hold"] = sw.lap()
     chk = r.check_hold(name, m, "hold")
     # The backend's log is relayed when it stops, before the scenario's END marker.
