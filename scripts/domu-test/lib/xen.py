@@ -349,6 +349,9 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
         inject["inject/usr/local/bin/displback"] = (0o755, _read(be))
     stage1 = _initrd(workdir, f"stage1-{kind}", inject, stage1_base)
 
+    # PVH DomUs (the be-alloc scenarios) crash early under TCG on RDTSCP ("SVM Insn len
+    # emulation failed"): hide it (reference/xen-in-qemu.md).
+    accel = ["max,-rdtscp" if a == "max" else a for a in accel]
     qargs = [*accel, "-m", "2G", "-smp", "2", "-machine", "pc", "-display", "none", "-vga", "std",
              *BOOT_DEVICES[kind],
              "-drive", f"file={art['DOM0_IMG']},if=virtio,format=raw,snapshot=on",
