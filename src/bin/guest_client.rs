@@ -1,15 +1,17 @@
 //! Guest test client: a minimal KMS program for the VM harnesses (scripts/domu-test).
 //!
 //! Opens a DRM card, picks the first connected connector and a mode, creates two
-//! dumb buffers, draws `displback::sim::pattern::pixel(frame, 0, x, y)` into them,
-//! sets the CRTC and page-flips `--frames` times, measuring flip latency (request
-//! to flip event). Prints machine-readable lines on stdout (all start with
+//! dumb buffers, draws `displback::sim::pattern::pixel(frame, conn, x, y)` into them
+//! (`--pattern-conn`, default 0: two guests can draw distinct patterns), sets the CRTC
+//! and page-flips `--frames` times (and for at least `--min-secs`), measuring flip
+//! latency (request to flip event). Prints machine-readable lines on stdout (all start with
 //! `GUEST-CLIENT`), then holds the last frame on screen for `--hold-secs` so the
 //! host can take a screendump. Works on any KMS device (bochs-drm, virtio-gpu,
 //! xen-drm-front).
 //!
 //! Frame numbering: the buffer shown by set_crtc holds frame 0; flip k (1..=N)
-//! shows frame k, so the held frame is N.
+//! shows frame k, so the held frame is N (printed in the HOLD line with the pattern's
+//! connector number). `GUEST-CLIENT FLIPPING` is printed once the first flip is done.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -48,6 +50,12 @@ struct Args {
     /// Seconds to wait for a usable card to appear (e.g. xen-drm-front connecting).
     #[arg(long, default_value_t = 0)]
     wait_secs: u64,
+    /// Keep flipping (past --frames) until this many seconds of flipping have passed.
+    #[arg(long, default_value_t = 0)]
+    min_secs: u64,
+    /// Connector number of the test pattern (sim::pattern's `conn`).
+    #[arg(long, default_value_t = 0)]
+    pattern_conn: u32,
     /// Give up on a flip event after this many milliseconds.
     #[arg(long, default_value_t = 5000)]
     flip_timeout_ms: u64,
@@ -170,20 +178,20 @@ fn find_target(args: &Args) -> Result<Target> {
     }
 }
 
-/// Draws frame `frame` of the test pattern (connector 0) into a mapped dumb buffer.
-fn draw(map: &mut [u8], pitch: usize, w: usize, h: usize, format: Format, frame: u32) {
+/// Draws frame `frame` of the test pattern (connector `conn`) into a mapped dumb buffer.
+fn draw(map: &mut [u8], pitch: usize, w: usize, h: usize, format: Format, frame: u32, conn: u32) {
     for y in 0..h {
         let row = &mut map[y * pitch..];
         match format {
             Format::Xrgb8888 => {
                 for (x, px) in row[..w * 4].chunks_exact_mut(4).enumerate() {
-                    let v = displback::sim::pattern::pixel(frame, 0, x as u32, y as u32);
+                    let v = displback::sim::pattern::pixel(frame, conn, x as u32, y as u32);
                     px.copy_from_slice(&v.to_le_bytes());
                 }
             }
             Format::Rgb565 => {
                 for (x, px) in row[..w * 2].chunks_exact_mut(2).enumerate() {
-                    let v = displback::sim::pattern::pixel(frame, 0, x as u32, y as u32);
+                    let v = displback::sim::pattern::pixel(frame, conn, x as u32, y as u32);
                     let (r, g, b) = ((v >> 16) & 0xff, (v >> 8) & 0xff, v & 0xff);
                     let p = ((r >> 3) << 11 | (g >> 2) << 5 | (b >> 3)) as u16;
                     px.copy_from_slice(&p.to_le_bytes());
@@ -287,6 +295,7 @@ fn run(args: &Args) -> Result<()> {
         h as usize,
         args.format,
         0,
+        args.pattern_conn,
     );
     card.set_crtc(
         t.crtc,
@@ -300,7 +309,10 @@ fn run(args: &Args) -> Result<()> {
     let timeout = Duration::from_millis(args.flip_timeout_ms);
     let mut lat_us = Vec::with_capacity(args.frames as usize);
     let start = Instant::now();
-    for k in 1..=args.frames {
+    let min_time = Duration::from_secs(args.min_secs);
+    let mut k = 0u32;
+    while k < args.frames || start.elapsed() < min_time {
+        k += 1;
         let back = (k % 2) as usize;
         draw(
             maps[back].as_mut(),
@@ -309,13 +321,18 @@ fn run(args: &Args) -> Result<()> {
             h as usize,
             args.format,
             k,
+            args.pattern_conn,
         );
         let t0 = Instant::now();
         card.page_flip(t.crtc, fbs[back], PageFlipFlags::EVENT, None)
             .with_context(|| format!("page_flip {k}"))?;
         wait_flip(card, t.crtc, timeout).with_context(|| format!("flip {k}"))?;
         lat_us.push(t0.elapsed().as_micros() as u64);
+        if k == 1 {
+            println!("GUEST-CLIENT FLIPPING");
+        }
     }
+    let frames = k;
     let total_ms = start.elapsed().as_millis();
     lat_us.sort_unstable();
     println!(
@@ -323,15 +340,15 @@ fn run(args: &Args) -> Result<()> {
         w,
         h,
         fmt_name,
-        args.frames,
+        frames,
         percentile(&lat_us, 0.50),
         percentile(&lat_us, 0.99),
         lat_us.last().copied().unwrap_or(0),
         total_ms
     );
     println!(
-        "GUEST-CLIENT HOLD frame={} width={} height={}",
-        args.frames, w, h
+        "GUEST-CLIENT HOLD frame={frames} width={w} height={h} conn={}",
+        args.pattern_conn
     );
     std::thread::sleep(Duration::from_secs(args.hold_secs));
     println!("GUEST-CLIENT DONE");

@@ -11,7 +11,7 @@ PROGRAMS = {
     "demo": "/bin/displback demo --output kms --frames {frames} --hold-secs {hold}{fmt_opt}",
 }
 # Serial markers the programs print when they hold a frame on screen.
-HOLD_RX = (r"(?:GUEST-CLIENT HOLD frame=(?P<frame>\d+) width=(?P<w>\d+) height=(?P<h>\d+))"
+HOLD_RX = (r"(?:GUEST-CLIENT HOLD frame=(?P<frame>\d+) width=(?P<w>\d+) height=(?P<h>\d+)(?: conn=(?P<gconn>\d+))?)"
            r"|(?:DEMO HOLD frame=(?P<dframe>\d+) conn=(?P<conn>\d+) width=(?P<dw>\d+) height=(?P<dh>\d+))")
 ERROR_RX = r"GUEST-CLIENT ERROR|HARNESS-EXIT rc=[1-9]|Kernel panic"
 
@@ -19,7 +19,7 @@ ERROR_RX = r"GUEST-CLIENT ERROR|HARNESS-EXIT rc=[1-9]|Kernel panic"
 def hold_info(m) -> tuple[int, int, int, int]:
     """(frame, conn, width, height) from a HOLD_RX match."""
     if m.group("frame") is not None:
-        return int(m.group("frame")), 0, int(m.group("w")), int(m.group("h"))
+        return int(m.group("frame")), int(m.group("gconn") or 0), int(m.group("w")), int(m.group("h"))
     return int(m.group("dframe")), int(m.group("conn")), int(m.group("dw")), int(m.group("dh"))
 
 

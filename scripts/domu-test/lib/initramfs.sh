@@ -12,6 +12,7 @@ _build_base_initramfs() { # $1 = output dir; uses BASE_MODULES
     python3 "$LIB_DIR/modclosure.py" "$KDIR/lib/modules/$KVER" $BASE_MODULES > "$out/order"
     : > "$root/etc/modules.load"
     while read -r m; do
+        [[ -n $m ]] || continue  # no modules at all (a kernel with everything built in)
         install -D -m644 "$KDIR/lib/modules/$KVER/$m" "$root/lib/modules/$(basename "$m")"
         echo "/lib/modules/$(basename "$m")" >> "$root/etc/modules.load"
     done < "$out/order"

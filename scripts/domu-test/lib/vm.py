@@ -46,8 +46,13 @@ class VM:
         self.log_path = os.path.join(workdir, f"{name}.serial.log")
         if os.path.exists(self.qmp_path):
             os.unlink(self.qmp_path)
+        # A human monitor socket for post-mortems of a hung VM (the harness uses only QMP):
+        #   echo 'info registers' | socat - unix-connect:out/domu-test/NAME.hmp
+        self.hmp_path = os.path.join(workdir, f"{name}.hmp")
         cmd = ["qemu-system-x86_64", *args, "-serial", "stdio", "-monitor", "none",
-               "-qmp", f"unix:{self.qmp_path},server=on,wait=off", "-no-reboot"]
+               "-qmp", f"unix:{self.qmp_path},server=on,wait=off", "-no-reboot",
+               "-chardev", f"socket,id=hmp0,path={self.hmp_path},server=on,wait=off",
+               "-mon", "chardev=hmp0,mode=readline"]
         with open(os.path.join(workdir, f"{name}.cmdline"), "w") as f:
             f.write(" ".join(cmd) + "\n")
         self.t0 = time.monotonic()
@@ -159,10 +164,14 @@ class VM:
                 return r["return"]
             # asynchronous events are ignored
 
-    def screendump(self, path: str) -> None:
+    def screendump(self, path: str, device: str | None = None) -> None:
+        """PPM of the primary display, or of the display device with QOM id `device`."""
         if os.path.exists(path):
             os.unlink(path)
-        self.qmp("screendump", filename=path)
+        if device:
+            self.qmp("screendump", filename=path, device=device)
+        else:
+            self.qmp("screendump", filename=path)
         if not os.path.exists(path):
             raise RuntimeError("screendump produced no file")
 
