@@ -589,6 +589,14 @@ impl Device {
     }
 }
 
+/// Debug log of a reply (the VM harness checks DBUF_DESTROY's status); flips, the
+/// bulk of the traffic, are left out.
+fn log_reply(dom: DomId, conn: u32, operation: u8, status: i32) {
+    if operation != crate::displif::wire::op::PG_FLIP {
+        debug!(dom = dom.0, conn, op = operation, status, "reply");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -621,13 +629,5 @@ mod tests {
         assert!(!valid_unique_id("a b"));
         assert!(!valid_unique_id("a,b"));
         assert!(!valid_unique_id(&"x".repeat(65)));
-    }
-}
-
-/// Debug log of a reply (the VM harness checks DBUF_DESTROY's status); flips, the
-/// bulk of the traffic, are left out.
-fn log_reply(dom: DomId, conn: u32, operation: u8, status: i32) {
-    if operation != crate::displif::wire::op::PG_FLIP {
-        debug!(dom = dom.0, conn, op = operation, status, "reply");
     }
 }
