@@ -8,13 +8,12 @@
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::ptr::NonNull;
 use std::sync::Arc;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use super::gntdev::checked_len;
-use super::ioctl::{ioc_none, ioctl, open_device};
+use super::ioctl::{ioc_none, ioctl, mmap_new, open_device};
 use super::mem::MappedRegion;
 use super::types::{DomId, GrantRef, XenError};
 use super::xen::{GrantAllocator, GrantedPages};
@@ -183,22 +182,8 @@ impl GrantAllocator for Gntalloc {
                 "gntalloc index {index:#x} out of range"
             )))
         })?;
-        // SAFETY: a fresh shared mapping of the pages just allocated at `offset`; it
-        // touches no existing memory.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                offset,
-            )
-        };
-        let ptr = match NonNull::new(ptr.cast::<u8>()) {
-            Some(p) if ptr != libc::MAP_FAILED => p,
-            _ => return Err(undo(XenError::last_os("mmap gntalloc"))),
-        };
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let ptr = mmap_new(len, rw, libc::MAP_SHARED, fd, offset, "mmap gntalloc").map_err(undo)?;
         let keep_fd = Arc::clone(&self.fd);
         let release = move |p: *mut u8, _len: usize| {
             // SAFETY: unmapping exactly the mapping made above, once.

@@ -9,13 +9,12 @@
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::ioctl::{ioc_none, ioctl, open_device};
+use super::ioctl::{ioc_none, ioctl, mmap_new, open_device};
 use super::mem::MappedRegion;
 use super::types::{DomId, GrantRef, XenError};
 use super::xen::{GrantMapper, PAGE_SIZE};
@@ -221,22 +220,9 @@ impl GrantMapper for Gntdev {
         } else {
             libc::PROT_READ
         };
-        // SAFETY: a fresh shared mapping of the grants just mapped at `offset`; it
-        // touches no existing memory.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd,
-                offset,
-            )
-        };
-        let ptr = match NonNull::new(ptr.cast::<u8>()) {
-            Some(p) if ptr != libc::MAP_FAILED => p,
-            _ => {
-                let err = XenError::last_os("mmap gntdev");
+        let ptr = match mmap_new(len, prot, libc::MAP_SHARED, fd, offset, "mmap gntdev") {
+            Ok(p) => p,
+            Err(err) => {
                 if let Err(e) = unmap_grant_ref(fd, index, count) {
                     tracing::warn!("gntdev: undoing map at index {index:#x}: {e}");
                 }

@@ -1,9 +1,10 @@
 //! The one place the Xen device modules (evtchn, gntdev, gntalloc, gntdev dma-buf) open
-//! device nodes and issue ioctls.
+//! device nodes, issue ioctls and create mappings.
 
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::ptr::NonNull;
 
 use super::types::XenError;
 
@@ -53,4 +54,28 @@ pub(crate) fn open_device(
         .open(path)
         .map(OwnedFd::from)
         .map_err(|source| XenError::Io { op, source })
+}
+
+/// A new mapping, `mmap(NULL, len, prot, flags, fd, offset)`; the error is named by `op`.
+/// Never `MAP_FIXED`: the kernel picks fresh address space, so no existing memory is
+/// touched. The caller owns the mapping and unmaps it.
+pub(crate) fn mmap_new(
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    fd: RawFd,
+    offset: libc::off_t,
+    op: &'static str,
+) -> Result<NonNull<u8>, XenError> {
+    if flags & libc::MAP_FIXED != 0 {
+        return Err(XenError::Invalid(format!(
+            "{op}: mmap_new never maps at a fixed address"
+        )));
+    }
+    // SAFETY: no MAP_FIXED (checked above), so this only creates a new mapping.
+    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, offset) };
+    match NonNull::new(ptr.cast::<u8>()) {
+        Some(p) if ptr != libc::MAP_FAILED => Ok(p),
+        _ => Err(XenError::last_os(op)),
+    }
 }

@@ -162,21 +162,15 @@ impl Drop for MappedRegion {
 /// Anonymous private memory, page aligned; for tests and local buffers.
 pub fn anonymous(len: usize) -> std::io::Result<MappedRegion> {
     let map_len = len.max(1);
-    // SAFETY: a fresh anonymous mapping touches no existing memory.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            map_len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let ptr =
+        super::ioctl::mmap_new(map_len, rw, flags, -1, 0, "mmap anonymous").map_err(
+            |e| match e {
+                super::XenError::Io { source, .. } => source,
+                other => std::io::Error::other(other.to_string()),
+            },
+        )?;
     let release = move |p: *mut u8, _| {
         // SAFETY: unmapping exactly what mmap returned above, once.
         unsafe { libc::munmap(p.cast(), map_len) };

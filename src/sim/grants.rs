@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::errno;
 use crate::backend::gntdev::checked_len;
+use crate::backend::ioctl::mmap_new;
 use crate::backend::mem::MappedRegion;
 use crate::backend::types::{DomId, GrantRef, XenError};
 use crate::backend::xen::{GrantAllocator, GrantMapper, GrantedPages, PAGE_SIZE};
@@ -232,22 +233,8 @@ impl GrantHub {
             return Err(XenError::last_os("ftruncate memfd"));
         }
         dom.size_pages = end;
-        // SAFETY: a fresh shared mapping of pages [start, end) of our memfd, which now
-        // exist; it touches no existing memory.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                offset,
-            )
-        };
-        let ptr = match NonNull::new(ptr.cast::<u8>()) {
-            Some(p) if ptr != libc::MAP_FAILED => p,
-            _ => return Err(XenError::last_os("mmap memfd")),
-        };
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let ptr = mmap_new(len, rw, libc::MAP_SHARED, fd, offset, "mmap memfd")?;
         dom.allocs.insert(
             start,
             Alloc {
@@ -495,21 +482,8 @@ fn map_pages(
     len: usize,
     writable: bool,
 ) -> Result<NonNull<u8>, XenError> {
-    // SAFETY: a fresh inaccessible anonymous reservation; touches no existing memory.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    let base = match NonNull::new(base.cast::<u8>()) {
-        Some(p) if base != libc::MAP_FAILED => p,
-        _ => return Err(XenError::last_os("mmap reservation")),
-    };
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let base = mmap_new(len, libc::PROT_NONE, flags, -1, 0, "mmap reservation")?;
     let prot = if writable {
         libc::PROT_READ | libc::PROT_WRITE
     } else {
