@@ -34,6 +34,12 @@ pub enum FallbackReason {
     NoDmaBuf(i32),
     /// A PV backend domain: gntdev maps with PTE modification and EXP_FROM_REFS is EINVAL.
     PvDomain,
+    /// A PV backend domain, be-alloc: IMP_TO_REFS derives the frames it grants from the
+    /// DMA addresses of the imported buffer (Linux 6.1.y `dmabuf_imp_to_refs`), and in a
+    /// PV domain a segment that is contiguous in pseudo-physical but not in machine
+    /// memory is bounced through swiotlb: the guest is granted the bounce slot, draws
+    /// there, and the display never sees it (measured: whole pages stay black).
+    PvImport,
     /// The probe failed some other way.
     ProbeFailed(i32),
     /// This buffer's grants could not be mapped (EXP_FROM_REFS EINVAL after exports were
@@ -54,6 +60,7 @@ impl FallbackReason {
                 | FallbackReason::NoGntdev
                 | FallbackReason::NoDmaBuf(_)
                 | FallbackReason::PvDomain
+                | FallbackReason::PvImport
                 | FallbackReason::ProbeFailed(_)
         )
     }
@@ -73,6 +80,11 @@ impl std::fmt::Display for FallbackReason {
             FallbackReason::PvDomain => write!(
                 f,
                 "gntdev cannot export dma-bufs in a PV backend domain (PTE-mod mapping)"
+            ),
+            FallbackReason::PvImport => write!(
+                f,
+                "gntdev can grant swiotlb bounce pages instead of the buffer's own in a PV \
+                 backend domain"
             ),
             FallbackReason::ProbeFailed(n) => write!(f, "dma-buf probe failed: {}", e(*n)),
             FallbackReason::BadGrants => write!(f, "the guest's grants could not be mapped"),
@@ -105,7 +117,8 @@ impl Capabilities {
 
     /// Probe `ops`: EXP_WAIT_RELEASED of an fd that was never exported must answer ENOENT
     /// (reported as `Ok`) where the ioctls exist; a kernel without them answers ENOTTY.
-    /// `guest_type` is this domain's type: in a PV domain exports can't work (imports can).
+    /// `guest_type` is this domain's type: in a PV domain exports can't work and imports
+    /// can't be trusted (see [`FallbackReason::PvImport`]).
     pub fn probe(ops: &dyn DmaBufOps, guest_type: Option<&str>) -> Self {
         let base = match ops.probe() {
             Ok(()) => Ok(()),
@@ -117,13 +130,13 @@ impl Capabilities {
             }),
         };
         let guest_type = guest_type.map(|s| s.trim().to_string());
-        let export = match (&base, guest_type.as_deref()) {
-            (Ok(()), Some("PV")) => Err(FallbackReason::PvDomain),
-            _ => base.clone(),
+        let (export, import) = match (&base, guest_type.as_deref()) {
+            (Ok(()), Some("PV")) => (Err(FallbackReason::PvDomain), Err(FallbackReason::PvImport)),
+            _ => (base.clone(), base),
         };
         Capabilities {
             export,
-            import: base,
+            import,
             guest_type,
         }
     }
@@ -290,6 +303,11 @@ impl ZeroCopyGate {
         };
         if self.policy == ZeroCopyPolicy::On {
             return Err(err);
+        }
+        if reason == FallbackReason::PvDomain && self.import_off.is_none() {
+            // Learned PV (guest type unknown at start): be-alloc imports are off too.
+            self.log_once(&FallbackReason::PvImport, "be-alloc");
+            self.import_off = Some(FallbackReason::PvImport);
         }
         if reason.is_global() {
             self.disable_exports(reason);

@@ -200,7 +200,7 @@ fn probe_tells_missing_from_present() {
 
     let pv = Capabilities::probe(&SimDmaBuf::new(SimMode::PteMod), Some("PV"));
     assert_eq!(pv.export, Err(FallbackReason::PvDomain));
-    assert_eq!(pv.import, Ok(()));
+    assert_eq!(pv.import, Err(FallbackReason::PvImport));
 
     for errno in [libc::ENOTTY, libc::ENOSYS] {
         let caps = Capabilities::probe(&SimDmaBuf::new(SimMode::Missing(errno)), None);
@@ -230,7 +230,9 @@ fn auto_falls_back_on_einval_for_every_later_buffer_and_logs_once() {
     }
     assert_eq!(sim.export_calls(), 1, "later buffers must not retry");
     assert_eq!(g.export_disabled(), Some(&FallbackReason::PvDomain));
-    assert_eq!(g.fallback_logs(), 1);
+    // Learned PV: be-alloc imports are off from then on too (one line each).
+    assert_eq!(g.import_disabled(), Some(&FallbackReason::PvImport));
+    assert_eq!(g.fallback_logs(), 2);
 }
 
 #[test]
@@ -366,6 +368,19 @@ fn backend_alloc_without_dmabuf_uses_gntalloc() {
         Some(&FallbackReason::NoDmaBuf(libc::ENOTTY))
     );
     assert_eq!(sim.open_fds(), 0, "the PRIME fd was closed");
+}
+
+#[test]
+fn backend_alloc_in_a_pv_domain_uses_gntalloc() {
+    // IMP_TO_REFS works there, but may grant swiotlb bounce slots (FallbackReason::PvImport).
+    let sim = SimDmaBuf::new(SimMode::PteMod);
+    let mut g = gate(&sim, ZeroCopyPolicy::Auto, Some("PV"));
+    assert_eq!(g.import_disabled(), Some(&FallbackReason::PvImport));
+    let r = g.backend_alloc(DOM, 1, 4096, || {
+        unreachable!("PV: no dumb buffer to import")
+    });
+    assert!(r.unwrap().is_none());
+    assert_eq!(sim.live_imports(), 0);
 }
 
 #[test]
