@@ -25,7 +25,7 @@ use displback::output::{
 use displback::sim::frontend::FrontendSim;
 use displback::sim::SimXen;
 use displback::zcopy::sim::{SimDumb, SimEvent, SimHolder, SimMode};
-use displback::zcopy::{Capabilities, DmaBufFd, DumbBuffer, SimDmaBuf, ZeroCopyGate};
+use displback::zcopy::{Arch, Capabilities, DmaBufFd, DumbBuffer, SimDmaBuf, ZeroCopyGate};
 
 const W: u32 = 320;
 const H: u32 = 240;
@@ -186,7 +186,7 @@ impl Output for ImportingOutput {
 }
 
 fn gate(sim: &SimDmaBuf, guest_type: Option<&str>) -> ZeroCopyGate {
-    let caps = Capabilities::probe(sim, guest_type);
+    let caps = Capabilities::probe(sim, guest_type, Arch::Other);
     ZeroCopyGate::new(ZeroCopy::Auto, Some(Arc::new(sim.clone())), &caps).unwrap()
 }
 

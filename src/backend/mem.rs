@@ -161,16 +161,29 @@ impl Drop for MappedRegion {
 
 /// Anonymous private memory, page aligned; for tests and local buffers.
 pub fn anonymous(len: usize) -> std::io::Result<MappedRegion> {
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    map_new_region(len, flags, -1, "mmap anonymous")
+}
+
+/// `len` bytes of a file opened read-write (a dma-buf, for example), mapped shared.
+pub fn shared(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> std::io::Result<MappedRegion> {
+    use std::os::fd::AsRawFd;
+    map_new_region(len, libc::MAP_SHARED, fd.as_raw_fd(), "mmap shared")
+}
+
+/// A new read-write mapping of `len` bytes (at least one page) as a [`MappedRegion`].
+fn map_new_region(
+    len: usize,
+    flags: libc::c_int,
+    fd: std::os::fd::RawFd,
+    op: &'static str,
+) -> std::io::Result<MappedRegion> {
     let map_len = len.max(1);
     let rw = libc::PROT_READ | libc::PROT_WRITE;
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
-    let ptr =
-        super::ioctl::mmap_new(map_len, rw, flags, -1, 0, "mmap anonymous").map_err(
-            |e| match e {
-                super::XenError::Io { source, .. } => source,
-                other => std::io::Error::other(other.to_string()),
-            },
-        )?;
+    let ptr = super::ioctl::mmap_new(map_len, rw, flags, fd, 0, op).map_err(|e| match e {
+        super::XenError::Io { source, .. } => source,
+        other => std::io::Error::other(other.to_string()),
+    })?;
     let release = move |p: *mut u8, _| {
         // SAFETY: unmapping exactly what mmap returned above, once.
         unsafe { libc::munmap(p.cast(), map_len) };

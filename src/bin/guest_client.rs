@@ -13,13 +13,14 @@
 //! shows frame k, so the held frame is N (printed in the HOLD line with the pattern's
 //! connector number). `GUEST-CLIENT FLIPPING` is printed once the first flip is done.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use displback::output::kms::Card;
 use drm::buffer::{Buffer, DrmFourcc};
 use drm::control::{connector, crtc, Device as ControlDevice, Event, Mode, PageFlipFlags};
 
@@ -60,16 +61,6 @@ struct Args {
     #[arg(long, default_value_t = 5000)]
     flip_timeout_ms: u64,
 }
-
-struct Card(File);
-
-impl AsFd for Card {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
-    }
-}
-impl drm::Device for Card {}
-impl ControlDevice for Card {}
 
 /// A connector ready to be driven: card, connector, CRTC and mode.
 struct Target {

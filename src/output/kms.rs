@@ -373,8 +373,9 @@ impl FlipQueue {
     }
 }
 
-/// The DRM card.
-struct Card(File);
+/// A DRM card's device file, with the drm crate's device traits (also used by the
+/// harness programs in `src/bin`).
+pub struct Card(pub File);
 
 impl AsFd for Card {
     fn as_fd(&self) -> BorrowedFd<'_> {

@@ -26,7 +26,7 @@ pub mod policy;
 pub mod sim;
 
 pub use buffer::{BackendAllocBuffer, DestroyError, DumbBuffer, ScanoutImport, ZeroCopyBuffer};
-pub use policy::{Capabilities, FallbackReason, ZeroCopyGate};
+pub use policy::{Arch, Capabilities, FallbackReason, ZeroCopyGate};
 pub use sim::SimDmaBuf;
 
 /// How long DBUF_DESTROY waits for an exported buffer to be released: below the guest's

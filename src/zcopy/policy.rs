@@ -40,6 +40,11 @@ pub enum FallbackReason {
     /// memory is bounced through swiotlb: the guest is granted the bounce slot, draws
     /// there, and the display never sees it (measured: whole pages stay black).
     PvImport,
+    /// An x86 HVM/PVH backend domain: Linux's gntdev asks Xen for a device mapping of
+    /// dma-buf exports on x86 (`GNTMAP_device_map`), which Xen refuses in a domain with
+    /// external paging ("No device mapping in HVM domain"), so EXP_FROM_REFS is EINVAL
+    /// there too. Guest-buffer zero-copy works on Arm only.
+    X86DeviceMap,
     /// The probe failed some other way.
     ProbeFailed(i32),
     /// This buffer's grants could not be mapped (EXP_FROM_REFS EINVAL after exports were
@@ -61,6 +66,7 @@ impl FallbackReason {
                 | FallbackReason::NoDmaBuf(_)
                 | FallbackReason::PvDomain
                 | FallbackReason::PvImport
+                | FallbackReason::X86DeviceMap
                 | FallbackReason::ProbeFailed(_)
         )
     }
@@ -86,10 +92,35 @@ impl std::fmt::Display for FallbackReason {
                 "gntdev can grant swiotlb bounce pages instead of the buffer's own in a PV \
                  backend domain"
             ),
+            FallbackReason::X86DeviceMap => write!(
+                f,
+                "on x86 gntdev exports need a device mapping, which Xen refuses in an HVM/PVH \
+                 domain"
+            ),
             FallbackReason::ProbeFailed(n) => write!(f, "dma-buf probe failed: {}", e(*n)),
             FallbackReason::BadGrants => write!(f, "the guest's grants could not be mapped"),
             FallbackReason::ExportFailed(n) => write!(f, "export failed: {}", e(*n)),
             FallbackReason::BackendAlloc(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+/// The CPU architecture, as far as gntdev's dma-bufs care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// x86: exports ask for `GNTMAP_device_map` (see [`FallbackReason::X86DeviceMap`]).
+    X86,
+    /// Arm and others: exports map with `GNTMAP_host_map` only.
+    Other,
+}
+
+impl Arch {
+    /// The architecture this binary runs on.
+    pub fn current() -> Self {
+        if cfg!(any(target_arch = "x86", target_arch = "x86_64")) {
+            Arch::X86
+        } else {
+            Arch::Other
         }
     }
 }
@@ -118,8 +149,9 @@ impl Capabilities {
     /// Probe `ops`: EXP_WAIT_RELEASED of an fd that was never exported must answer ENOENT
     /// (reported as `Ok`) where the ioctls exist; a kernel without them answers ENOTTY.
     /// `guest_type` is this domain's type: in a PV domain exports can't work and imports
-    /// can't be trusted (see [`FallbackReason::PvImport`]).
-    pub fn probe(ops: &dyn DmaBufOps, guest_type: Option<&str>) -> Self {
+    /// can't be trusted (see [`FallbackReason::PvImport`]); in an x86 HVM/PVH domain
+    /// exports can't work ([`FallbackReason::X86DeviceMap`]).
+    pub fn probe(ops: &dyn DmaBufOps, guest_type: Option<&str>, arch: Arch) -> Self {
         let base = match ops.probe() {
             Ok(()) => Ok(()),
             Err(e) => Err(match e.raw_errno() {
@@ -130,8 +162,11 @@ impl Capabilities {
             }),
         };
         let guest_type = guest_type.map(|s| s.trim().to_string());
-        let (export, import) = match (&base, guest_type.as_deref()) {
-            (Ok(()), Some("PV")) => (Err(FallbackReason::PvDomain), Err(FallbackReason::PvImport)),
+        let (export, import) = match (&base, guest_type.as_deref(), arch) {
+            (Ok(()), Some("PV"), _) => {
+                (Err(FallbackReason::PvDomain), Err(FallbackReason::PvImport))
+            }
+            (Ok(()), Some("HVM" | "PVH"), Arch::X86) => (Err(FallbackReason::X86DeviceMap), base),
             _ => (base.clone(), base),
         };
         Capabilities {
@@ -144,7 +179,7 @@ impl Capabilities {
     /// [`Capabilities::probe`] with this domain's `/sys/hypervisor/guest_type`.
     pub fn probe_system(ops: &dyn DmaBufOps) -> Self {
         let gt = std::fs::read_to_string("/sys/hypervisor/guest_type").ok();
-        Self::probe(ops, gt.as_deref())
+        Self::probe(ops, gt.as_deref(), Arch::current())
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::buffer::{BackendAllocError, DestroyError, ZeroCopyBuffer};
 use super::gntdev_dmabuf::GntdevDmaBuf;
-use super::policy::{Capabilities, FallbackReason, ZeroCopyGate, ZeroCopyPolicy};
+use super::policy::{Arch, Capabilities, FallbackReason, ZeroCopyGate, ZeroCopyPolicy};
 use super::sim::{SimDmaBuf, SimDumb, SimEvent, SimMode, SimScanout};
 use super::{DmaBufOps, ExportFlags, ExportedDmaBuf, ImportedDmaBuf};
 use crate::backend::{DomId, GrantRef};
@@ -193,29 +193,36 @@ fn a_timed_out_export_keeps_its_fd_number_reserved() {
 
 #[test]
 fn probe_tells_missing_from_present() {
-    let ok = Capabilities::probe(&SimDmaBuf::default(), Some("HVM\n"));
+    let ok = Capabilities::probe(&SimDmaBuf::default(), Some("HVM\n"), Arch::Other);
     assert_eq!(ok.export, Ok(()));
     assert_eq!(ok.import, Ok(()));
     assert_eq!(ok.guest_type.as_deref(), Some("HVM"));
 
-    let pv = Capabilities::probe(&SimDmaBuf::new(SimMode::PteMod), Some("PV"));
+    let pv = Capabilities::probe(&SimDmaBuf::new(SimMode::PteMod), Some("PV"), Arch::X86);
     assert_eq!(pv.export, Err(FallbackReason::PvDomain));
     assert_eq!(pv.import, Err(FallbackReason::PvImport));
 
+    // x86 HVM/PVH: exports need a device mapping Xen refuses; be-alloc imports work.
+    let pvh = Capabilities::probe(&SimDmaBuf::default(), Some("PVH"), Arch::X86);
+    assert_eq!(pvh.export, Err(FallbackReason::X86DeviceMap));
+    assert_eq!(pvh.import, Ok(()));
+    let arm = Capabilities::probe(&SimDmaBuf::default(), None, Arch::Other);
+    assert_eq!((arm.export, arm.import), (Ok(()), Ok(())));
+
     for errno in [libc::ENOTTY, libc::ENOSYS] {
-        let caps = Capabilities::probe(&SimDmaBuf::new(SimMode::Missing(errno)), None);
+        let caps = Capabilities::probe(&SimDmaBuf::new(SimMode::Missing(errno)), None, Arch::X86);
         assert_eq!(caps.export, Err(FallbackReason::NoDmaBuf(errno)));
         assert_eq!(caps.import, Err(FallbackReason::NoDmaBuf(errno)));
     }
 
     // The real ioctl on a file without them: ENOTTY.
     let null = GntdevDmaBuf::open(Path::new("/dev/null")).unwrap();
-    let caps = Capabilities::probe(&null, None);
+    let caps = Capabilities::probe(&null, None, Arch::X86);
     assert_eq!(caps.export, Err(FallbackReason::NoDmaBuf(libc::ENOTTY)));
 }
 
 fn gate(sim: &SimDmaBuf, policy: ZeroCopyPolicy, guest_type: Option<&str>) -> ZeroCopyGate {
-    let caps = Capabilities::probe(sim, guest_type);
+    let caps = Capabilities::probe(sim, guest_type, Arch::Other);
     ZeroCopyGate::new(policy, Some(Arc::new(sim.clone())), &caps).unwrap()
 }
 
@@ -284,11 +291,11 @@ fn on_fails_the_request_with_the_errno() {
     }
     // And refuses to start where the probe already says no.
     let missing = SimDmaBuf::new(SimMode::Missing(libc::ENOTTY));
-    let caps = Capabilities::probe(&missing, None);
+    let caps = Capabilities::probe(&missing, None, Arch::X86);
     let r = ZeroCopyGate::new(ZeroCopyPolicy::On, Some(Arc::new(missing)), &caps);
     assert_eq!(r.unwrap_err(), FallbackReason::NoDmaBuf(libc::ENOTTY));
     let pv = SimDmaBuf::default();
-    let caps = Capabilities::probe(&pv, Some("PV"));
+    let caps = Capabilities::probe(&pv, Some("PV"), Arch::X86);
     assert!(ZeroCopyGate::new(ZeroCopyPolicy::On, Some(Arc::new(pv)), &caps).is_err());
 }
 

@@ -23,7 +23,7 @@ XEN_DIR = os.path.join(os.path.dirname(HERE), "xen")
 # granted (IMP_TO_REFS; bochs VRAM cannot).
 STOCK_SCENARIOS = ["xen-boot", "xen-pvh-boots", "xen-flip", "xen-rgb565", "xen-destroy", "xen-restart", "xen-two-domus",
                    "xen-bealloc", "xen-zcopy-auto-fallback"]
-ZCOPY_SCENARIOS = ["xen-zcopy-bealloc", "xen-zcopy-destroy", "xen-zcopy-pv-fallback"]
+ZCOPY_SCENARIOS = ["xen-zcopy-bealloc", "xen-zcopy-destroy", "xen-zcopy-pv-fallback", "xen-drvdom-bealloc", "xen-drvdom-copy"]
 # PCI slots of the display devices (Dom0 finds its cards by them) and QMP device ids.
 VGA_PCI, VGA2_PCI, ZC_PCI = "00:02.0", "00:10.0", "00:11.0"
 VGA2_ID, ZC_ID = "vga2", "zgpu"
@@ -255,6 +255,56 @@ def _zero_copy(r: Run, s: str, res: Result, end: str) -> None:
                   + "".join(f"\nPROBLEM: {p}" for p in problems))
 
 
+def _drvdom(r: Run, res: Result, end: str, bealloc: bool) -> None:
+    """A guest served by a PVH driver domain (dom0-init drvdom_run): the driver domain's
+    own readback of its VKMS scan-out, displback's zero-copy decision, frame counters,
+    DBUF_DESTROY replies and mappings, all from the driver domain's console. be-alloc
+    buffers must be scanned out without a copy; guest buffers take the copy path (x86)."""
+    sw = Stopwatch()
+    booted = r.wait(r"\[drvdom\].*HARNESS-DRVDOM BOOTED .*guest_type=(\S*)", 200,
+                    fail=_guest_fail("drvdom", end), what="the driver domain's init")
+    r.wait(r"\[drvdom\].*HARNESS-DRVDOM WATCHING", 120, fail=_guest_fail("drvdom", end) + "|BACKEND-FAILED",
+           what="displback watching in the driver domain")
+    res.timings["drvdom-ready"] = sw.lap()
+    r.wait(rf"\[ddguest\].*(?:{HOLD_RX})", 400, fail=_guest_fail("ddguest", end), what="HOLD from the guest")
+    res.timings["guest→hold"] = sw.lap()
+    chk = r.wait(r"\[drvdom\].*SCANOUT-CHECK ok=(\d) (.*)", 300, fail=end, what="the scan-out check")
+    res.timings["hold→check"] = sw.lap()
+    r.wait(end, 300, what="the scenario's end")
+    log = [l.split("BE-LOG ", 1)[1] for l in r.marker_lines(r"^\[drvdom\] BE-LOG ")]
+    maps = {}
+    for l in r.marker_lines(r"\[drvdom\] HARNESS-DRVDOM MAPS at="):
+        m = re.search(r"at=(\w+) (.*?) uptime=", l)
+        if m:
+            maps[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+    startup = next((l[l.find("zero-copy"):] for l in log if "zero-copy Auto:" in l), "(no zero-copy line)")
+    cm = next((re.search(r"copied=(\d+) zero_copy=(\d+)", l) for l in log if "KMS frames shown" in l), None)
+    copied, zc = (int(cm.group(1)), int(cm.group(2))) if cm else (None, None)
+    replies = [re.search(r"op=(\d+) status=(-?\d+)", l) for l in log if " reply" in l]
+    destroys = [int(x.group(2)) for x in replies if x and int(x.group(1)) == DBUF_DESTROY]
+    hold, gone = maps.get("hold", {}), maps.get("gone", {})
+    problems = []
+    for ok, why in (
+        (booted.group(1) == "PVH", f"driver domain guest_type={booted.group(1)}"),
+        (chk.group(1) == "1", f"scan-out: {chk.group(2)}"),
+        ("be-alloc buffers available" in startup and "guest buffers off (on x86 gntdev exports need a device"
+         in startup, f"startup: {startup}"),
+        (len(destroys) >= 2 and all(st == 0 for st in destroys), f"DBUF_DESTROY replies {destroys} (want >= 2, all 0)"),
+        (hold.get("gntalloc", -1) == 0, f"gntalloc used at hold: {hold}"),
+        (zc is not None and zc > 0 and copied == 0 if bealloc else copied is not None and copied > 0 and zc == 0,
+         f"counters copied={copied} zero_copy={zc}"),
+        (hold.get("dmabuf_fds", 0) > 0 if bealloc else hold.get("gntdev", 0) > 2 and hold.get("dmabuf_fds", -1) == 0,
+         f"at hold: {hold} (want {'dma-bufs' if bealloc else 'the guest buffers mapped through gntdev'})"),
+        (gone and all(v == 0 for v in gone.values()), f"after the guest left: {gone} (want all 0)"),
+    ):
+        if not ok:
+            problems.append(why)
+    res.status = "PASS" if not problems else "FAIL"
+    res.detail = (f"driver domain ({booted.group(1)}) scan-out readback: {chk.group(2)} | {_stats(r, 'ddguest')}\n"
+                  f"backend: {startup}; KMS frames copied={copied} zero_copy={zc}; DBUF_DESTROY replies {destroys}\n"
+                  f"mappings hold:{hold} gone:{gone}" + "".join(f"\nPROBLEM: {p}" for p in problems))
+
+
 def _scenario(r: Run, s: str, res: Result) -> None:
     end = rf"HARNESS SCENARIO {s} END"
     if s == "xen-boot":
@@ -301,6 +351,8 @@ def _scenario(r: Run, s: str, res: Result) -> None:
         res.detail = f"before kill: {c1.detail}\nafter restart: {c2.detail}"
     elif s == "xen-two-domus":
         _two_domus(r, res, end)
+    elif s in ("xen-drvdom-bealloc", "xen-drvdom-copy"):
+        _drvdom(r, res, end, bealloc=s == "xen-drvdom-bealloc")
     elif s in ("xen-bealloc", "xen-zcopy-auto-fallback") or s in ZCOPY_SCENARIOS:
         _zero_copy(r, s, res, end)
     else:
@@ -365,6 +417,19 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
         be_note = f" (displback not injected: {be})"
     else:
         inject["inject/usr/local/bin/displback"] = (0o755, _read(be))
+    if any(n.startswith("xen-drvdom-") for n in names):
+        sc = bins.get("scanout_check", "ERROR")
+        if be.startswith("ERROR") or sc.startswith("ERROR"):
+            be_note += f" (driver domain incomplete: {be if be.startswith('ERROR') else sc})"
+        else:
+            # The driver domain boots the zero-copy kernel (PVH) with busybox, displback and
+            # scanout_check; Dom0's xl finds both under /harness.
+            inject["inject/harness/drvdom-vmlinux"] = (0o644, _read(art["DOM0K_VMLINUX"]))
+            inject["inject/harness/drvdom.cpio"] = (0o644, _read(_initrd(workdir, "drvdom", {
+                "init": (0o755, _read(os.path.join(XEN_DIR, "drvdom-init"))),
+                "bin/displback": (0o755, _read(be)),
+                "bin/scanout_check": (0o755, _read(sc)),
+            }, art["STAGE1_NOMOD_INITRAMFS"])))
     stage1 = _initrd(workdir, f"stage1-{kind}", inject, stage1_base)
 
     # PVH DomUs (the be-alloc scenarios) crash early under TCG on RDTSCP ("SVM Insn len
