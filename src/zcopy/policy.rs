@@ -340,7 +340,8 @@ impl ZeroCopyGate {
             return Err(err);
         }
         if reason == FallbackReason::PvDomain && self.import_off.is_none() {
-            // Learned PV (guest type unknown at start): be-alloc imports are off too.
+            // Guest type unknown at start and the first export is EINVAL: PV (or an x86
+            // HVM domain, where exports fail alike). Imports are off too, to be safe.
             self.log_once(&FallbackReason::PvImport, "be-alloc");
             self.import_off = Some(FallbackReason::PvImport);
         }
