@@ -66,7 +66,8 @@ content_hash() {
     local f
     {
         for f in "$@"; do
-            if [[ -f $f ]]; then sha256sum "$f"; else printf '%s\n' "$f"; fi
+            # A file by its content only: a checkout elsewhere must hit the same cache.
+            if [[ -f $f ]]; then sha256sum < "$f"; else printf '%s\n' "$f"; fi
         done
     } | sha256sum | cut -c1-16
 }
