@@ -42,6 +42,8 @@ pub struct FileConfig {
     /// Guest connector `unique-id` → KMS connector name (`HDMI-A-1`, `DP-2`, ...).
     /// Without an entry a `unique-id` must itself be a KMS connector name.
     pub connectors: HashMap<String, String>,
+    /// Per-guest budgets (`[limits]`); unset keys keep their defaults.
+    pub limits: crate::displif::budget::Limits,
 }
 
 /// Errors reading the config file.

@@ -159,5 +159,12 @@ fn serve(args: ServeArgs) -> Result<()> {
     let card = args.out.card.or(file.card);
     let zero_copy = args.zero_copy.or(file.zero_copy).unwrap_or_default();
     let domid = args.domid.or(file.domid);
-    displback::serve::run(output, card.as_deref(), mapping, domid, zero_copy)
+    displback::serve::run(
+        output,
+        card.as_deref(),
+        mapping,
+        domid,
+        zero_copy,
+        file.limits,
+    )
 }

@@ -16,6 +16,7 @@ use crate::backend::xen::{GrantAllocator, Platform};
 use crate::backend::xenstore::XsClient;
 use crate::backend::DomId;
 use crate::config::{OutputKind, ZeroCopy};
+use crate::displif::budget::Limits;
 use crate::zcopy::gntdev_dmabuf::GntdevDmaBuf;
 use crate::zcopy::{Capabilities, DmaBufOps, FallbackReason, ZeroCopyGate};
 
@@ -26,7 +27,10 @@ pub fn real_platform() -> Result<Platform> {
     let evtchn = XenEvtchn::open().context("opening /dev/xen/evtchn (modprobe xen-evtchn)")?;
     let grants = Gntdev::open().context("opening /dev/xen/gntdev (modprobe xen-gntdev)")?;
     let gntalloc: Option<Arc<dyn GrantAllocator>> = match Gntalloc::open() {
-        Ok(g) => Some(Arc::new(g)),
+        Ok(g) => {
+            log_gntalloc_limit();
+            Some(Arc::new(g))
+        }
         Err(e) => {
             warn!("no /dev/xen/gntalloc ({e}): be-alloc=1 guests will be refused");
             None
@@ -39,6 +43,21 @@ pub fn real_platform() -> Result<Platform> {
         grants: Arc::new(grants),
         gntalloc,
     })
+}
+
+/// gntalloc grants at most `limit` pages for the whole backend domain (all guests and
+/// every other gntalloc user): say so once, with how to raise it.
+fn log_gntalloc_limit() {
+    const PARAM: &str = "/sys/module/xen_gntalloc/parameters/limit";
+    match std::fs::read_to_string(PARAM) {
+        Ok(v) => info!(
+            "gntalloc: at most {} pages granted at once for all be-alloc guests together \
+             (raise with xen_gntalloc.limit=N on the kernel command line, or \
+             `echo N > {PARAM}`)",
+            v.trim()
+        ),
+        Err(e) => info!("gntalloc: global grant limit unknown ({PARAM}: {e})"),
+    }
 }
 
 /// The zero-copy gate for `policy`, after probing gntdev's dma-buf ioctls. Only an
@@ -88,6 +107,7 @@ pub fn run(
     mapping: HashMap<String, String>,
     domid: Option<u16>,
     zero_copy: ZeroCopy,
+    limits: Limits,
 ) -> Result<()> {
     let signals = StopSignals::install().context("installing signal handling")?;
     let plat = real_platform()?;
@@ -99,6 +119,7 @@ pub fn run(
         output,
         ServerConfig {
             only_domid: domid.map(DomId),
+            limits,
         },
     )?
     .with_zero_copy(gate);

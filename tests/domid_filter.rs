@@ -21,6 +21,7 @@ fn domid_filter_serves_one_guest_and_answers_promptly() {
         Box::new(Headless::new()),
         ServerConfig {
             only_domid: Some(DomId(7)),
+            ..ServerConfig::default()
         },
     )
     .unwrap();

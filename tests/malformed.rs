@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use displback::backend::DomId;
+use displback::displif::budget::Limits;
 use displback::displif::format::PixelFormat;
 use displback::displif::request::Request;
 use displback::sim::frontend::FrontendSim;
@@ -93,21 +94,38 @@ fn malformed_requests_get_the_right_errno_while_another_guest_flips() {
     // One data page of guest 1 and one of guest 2, both granted to the backend.
     let data1 = mem1.alloc(1).unwrap();
     let data1_ref = mem1.grant(&data1, BACKEND, false)[0].0;
+    // Grant refs are per domain: give guest 2's data page a ref number guest 1 never
+    // reaches, so "another guest's grant ref" cannot name one of guest 1's own pages.
+    let pad2 = mem2.alloc(4096).unwrap();
+    let _pad2_refs = mem2.grant(&pad2, BACKEND, false);
     let data2 = mem2.alloc(1).unwrap();
     let data2_ref = mem2.grant(&data2, BACKEND, false)[0].0;
     let (_d_ok, dir_ok) = dir_page(&mem1, &[data1_ref], 0);
     let (_d_zero, dir_zero_ref) = dir_page(&mem1, &[0], 0);
     let (_d_bogus, dir_bogus_data) = dir_page(&mem1, &[99_999], 0);
     let (_d_foreign, dir_foreign) = dir_page(&mem1, &[data2_ref], 0);
-    let many: Vec<u32> = vec![data1_ref; 1023];
+    // 1023 distinct granted data pages (a ref named twice is refused on its own).
+    let data_many = mem1.alloc(1023).unwrap();
+    let many: Vec<u32> = mem1
+        .grant(&data_many, BACKEND, false)
+        .iter()
+        .map(|r| r.0)
+        .collect();
     let (_d_short, dir_short) = dir_page(&mem1, &many, 0);
+    let (_d_twice, dir_twice) = dir_page(&mem1, &[data1_ref, data1_ref], 0);
+    // A directory page naming itself as a buffer page.
+    let selfish = mem1.alloc(1).unwrap();
+    let selfish_ref = mem1.grant(&selfish, BACKEND, false)[0].0;
+    let mut bytes = vec![0u8; 4096];
+    bytes[4..8].copy_from_slice(&selfish_ref.to_ne_bytes());
+    selfish.region().write(0, &bytes).unwrap();
     // A page whose next link points at itself: allocate, learn its ref, then write.
     let looping = mem1.alloc(1).unwrap();
     let loop_ref = mem1.grant(&looping, BACKEND, false)[0].0;
     let mut bytes = vec![0u8; 4096];
     bytes[..4].copy_from_slice(&loop_ref.to_ne_bytes());
-    for i in 0..1023 {
-        bytes[4 + i * 4..8 + i * 4].copy_from_slice(&data1_ref.to_ne_bytes());
+    for (i, r) in many.iter().enumerate() {
+        bytes[4 + i * 4..8 + i * 4].copy_from_slice(&r.to_ne_bytes());
     }
     looping.region().write(0, &bytes).unwrap();
 
@@ -128,6 +146,9 @@ fn malformed_requests_get_the_right_errno_while_another_guest_flips() {
         ("directory gref not granted", 0, create(1, 16, 16, 32, 1024, 0, 77_777, 0), libc::EINVAL),
         ("directory chain ends early", 0, create(1, 0, 0, 0, 1100 * pg, 0, dir_short, 0), libc::EINVAL),
         ("directory chain loops", 0, create(1, 0, 0, 0, 3000 * pg, 0, loop_ref, 0), libc::EINVAL),
+        ("grant ref named twice", 0, create(1, 0, 0, 0, 2 * pg, 0, dir_twice, 0), libc::EINVAL),
+        ("directory page named as a buffer page", 0, create(1, 0, 0, 0, pg, 0, selfish_ref, 0), libc::EINVAL),
+        ("REQ_ALLOC without be-alloc=1", 0, create(1, 16, 16, 32, 1024, 1, dir_ok, 0), libc::EINVAL),
         ("grant ref 0 in directory", 0, create(1, 16, 16, 32, 1024, 0, dir_zero_ref, 0), libc::EINVAL),
         ("data gref not granted", 0, create(1, 16, 16, 32, 1024, 0, dir_bogus_data, 0), libc::EINVAL),
         ("another guest's grant ref", 0, create(1, 16, 16, 32, 1024, 0, dir_foreign, 0), libc::EINVAL),
@@ -213,8 +234,9 @@ fn ring_overflow_closes_only_that_connection() {
 }
 
 #[test]
-fn a_busy_guest_does_not_starve_another() {
-    // Guest 1 keeps its ring full of cheap bad requests; guest 2's flips still complete.
+fn a_busy_guest_does_not_starve_another_and_is_closed_past_its_refusal_limit() {
+    // Guest 1 keeps its ring full of cheap bad requests; guest 2's flips still complete,
+    // and guest 1's connection is closed once it passes max_refusals_per_sec (200).
     let mut rig = Rig::new();
     let mut busy = rig.guest(1, &[("Virtual-1", 64, 64)]);
     let good = rig.guest(2, &[("Virtual-2", 320, 240)]);
@@ -222,23 +244,38 @@ fn a_busy_guest_does_not_starve_another() {
     let other = flipper(good, stop.clone());
     let t0 = Instant::now();
     let mut answered = 0u32;
-    while t0.elapsed() < Duration::from_millis(600) {
+    'flood: while t0.elapsed() < Duration::from_millis(600) {
         for _ in 0..32 {
             busy.send_raw(0, Request::FbDetach { fb_cookie: 1 }.encode(0))
                 .unwrap();
         }
         for _ in 0..32 {
-            let r = busy.wait_response_raw(0, Duration::from_secs(3)).unwrap();
-            assert_eq!(r.status, -libc::ENOENT);
-            answered += 1;
+            match busy.wait_response_raw(0, Duration::from_millis(500)) {
+                Ok(r) => {
+                    assert_eq!(r.status, -libc::ENOENT);
+                    answered += 1;
+                }
+                Err(_) => break 'flood,
+            }
         }
     }
+    rig.wait_node("/local/domain/0/backend/vdispl/1/0/state", "6");
+    thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let (flips, worst) = other.join().unwrap();
-    assert!(answered > 1000, "only {answered} requests answered");
+    let limit = Limits::default().max_refusals_per_sec;
+    assert!(
+        answered > limit && answered <= limit + 64,
+        "{answered} refusals answered before the close (limit {limit}/s)"
+    );
     assert!(flips >= 15, "the other guest flipped only {flips} times");
     assert!(
         worst < Duration::from_millis(250),
         "the other guest waited {worst:?}"
+    );
+    assert_eq!(
+        rig.read("/local/domain/0/backend/vdispl/2/0/state")
+            .as_deref(),
+        Some("4")
     );
 }

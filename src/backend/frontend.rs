@@ -20,14 +20,15 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::displif::connection::{
-    Connection, ConnectorCfg, Limits, Outcome, PendingRelease, Reply,
-};
+use crate::displif::budget::GuestBudget;
+use crate::displif::connection::{Connection, ConnectorCfg, Outcome, PendingRelease, Reply};
 use crate::displif::request::{decode, encode_pg_flip_event, encode_response};
 use crate::displif::ring::{BackRing, EventProducer, RingError};
+use crate::log_limit::LogLimiter;
 use crate::output::{ConnectorId, Output};
 use crate::zcopy::ZeroCopyGate;
 
@@ -41,6 +42,15 @@ pub const MAX_CONNECTORS: u32 = 16;
 pub const MAX_DIMENSION: u32 = 8192;
 /// Requests handled per ring per turn, so one busy guest cannot starve the others.
 pub const REQUESTS_PER_TURN: usize = 64;
+/// A ring's turn also ends once its requests copied or mapped this many bytes...
+pub const TURN_BYTES: u64 = 8 << 20;
+/// ... or took this long: the rest waits for the ring's next turn, after every other
+/// ready ring had one.
+pub const TURN_TIME: Duration = Duration::from_millis(2);
+/// First hold of a device closed for misbehaviour (ring overflow, too many refusals)
+/// before it may connect again; doubled per repeat, up to [`MAX_HOLD`].
+pub const FIRST_HOLD: Duration = Duration::from_secs(1);
+pub const MAX_HOLD: Duration = Duration::from_secs(60);
 /// Flip events kept while a frontend's event page is full.
 const EVENT_BACKLOG: usize = 64;
 
@@ -57,6 +67,10 @@ pub enum DeviceError {
     Output(String, crate::output::OutputError),
     #[error("{0}")]
     Ring(#[from] RingError),
+    #[error("backend directory gone")]
+    Gone,
+    #[error("device replaced by the toolstack")]
+    Replaced,
 }
 
 /// The rings of one connector of a live connection.
@@ -99,6 +113,8 @@ pub struct DeferredRequest {
 pub struct RingTurn {
     /// Requests remain (budget spent).
     pub more: bool,
+    /// The guest keeps hitting its limits: close the connection.
+    pub misbehaving: bool,
     /// The ring is held by this request until its answer is complete.
     pub deferred: Option<DeferredRequest>,
 }
@@ -116,6 +132,16 @@ pub struct Device {
     removed: bool,
     /// The zero-copy decision, shared by all devices.
     zero_copy: Arc<Mutex<ZeroCopyGate>>,
+    /// The domain's budget, shared by its devices.
+    budget: Arc<GuestBudget>,
+    /// Guest-triggered warnings of this device.
+    log: LogLimiter,
+    /// Closed for misbehaviour: no new connection before this.
+    hold_until: Option<Instant>,
+    /// Misbehaviour closes in a row (the hold doubles each time).
+    strikes: u32,
+    /// When the live connection was made.
+    connected_at: Option<Instant>,
 }
 
 /// What the server must do after a device changed.
@@ -157,6 +183,7 @@ impl Device {
         dev: u32,
         be_path: String,
         zero_copy: Arc<Mutex<ZeroCopyGate>>,
+        budget: Arc<GuestBudget>,
     ) -> Result<Self, DeviceError> {
         let expected = format!("/local/domain/{}/device/vdispl/{}", dom.0, dev);
         let fe_path = match plat.store.read(Tx::NONE, &format!("{be_path}/frontend"))? {
@@ -177,6 +204,11 @@ impl Device {
             live: None,
             removed: false,
             zero_copy,
+            budget,
+            log: LogLimiter::default(),
+            hold_until: None,
+            strikes: 0,
+            connected_at: None,
         };
         // A previous backend may have left a live state: walk it through Closed so the
         // frontend notices, drops its device, and reconnects to us.
@@ -225,7 +257,18 @@ impl Device {
         out: &mut dyn Output,
         fx: &mut Effects,
     ) -> Result<(), DeviceError> {
-        let actual = self.read_state(plat, &self.be_path.clone())?;
+        let Some(raw) = plat
+            .store
+            .read(Tx::NONE, &format!("{}/state", self.be_path))?
+        else {
+            return Err(DeviceError::Gone);
+        };
+        let actual = XenbusState::parse(&raw);
+        if self.removed && actual == XenbusState::Initialising {
+            // The toolstack removed the device and made a new one with the same id
+            // before we saw the directory go.
+            return Err(DeviceError::Replaced);
+        }
         let online = plat
             .store
             .read(Tx::NONE, &format!("{}/online", self.be_path))?;
@@ -238,7 +281,7 @@ impl Device {
             self.close(plat, out, fx, XenbusState::Closed)?;
             return Ok(());
         }
-        if self.removed {
+        if self.removed || self.held() {
             return Ok(());
         }
         if actual == XenbusState::Initialising && self.state != XenbusState::Initialising {
@@ -387,15 +430,23 @@ impl Device {
         for (n, r) in rings.iter().enumerate() {
             fx.bound.push((r.req_port, n as u32));
         }
+        // Only the toolstack's word allows backend allocation.
+        let be_alloc = plat
+            .store
+            .read(Tx::NONE, &format!("{}/be-alloc", self.fe_path))?
+            .is_some_and(|v| v.trim_end_matches('\0') == "1");
         let connection = Connection::new(
             self.dom,
             self.dev,
             cfgs,
             plat.grants.clone(),
             plat.gntalloc.clone(),
-            Limits::default(),
+            *self.budget.limits(),
         )
+        .with_budget(self.budget.clone())
+        .with_be_alloc(be_alloc)
         .with_zero_copy(self.zero_copy.clone());
+        self.connected_at = Some(Instant::now());
         self.live = Some(Live {
             connection,
             rings,
@@ -440,8 +491,10 @@ impl Device {
         }
     }
 
-    /// Serve connector `idx`'s request ring: up to [`REQUESTS_PER_TURN`] requests, or
-    /// until one is deferred (the ring then waits for [`Device::complete_deferred`]).
+    /// Serve connector `idx`'s request ring for one turn: up to [`REQUESTS_PER_TURN`]
+    /// requests, [`TURN_BYTES`] copied or mapped, or [`TURN_TIME`], whichever comes
+    /// first, or until one is deferred (the ring then waits for
+    /// [`Device::complete_deferred`]).
     pub fn serve_ring(
         &mut self,
         plat: &mut Platform,
@@ -458,12 +511,19 @@ impl Device {
         if rings.deferred {
             return Ok(turn);
         }
+        let start = Instant::now();
         let mut handled = 0;
+        let mut cost = 0u64;
+        let spent = |handled: usize, cost: u64| {
+            handled >= REQUESTS_PER_TURN || cost >= TURN_BYTES || start.elapsed() >= TURN_TIME
+        };
         turn.more = loop {
             while let Some(slot) = rings.req.next_request()? {
                 let env = decode(&slot);
                 handled += 1;
-                match live.connection.serve(idx, env.request, out) {
+                let outcome = live.connection.serve(idx, env.request, out);
+                cost += live.connection.take_cost();
+                match outcome {
                     Outcome::Done(reply) => {
                         log_reply(self.dom, idx, env.operation, reply.status);
                         rings.req.put_response(&encode_response(
@@ -484,7 +544,7 @@ impl Device {
                         break;
                     }
                 }
-                if handled >= REQUESTS_PER_TURN {
+                if spent(handled, cost) || live.connection.misbehaving() {
                     break;
                 }
             }
@@ -495,14 +555,88 @@ impl Device {
                 // Requests after it wait for its answer; completing it re-serves the ring.
                 break false;
             }
-            if handled >= REQUESTS_PER_TURN {
+            if live.connection.misbehaving() {
+                turn.misbehaving = true;
+                break false;
+            }
+            if spent(handled, cost) {
                 break true;
             }
             if !rings.req.final_check_for_requests() {
                 break false;
             }
         };
+        self.send_connection_events(plat);
         Ok(turn)
+    }
+
+    /// Hand the output the flips that waited for their refresh (see
+    /// [`Connection::submit_queued`]); returns the bytes that cost.
+    pub fn submit_queued(&mut self, plat: &mut Platform, out: &mut dyn Output) -> u64 {
+        let Some(live) = self.live.as_mut() else {
+            return 0;
+        };
+        if !live.connection.has_queued_flips() {
+            return 0;
+        }
+        live.connection.submit_queued(out);
+        let cost = live.connection.take_cost();
+        self.send_connection_events(plat);
+        cost
+    }
+
+    /// True if a flip of this device waits for its refresh.
+    pub fn has_queued_flips(&self) -> bool {
+        self.live
+            .as_ref()
+            .is_some_and(|l| l.connection.has_queued_flips())
+    }
+
+    /// Flip events the connection decided on (superseded or dropped flips).
+    fn send_connection_events(&mut self, plat: &mut Platform) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        for (idx, cookie) in live.connection.take_flip_events() {
+            self.flip_done(plat, idx, cookie);
+        }
+    }
+
+    /// Close for misbehaviour: the device stays Closed for a hold that doubles with each
+    /// repeat (reset after a connection that lasted [`MAX_HOLD`]), so a guest looping
+    /// through overflow-and-reconnect costs the loop little.
+    pub fn hold(&mut self) {
+        if self.connected_at.is_some_and(|t| t.elapsed() >= MAX_HOLD) {
+            self.strikes = 0;
+        }
+        let hold = FIRST_HOLD
+            .saturating_mul(1u32 << self.strikes.min(6))
+            .min(MAX_HOLD);
+        self.strikes = self.strikes.saturating_add(1);
+        self.hold_until = Some(Instant::now() + hold);
+        info!(
+            dom = self.dom.0,
+            dev = self.dev,
+            "held closed for {hold:?} (misbehaviour #{})",
+            self.strikes
+        );
+    }
+
+    /// When a hold ends, if one is running.
+    pub fn hold_deadline(&self) -> Option<Instant> {
+        self.hold_until
+    }
+
+    /// True while held; clears an expired hold.
+    pub fn held(&mut self) -> bool {
+        match self.hold_until {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                self.hold_until = None;
+                false
+            }
+            None => false,
+        }
     }
 
     /// Answer a deferred request of connector `idx` and free its ring. Returns false
@@ -543,10 +677,12 @@ impl Device {
             return;
         };
         if rings.backlog.len() >= EVENT_BACKLOG {
-            warn!(
-                dom = self.dom.0,
-                "event page of connector {idx} stuck: dropping a flip event"
-            );
+            if let Some(suppressed) = self.log.allow() {
+                warn!(
+                    dom = self.dom.0,
+                    suppressed, "event page of connector {idx} stuck: dropping a flip event"
+                );
+            }
             rings.backlog.pop_front();
         }
         rings.backlog.push_back(fb_cookie);

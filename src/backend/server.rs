@@ -18,11 +18,12 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, info, warn};
 
+use crate::displif::budget::{GuestBudget, Limits};
 use crate::displif::connection::Reply;
 use crate::output::{FlipDone, Output};
 use crate::zcopy::ZeroCopyGate;
 
-use super::frontend::{DeferredRequest, Device, Effects};
+use super::frontend::{DeferredRequest, Device, DeviceError, Effects};
 use super::xen::Platform;
 use super::xenstore::{Tx, WatchEvent, XsError};
 use super::{DomId, EvtchnPort, XenbusState};
@@ -42,6 +43,8 @@ const WATCH_FE: &str = "displback:fe:";
 pub struct ServerConfig {
     /// Serve this frontend domain only (`--domid`).
     pub only_domid: Option<DomId>,
+    /// Per-guest budgets (config file `[limits]`).
+    pub limits: Limits,
 }
 
 /// Stops a running server from another thread.
@@ -86,6 +89,10 @@ pub struct Server {
     cfg: ServerConfig,
     root: String,
     devices: HashMap<(DomId, u32), Device>,
+    /// Each frontend domain's budget, shared by its devices; dropped with its last one.
+    budgets: HashMap<DomId, Arc<GuestBudget>>,
+    /// Rotates which device's waiting flips are handed to the output first.
+    flip_round: usize,
     /// Request-ring port → (device, connector).
     ports: HashMap<EvtchnPort, (DomId, u32, u32)>,
     /// Rings with requests left over after their turn.
@@ -153,6 +160,8 @@ impl Server {
             cfg,
             root,
             devices: HashMap::new(),
+            budgets: HashMap::new(),
+            flip_round: 0,
             ports: HashMap::new(),
             ready: VecDeque::new(),
             poll,
@@ -203,8 +212,12 @@ impl Server {
             let timeout = if !self.ready.is_empty() {
                 Some(Duration::ZERO)
             } else {
+                let holds = self.devices.values().filter_map(Device::hold_deadline);
                 self.output
                     .next_deadline()
+                    .into_iter()
+                    .chain(holds)
+                    .min()
                     .map(|d| d.saturating_duration_since(Instant::now()))
             };
             match self.poll.poll(&mut events, timeout) {
@@ -243,14 +256,53 @@ impl Server {
                     dev.flip_done(&mut self.plat, d.conn.idx, d.fb_cookie);
                 }
             }
+            self.submit_queued_flips();
             for dev in self.devices.values_mut() {
                 dev.retry_events(&mut self.plat);
             }
+            self.end_holds();
         }
         if !self.crash.load(Ordering::SeqCst) {
             self.shutdown();
         }
         Ok(())
+    }
+
+    /// Hand the output every flip that waited for its connector's refresh, one device
+    /// after another, starting with a different device each time.
+    fn submit_queued_flips(&mut self) {
+        let mut keys: Vec<(DomId, u32)> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.has_queued_flips())
+            .map(|(k, _)| *k)
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        keys.sort();
+        self.flip_round = self.flip_round.wrapping_add(1);
+        let n = keys.len();
+        keys.rotate_left(self.flip_round % n);
+        for k in keys {
+            if let Some(dev) = self.devices.get_mut(&k) {
+                dev.submit_queued(&mut self.plat, &mut *self.output);
+            }
+        }
+    }
+
+    /// Let devices whose misbehaviour hold ended connect again.
+    fn end_holds(&mut self) {
+        let now = Instant::now();
+        let ended: Vec<(DomId, u32)> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.hold_deadline().is_some_and(|t| t <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in ended {
+            self.reconcile(k);
+        }
     }
 
     /// Handle watch events until none are left. Events can also arrive while we wait
@@ -277,6 +329,14 @@ impl Server {
         };
         match device.serve_ring(&mut self.plat, &mut *self.output, idx) {
             Ok(turn) => {
+                if turn.misbehaving {
+                    warn!(
+                        dom = dom.0,
+                        dev, "too many refused requests; closing the connection"
+                    );
+                    self.close_and_hold(dom, dev);
+                    return;
+                }
                 if turn.more {
                     self.ready.push_back(port);
                 }
@@ -289,7 +349,7 @@ impl Server {
                     dom = dom.0,
                     dev, "connector {idx}: {e}; closing the connection"
                 );
-                self.close_device(dom, dev);
+                self.close_and_hold(dom, dev);
             }
         }
     }
@@ -347,6 +407,14 @@ impl Server {
             device.complete_deferred(&mut self.plat, r.idx, r.serial, r.id, r.operation, r.reply);
         if answered && !self.ready.contains(&r.port) {
             self.ready.push_back(r.port);
+        }
+    }
+
+    /// Close a misbehaving device's connection and hold it Closed for a while.
+    fn close_and_hold(&mut self, dom: DomId, dev: u32) {
+        self.close_device(dom, dev);
+        if let Some(device) = self.devices.get_mut(&(dom, dev)) {
+            device.hold();
         }
     }
 
@@ -461,7 +529,20 @@ impl Server {
 
     fn add_device(&mut self, (dom, dev): (DomId, u32)) {
         let be_path = format!("{}/{}/{}", self.root, dom.0, dev);
-        match Device::new(&mut self.plat, dom, dev, be_path, self.zero_copy.clone()) {
+        let limits = self.cfg.limits;
+        let budget = self
+            .budgets
+            .entry(dom)
+            .or_insert_with(|| GuestBudget::new(limits))
+            .clone();
+        match Device::new(
+            &mut self.plat,
+            dom,
+            dev,
+            be_path,
+            self.zero_copy.clone(),
+            budget,
+        ) {
             Ok(device) => {
                 info!(dom = dom.0, dev, "new frontend device ({})", device.fe_path);
                 let token = format!("{WATCH_FE}{}:{}", dom.0, dev);
@@ -475,7 +556,20 @@ impl Server {
                 self.devices.insert((dom, dev), device);
                 self.reconcile((dom, dev));
             }
-            Err(e) => warn!(dom = dom.0, dev, "ignoring device: {e}"),
+            Err(e) => {
+                warn!(dom = dom.0, dev, "ignoring device: {e}");
+                self.forget_budget_if_unused(dom);
+            }
+        }
+    }
+
+    /// A domain without devices is gone (or lost its last display): its budget goes,
+    /// releasing retained be-alloc pages.
+    fn forget_budget_if_unused(&mut self, dom: DomId) {
+        if !self.devices.keys().any(|(d, _)| *d == dom) {
+            if let Some(b) = self.budgets.remove(&dom) {
+                debug!(dom = dom.0, "budget released: {b:?}");
+            }
         }
     }
 
@@ -496,6 +590,7 @@ impl Server {
             .store
             .unwatch(&format!("{}/state", device.fe_path), &token);
         self.apply(key.0, key.1, fx);
+        self.forget_budget_if_unused(key.0);
     }
 
     fn reconcile(&mut self, key: (DomId, u32)) {
@@ -503,12 +598,27 @@ impl Server {
             return;
         };
         let mut fx = Effects::default();
-        if let Err(e) = device.reconcile(&mut self.plat, &mut *self.output, &mut fx) {
-            // Most often the directory vanished under us (domain death): rescan decides.
-            debug!(dom = key.0 .0, dev = key.1, "reconcile: {e}");
-            self.apply(key.0, key.1, fx);
-            self.rescan();
-            return;
+        match device.reconcile(&mut self.plat, &mut *self.output, &mut fx) {
+            Ok(()) => {}
+            Err(DeviceError::Replaced) => {
+                info!(
+                    dom = key.0 .0,
+                    dev = key.1,
+                    "device re-created by the toolstack"
+                );
+                self.apply(key.0, key.1, fx);
+                self.remove_device(key);
+                self.add_device(key);
+                return;
+            }
+            Err(e) => {
+                // Most often the directory vanished under us (domain death, device
+                // removal): rescan decides.
+                debug!(dom = key.0 .0, dev = key.1, "reconcile: {e}");
+                self.apply(key.0, key.1, fx);
+                self.rescan();
+                return;
+            }
         }
         self.apply(key.0, key.1, fx);
     }

@@ -54,6 +54,12 @@ pub struct GrantedPages {
 pub trait GrantAllocator: Send + Sync {
     /// Allocate `pages` zeroed pages and grant them to `domid`.
     fn alloc(&self, domid: DomId, pages: usize, writable: bool) -> Result<GrantedPages, XenError>;
+    /// Whether the foreign domain still maps any of `pages`: `Some` where the allocator
+    /// can tell, `None` where it cannot (Linux's gntalloc ends access lazily and never
+    /// says whether the grant was still in use).
+    fn foreign_mapped(&self, _pages: &GrantedPages) -> Option<bool> {
+        None
+    }
 }
 
 /// Everything the backend needs from Xen, real or simulated.

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
@@ -26,35 +26,12 @@ use crate::output::{
 use crate::zcopy::policy::ZeroCopyPolicy;
 use crate::zcopy::{BackendAllocBuffer, ZeroCopyBuffer, ZeroCopyGate, DEFAULT_RELEASE_TIMEOUT};
 
+pub use super::budget::Limits;
+use super::budget::{GuestBudget, Usage};
 use super::format::PixelFormat;
 use super::pgdir::{self, pages_for};
 use super::request::Request;
 use super::wire::{DBUF_FLG_REQ_ALLOC, EDID_MAX_SIZE};
-
-/// Guest-independent caps on what one connection may make us map or allocate.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// Largest single display buffer (bytes).
-    pub max_buffer_bytes: u64,
-    /// All display buffers of one connection together (bytes).
-    pub max_total_bytes: u64,
-    /// Display buffers per connection.
-    pub max_buffers: usize,
-    /// Framebuffers per connection.
-    pub max_fbs: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        // 4096x2047 XRGB8888 (the frontend's mode_config max) is 32 MiB.
-        Limits {
-            max_buffer_bytes: 64 << 20,
-            max_total_bytes: 512 << 20,
-            max_buffers: 128,
-            max_fbs: 256,
-        }
-    }
-}
 
 /// A guest connector as configured in XenStore.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -200,7 +177,8 @@ struct DisplayBuffer {
     height: u32,
     bpp: u32,
     data_ofs: u32,
-    bytes: u64,
+    /// What the buffer is charged to the guest's budget.
+    usage: Usage,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -228,6 +206,14 @@ struct ConnectorState {
     id: ConnectorId,
     cfg: ConnectorCfg,
     shown: Option<Shown>,
+    /// A flip answered while the output was still busy with the previous one: shown at
+    /// the next refresh (latest wins; it is always `shown.fb`).
+    queued: Option<u64>,
+    /// Flips replaced while waiting, oldest first: reported done (never shown) right
+    /// after the flip the output is showing, so events keep the order of the requests.
+    superseded: Vec<u64>,
+    /// SET_CONFIGs (possible modesets) allowed: a token bucket.
+    configs: LogLimiter,
 }
 
 /// The state of one connected frontend device.
@@ -235,12 +221,22 @@ pub struct Connection {
     dom: DomId,
     grants: Arc<dyn GrantMapper>,
     gntalloc: Option<Arc<dyn GrantAllocator>>,
-    limits: Limits,
+    /// The domain's budget, shared with its other devices.
+    budget: Arc<GuestBudget>,
+    /// What this connection has charged to `budget` (given back at close).
+    charged: Usage,
+    /// `be-alloc=1` in XenStore: the toolstack allows REQ_ALLOC.
+    be_alloc: bool,
     dbufs: HashMap<u64, DisplayBuffer>,
     fbs: HashMap<u64, Framebuffer>,
     connectors: Vec<ConnectorState>,
-    total_bytes: u64,
     log: LogLimiter,
+    /// Bytes copied or mapped since [`Connection::take_cost`] (the loop's turn budget).
+    cost: u64,
+    /// Flip events to send now: (connector, fb cookie) of superseded or dropped flips.
+    events: Vec<(u32, u64)>,
+    /// Refusals in the current one-second window, and when it started.
+    refusals: (Instant, u32),
     /// Shared by every connection of the backend.
     zero_copy: Arc<Mutex<ZeroCopyGate>>,
     release_timeout: Duration,
@@ -267,21 +263,42 @@ impl Connection {
                 },
                 cfg,
                 shown: None,
+                queued: None,
+                superseded: Vec::new(),
+                configs: LogLimiter::new(8, f64::from(limits.max_configs_per_sec)),
             })
             .collect();
         Connection {
             dom,
             grants,
             gntalloc,
-            limits,
+            budget: GuestBudget::new(limits),
+            charged: Usage::default(),
+            be_alloc: false,
             dbufs: HashMap::new(),
             fbs: HashMap::new(),
             connectors,
-            total_bytes: 0,
             log: LogLimiter::default(),
+            cost: 0,
+            events: Vec::new(),
+            refusals: (Instant::now(), 0),
             zero_copy: Arc::new(Mutex::new(ZeroCopyGate::off())),
             release_timeout: DEFAULT_RELEASE_TIMEOUT,
         }
+    }
+
+    /// Charge everything to `budget` (the domain's, shared by its devices) instead of a
+    /// budget of this connection's own.
+    pub fn with_budget(mut self, budget: Arc<GuestBudget>) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Whether the toolstack allowed backend allocation (`be-alloc=1`): without it a
+    /// DBUF_CREATE with REQ_ALLOC is refused with EINVAL.
+    pub fn with_be_alloc(mut self, allowed: bool) -> Self {
+        self.be_alloc = allowed;
+        self
     }
 
     /// Use `gate` (shared by all connections) to decide on zero-copy per buffer.
@@ -300,6 +317,32 @@ impl Connection {
     fn gate(&self) -> MutexGuard<'_, ZeroCopyGate> {
         // The gate holds only counters and flags: a panic elsewhere leaves it usable.
         self.zero_copy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes copied or mapped by the requests served since the last call: what the event
+    /// loop weighs a turn by.
+    pub fn take_cost(&mut self) -> u64 {
+        std::mem::take(&mut self.cost)
+    }
+
+    /// Flip events to send now, oldest first: (connector index, fb cookie).
+    pub fn take_flip_events(&mut self) -> Vec<(u32, u64)> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// True once this second's refusals are past [`Limits::max_refusals_per_sec`]: the
+    /// guest keeps hitting its limits and its connection should be closed.
+    pub fn misbehaving(&self) -> bool {
+        self.refusals.1 > self.budget.limits().max_refusals_per_sec
+            && self.refusals.0.elapsed() < Duration::from_secs(1)
+    }
+
+    fn count_refusal(&mut self) {
+        let now = Instant::now();
+        if now.saturating_duration_since(self.refusals.0) >= Duration::from_secs(1) {
+            self.refusals = (now, 0);
+        }
+        self.refusals.1 = self.refusals.1.saturating_add(1);
     }
 
     /// Number of live display buffers and framebuffers (tests, stats).
@@ -326,6 +369,7 @@ impl Connection {
             Ok(Handled::Reply(edid_sz)) => Outcome::Done(Reply { status: 0, edid_sz }),
             Ok(Handled::Deferred(p)) => Outcome::Deferred(p),
             Err(r) => {
+                self.count_refusal();
                 if let Some(suppressed) = self.log.allow() {
                     warn!(
                         dom = self.dom.0,
@@ -466,19 +510,22 @@ impl Connection {
                 format!("buffer_sz {buffer_sz} with data_ofs {data_ofs}"),
             );
         }
-        if bytes > self.limits.max_buffer_bytes {
+        let limits = *self.budget.limits();
+        if bytes > limits.max_buffer_bytes {
             return refuse(
                 libc::E2BIG,
                 format!(
                     "buffer_sz {buffer_sz} over the {} limit",
-                    self.limits.max_buffer_bytes
+                    limits.max_buffer_bytes
                 ),
             );
         }
-        if self.dbufs.len() >= self.limits.max_buffers
-            || self.total_bytes + bytes > self.limits.max_total_bytes
-        {
-            return refuse(libc::ENOMEM, "per-guest buffer budget exhausted");
+        let be_alloc = flags & DBUF_FLG_REQ_ALLOC != 0;
+        if be_alloc && !self.be_alloc {
+            return refuse(
+                libc::EINVAL,
+                "REQ_ALLOC, but the toolstack did not allow be-alloc for this device",
+            );
         }
         if width != 0 || height != 0 || bpp != 0 {
             if width == 0 || height == 0 || !matches!(bpp, 8 | 16 | 24 | 32) {
@@ -496,60 +543,62 @@ impl Connection {
             }
         }
         let pages = pages_for(bytes) as usize;
-        let mem = if flags & DBUF_FLG_REQ_ALLOC != 0 {
-            if width == 0 || data_ofs != 0 {
-                return refuse(
-                    libc::EINVAL,
-                    "backend allocation needs a geometry and data_ofs 0",
-                );
-            }
-            match self.backend_alloc_zero_copy(width, height, bpp, pages, out)? {
-                Some((buffer, import)) => {
-                    let written =
-                        pgdir::write_refs(&*self.grants, self.dom, gref_directory, buffer.refs());
-                    if let Err(e) = written {
-                        out.release_import(import);
-                        return refuse(e.errno(), e.to_string());
-                    }
-                    BufferMem::BackendZeroCopy { buffer, import }
-                }
-                None => {
-                    let Some(gntalloc) = self.gntalloc.clone() else {
-                        return refuse(
-                            libc::EOPNOTSUPP,
-                            "backend allocation unavailable (no gntalloc)",
-                        );
-                    };
-                    let granted = gntalloc.alloc(self.dom, pages, true).or_else(|e| {
-                        refuse(
-                            e.errno().unwrap_or(libc::ENOMEM),
-                            format!("allocating {pages} pages: {e}"),
-                        )
-                    })?;
-                    pgdir::write_refs(&*self.grants, self.dom, gref_directory, &granted.refs)
-                        .or_else(|e| refuse(e.errno(), e.to_string()))?;
-                    BufferMem::Backend(granted)
-                }
+        if be_alloc && (width == 0 || data_ofs != 0) {
+            return refuse(
+                libc::EINVAL,
+                "backend allocation needs a geometry and data_ofs 0",
+            );
+        }
+        // be-alloc pages are charged whole (they stay charged while the guest may map
+        // them); guest pages cost a grant mapping each.
+        let usage = if be_alloc {
+            Usage {
+                bytes: (pages * PAGE_SIZE) as u64,
+                buffers: 1,
+                ..Usage::default()
             }
         } else {
-            let refs = pgdir::read_refs(&*self.grants, self.dom, gref_directory, pages)
-                .or_else(|e| refuse(e.errno(), e.to_string()))?;
-            match self.export_zero_copy(&refs, out)? {
-                Some(mem) => mem,
-                None => {
-                    let mem = self.grants.map(self.dom, &refs, false).or_else(|e| {
-                        refuse(libc::EINVAL, format!("mapping {pages} buffer pages: {e}"))
-                    })?;
-                    BufferMem::Guest(mem)
-                }
+            Usage {
+                bytes,
+                buffers: 1,
+                grant_mappings: pages,
+                ..Usage::default()
             }
         };
+        // Retained be-alloc pages the guest stopped mapping leave its budget; ones of
+        // the right size serve this buffer (their charge moves to it).
+        let mut reused = None;
+        if be_alloc {
+            if let Some(alloc) = self.gntalloc.clone() {
+                self.budget.sweep(&*alloc);
+                reused = self.budget.reuse(pages);
+            }
+        }
+        if let Err(e) = self.budget.charge(usage) {
+            if let Some(p) = reused {
+                self.budget.put_back(p);
+            }
+            return refuse(libc::ENOMEM, e.to_string());
+        }
+        let made = if be_alloc {
+            self.backend_buffer(width, height, bpp, pages, gref_directory, reused, out)
+        } else {
+            self.guest_buffer(pages, gref_directory, out)
+        };
+        let mem = match made {
+            Ok(mem) => mem,
+            Err(r) => {
+                self.budget.uncharge(usage);
+                return Err(r);
+            }
+        };
+        self.cost += bytes;
+        self.charged.add(&usage);
         debug!(
             dom = self.dom.0,
             zero_copy = mem.import().is_some(),
             "dbuf {cookie:#x}: {width}x{height}@{bpp}, {buffer_sz} bytes, {pages} pages"
         );
-        self.total_bytes += bytes;
         self.dbufs.insert(
             cookie,
             DisplayBuffer {
@@ -559,10 +608,87 @@ impl Connection {
                 height,
                 bpp,
                 data_ofs,
-                bytes,
+                usage,
             },
         );
         Ok(())
+    }
+
+    /// The pages of a REQ_ALLOC buffer: a dumb buffer of the output (zero-copy), else
+    /// gntalloc pages (`reused` retained ones first), their refs written into the
+    /// guest's directory.
+    #[allow(clippy::too_many_arguments)]
+    fn backend_buffer(
+        &mut self,
+        width: u32,
+        height: u32,
+        bpp: u32,
+        pages: usize,
+        gref_directory: u32,
+        reused: Option<GrantedPages>,
+        out: &mut dyn Output,
+    ) -> Result<BufferMem, Refusal> {
+        let zero_copy = match self.backend_alloc_zero_copy(width, height, bpp, pages, out) {
+            Ok(z) => z,
+            Err(r) => {
+                if let Some(p) = reused {
+                    self.budget.put_back(p);
+                }
+                return Err(r);
+            }
+        };
+        if let Some((buffer, import)) = zero_copy {
+            if let Some(p) = reused {
+                self.budget.put_back(p);
+            }
+            let written = pgdir::write_refs(&*self.grants, self.dom, gref_directory, buffer.refs());
+            if let Err(e) = written {
+                out.release_import(import);
+                return refuse(e.errno(), e.to_string());
+            }
+            return Ok(BufferMem::BackendZeroCopy { buffer, import });
+        }
+        let Some(gntalloc) = self.gntalloc.clone() else {
+            return refuse(
+                libc::EOPNOTSUPP,
+                "backend allocation unavailable (no gntalloc)",
+            );
+        };
+        let granted = match reused {
+            Some(p) => p,
+            None => gntalloc.alloc(self.dom, pages, true).or_else(|e| {
+                refuse(
+                    e.errno().unwrap_or(libc::ENOMEM),
+                    format!("allocating {pages} pages: {e}"),
+                )
+            })?,
+        };
+        if let Err(e) = pgdir::write_refs(&*self.grants, self.dom, gref_directory, &granted.refs) {
+            // Never handed out by this request, but possibly by an earlier one.
+            self.budget.put_back(granted);
+            return refuse(e.errno(), e.to_string());
+        }
+        Ok(BufferMem::Backend(granted))
+    }
+
+    /// The pages of a guest-allocated buffer: exported as a dma-buf (zero-copy), else
+    /// mapped for the copy path.
+    fn guest_buffer(
+        &mut self,
+        pages: usize,
+        gref_directory: u32,
+        out: &mut dyn Output,
+    ) -> Result<BufferMem, Refusal> {
+        let refs = pgdir::read_refs(&*self.grants, self.dom, gref_directory, pages)
+            .or_else(|e| refuse(e.errno(), e.to_string()))?;
+        if let Some(mem) = self.export_zero_copy(&refs, out)? {
+            return Ok(mem);
+        }
+        let mem = self
+            .grants
+            .map(self.dom, &refs, false)
+            .or_else(|e| refuse(libc::EINVAL, format!("mapping {pages} buffer pages: {e}")))?;
+        Ok(BufferMem::Guest(mem))
     }
 
     /// A guest-allocated buffer: exported and imported by the output (zero-copy), or
@@ -653,8 +779,10 @@ impl Connection {
             );
             self.forget_fb(fb, out);
         }
-        self.total_bytes -= buf.bytes;
-        match buf.mem {
+        let Some(mem) = self.uncharge_buffer(buf.usage, buf.mem) else {
+            return Ok(Handled::Reply(0));
+        };
+        match mem {
             BufferMem::ZeroCopy { buffer, import } => {
                 // Off screen, framebuffers and GEM handle now (the output lives on this
                 // thread); closing our fd and waiting for gntdev's release is deferred.
@@ -679,6 +807,27 @@ impl Connection {
         }
     }
 
+    /// A buffer leaves the connection: give its charge back and return what is left to
+    /// release. gntalloc pages (be-alloc copy path) stay charged to the domain while the
+    /// guest may still map them ([`GuestBudget::release_or_retain`]): `None`.
+    fn uncharge_buffer(&mut self, usage: Usage, mem: BufferMem) -> Option<BufferMem> {
+        self.charged.sub(&usage);
+        match mem {
+            BufferMem::Backend(granted) => {
+                self.budget.uncharge(Usage { bytes: 0, ..usage });
+                match self.gntalloc.clone() {
+                    Some(alloc) => self.budget.release_or_retain(&*alloc, granted, usage.bytes),
+                    None => self.budget.uncharge(Usage::bytes(usage.bytes)),
+                }
+                None
+            }
+            mem => {
+                self.budget.uncharge(usage);
+                Some(mem)
+            }
+        }
+    }
+
     fn fb_attach(
         &mut self,
         dbuf: u64,
@@ -693,9 +842,6 @@ impl Connection {
         }
         if self.fbs.contains_key(&cookie) {
             return refuse(libc::EEXIST, format!("framebuffer {cookie:#x} exists"));
-        }
-        if self.fbs.len() >= self.limits.max_fbs {
-            return refuse(libc::ENOMEM, "per-guest framebuffer budget exhausted");
         }
         let Some(buf) = self.dbufs.get(&dbuf) else {
             return refuse(libc::ENOENT, format!("no display buffer {dbuf:#x}"));
@@ -741,22 +887,38 @@ impl Connection {
                 format!("fb needs {need} bytes, buffer has {}", buf.len),
             );
         }
-        let imported = match buf.mem.import() {
+        let import = buf.mem.import();
+        let data_ofs = buf.data_ofs;
+        let one = Usage {
+            fbs: 1,
+            ..Usage::default()
+        };
+        self.budget
+            .charge(one)
+            .or_else(|e| refuse(libc::ENOMEM, e.to_string()))?;
+        let imported = match import {
             Some(import) => {
                 let layout = FbLayout {
                     width,
                     height,
                     format,
                     pitch,
-                    offset: buf.data_ofs,
+                    offset: data_ofs,
                 };
-                let fb = out.add_imported_fb(import, &layout).or_else(|e| {
-                    refuse(e.errno(), format!("framebuffer of a zero-copy buffer: {e}"))
-                })?;
-                Some(fb)
+                match out.add_imported_fb(import, &layout) {
+                    Ok(fb) => Some(fb),
+                    Err(e) => {
+                        self.budget.uncharge(one);
+                        return refuse(
+                            e.errno(),
+                            format!("framebuffer of a zero-copy buffer: {e}"),
+                        );
+                    }
+                }
             }
             None => None,
         };
+        self.charged.add(&one);
         self.fbs.insert(
             cookie,
             Framebuffer {
@@ -772,12 +934,26 @@ impl Connection {
     }
 
     fn forget_fb(&mut self, cookie: u64, out: &mut dyn Output) {
-        if let Some(id) = self.fbs.remove(&cookie).and_then(|fb| fb.imported) {
+        let Some(fb) = self.fbs.remove(&cookie) else {
+            return;
+        };
+        let one = Usage {
+            fbs: 1,
+            ..Usage::default()
+        };
+        self.budget.uncharge(one);
+        self.charged.sub(&one);
+        if let Some(id) = fb.imported {
             out.remove_imported_fb(id);
         }
         for c in &mut self.connectors {
             if c.shown.is_some_and(|s| s.fb == cookie) {
                 c.shown = None;
+            }
+            // A flip of it still waiting for its refresh will never be shown.
+            if c.queued == Some(cookie) {
+                c.queued = None;
+                c.superseded.push(cookie);
             }
         }
     }
@@ -840,6 +1016,21 @@ impl Connection {
         bpp: u32,
         out: &mut dyn Output,
     ) -> Result<(), Refusal> {
+        // Each SET_CONFIG may be a modeset, which the output may do synchronously.
+        if self.connectors[conn].configs.allow().is_none() {
+            return refuse(
+                libc::EBUSY,
+                format!(
+                    "SET_CONFIG rate over {} per second",
+                    self.budget.limits().max_configs_per_sec
+                ),
+            );
+        }
+        // Flips waiting for their refresh are older than this config: done now.
+        let c = &mut self.connectors[conn];
+        let waiting = c.superseded.drain(..).chain(c.queued.take());
+        self.events
+            .extend(waiting.map(|cookie| (conn as u32, cookie)));
         if fb_cookie == 0 && x == 0 && y == 0 && width == 0 && height == 0 && bpp == 0 {
             self.connectors[conn].shown = None;
             return out
@@ -878,8 +1069,10 @@ impl Connection {
             height,
         };
         let frame = self.frame(conn, shown)?;
+        let cost = frame_cost(&frame);
         out.set_config(conn_id, Some(&frame))
             .or_else(|e| refuse(e.errno(), e.to_string()))?;
+        self.cost += cost;
         self.connectors[conn].shown = Some(shown);
         Ok(())
     }
@@ -912,11 +1105,82 @@ impl Connection {
             fb: fb_cookie,
             ..current
         };
+        // Latest wins, paced by the output's refresh: while the previous flip is not
+        // shown yet, this one waits (replacing and completing any flip waiting before
+        // it) and nothing is copied until the output can take it.
+        if out.flip_busy(conn_id) {
+            let c = &mut self.connectors[conn];
+            c.shown = Some(shown);
+            if let Some(old) = c.queued.replace(fb_cookie) {
+                if c.superseded.len() >= MAX_SUPERSEDED {
+                    // A guest flooding faster than it can be told: its oldest events go.
+                    c.superseded.remove(0);
+                }
+                c.superseded.push(old);
+            }
+            return Ok(());
+        }
         let frame = self.frame(conn, shown)?;
+        let cost = frame_cost(&frame);
         out.page_flip(conn_id, &frame)
             .or_else(|e| refuse(e.errno(), e.to_string()))?;
+        self.cost += cost;
         self.connectors[conn].shown = Some(shown);
         Ok(())
+    }
+
+    /// True if a flip of this connection waits for its refresh.
+    pub fn has_queued_flips(&self) -> bool {
+        self.connectors
+            .iter()
+            .any(|c| c.queued.is_some() || !c.superseded.is_empty())
+    }
+
+    /// Hand the output each waiting flip it can take now (its previous flip is shown).
+    /// A flip the output refuses now is reported done (the guest had status 0 for it).
+    pub fn submit_queued(&mut self, out: &mut dyn Output) {
+        for idx in 0..self.connectors.len() {
+            let c = &mut self.connectors[idx];
+            if out.flip_busy(c.id) {
+                continue;
+            }
+            let id = c.id;
+            self.events
+                .extend(c.superseded.drain(..).map(|cookie| (idx as u32, cookie)));
+            let Some(cookie) = c.queued.take() else {
+                continue;
+            };
+            let shown = match self.connectors[idx].shown {
+                Some(s) if s.fb == cookie => s,
+                _ => {
+                    self.events.push((idx as u32, cookie));
+                    continue;
+                }
+            };
+            let result = match self.frame(idx, shown) {
+                Ok(frame) => {
+                    let cost = frame_cost(&frame);
+                    out.page_flip(id, &frame)
+                        .map(|()| cost)
+                        .map_err(|e| e.to_string())
+                }
+                Err(r) => Err(r.why),
+            };
+            match result {
+                Ok(cost) => self.cost += cost,
+                Err(why) => {
+                    self.events.push((idx as u32, cookie));
+                    if let Some(suppressed) = self.log.allow() {
+                        warn!(
+                            dom = self.dom.0,
+                            conn = idx,
+                            suppressed,
+                            "queued flip of {cookie:#x} not shown: {why}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     fn get_edid(
@@ -959,10 +1223,30 @@ impl Connection {
         }
         // The output's imports go with their buffers (framebuffers included).
         self.fbs.clear();
-        for (_, buf) in self.dbufs.drain() {
-            buf.mem.close(self.dom, out);
+        let bufs: Vec<DisplayBuffer> = self.dbufs.drain().map(|(_, b)| b).collect();
+        for buf in bufs {
+            if let Some(mem) = self.uncharge_buffer(buf.usage, buf.mem) {
+                mem.close(self.dom, out);
+            }
         }
-        self.total_bytes = 0;
+        for c in &mut self.connectors {
+            c.queued = None;
+            c.superseded.clear();
+        }
+        self.events.clear();
+        // Framebuffers (and anything not given back above) leave the domain's budget.
+        self.budget.uncharge(std::mem::take(&mut self.charged));
+    }
+}
+
+/// Superseded flips remembered per connector (their events are sent in order).
+const MAX_SUPERSEDED: usize = 256;
+
+/// What showing `frame` costs the loop: the bytes a copy reads (an import costs none).
+fn frame_cost(frame: &FrameSource<'_>) -> u64 {
+    match frame {
+        FrameSource::Mapped(f) => u64::from(f.pitch) * u64::from(f.height),
+        FrameSource::Imported(_) => 0,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The displif protocol (xen/include/public/io/displif.h, v1 and v2): wire types, rings,
 //! request decoding, page directories, EDID, and per-connection request handling.
 
+pub mod budget;
 pub mod connection;
 pub mod edid;
 pub mod format;

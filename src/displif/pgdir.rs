@@ -3,7 +3,10 @@
 //!
 //! The walk is bounded by the number of refs the buffer size implies: we read exactly
 //! `ceil(n / 1023)` directory pages, reject a chain that ends early or comes back to a
-//! page already visited, and reject grant ref 0 anywhere.
+//! page already visited, and reject grant ref 0 anywhere. A ref named twice (in the
+//! buffer, or as both a directory page and a buffer page) is refused too: Linux never
+//! repeats one, and each repeat would cost another grant mapping (Xen's maptrack is
+//! shared with every other backend of the domain).
 
 use std::collections::HashSet;
 
@@ -22,6 +25,8 @@ pub enum PgdirError {
     ChainTooShort { got: usize, want: usize },
     #[error("directory chain loops back to gref {0}")]
     Loop(u32),
+    #[error("grant ref {0} named twice")]
+    Duplicate(u32),
     #[error("mapping a directory page failed: {0}")]
     Map(#[from] XenError),
 }
@@ -57,7 +62,7 @@ fn walk(
     count: usize,
     writable: bool,
     mut visit: impl FnMut(&DirPage, &mut Vec<GrantRef>) -> Result<(), PgdirError>,
-) -> Result<Vec<GrantRef>, PgdirError> {
+) -> Result<(Vec<GrantRef>, HashSet<u32>), PgdirError> {
     let mut refs = Vec::with_capacity(count);
     let mut seen = HashSet::new();
     let mut next = first;
@@ -83,7 +88,7 @@ fn walk(
         dir.page.read(pgdir::NEXT, &mut word).expect("in page");
         next = u32::from_ne_bytes(word);
     }
-    Ok(refs)
+    Ok((refs, seen))
 }
 
 /// Read `count` buffer grant refs from the directory starting at `first`.
@@ -93,7 +98,8 @@ pub fn read_refs(
     first: u32,
     count: usize,
 ) -> Result<Vec<GrantRef>, PgdirError> {
-    walk(grants, dom, first, count, false, |dir, refs| {
+    let mut named = HashSet::with_capacity(count);
+    let (refs, dirs) = walk(grants, dom, first, count, false, |dir, refs| {
         // One copy of the page's ref words, then validate the copy.
         let mut raw = vec![0u8; dir.refs_in_page * 4];
         dir.page.read(pgdir::GREFS, &mut raw).expect("in page");
@@ -102,10 +108,17 @@ pub fn read_refs(
             if r == 0 {
                 return Err(PgdirError::ZeroRef);
             }
+            if !named.insert(r) {
+                return Err(PgdirError::Duplicate(r));
+            }
             refs.push(GrantRef(r));
         }
         Ok(())
-    })
+    })?;
+    if let Some(r) = refs.iter().find(|r| dirs.contains(&r.0)) {
+        return Err(PgdirError::Duplicate(r.0));
+    }
+    Ok(refs)
 }
 
 /// be-alloc: write `refs` (ours, granted to the guest) into the guest's directory chain.

@@ -307,6 +307,10 @@ impl Output for Headless {
         Ok(())
     }
 
+    fn flip_busy(&self, conn: ConnectorId) -> bool {
+        self.conns.get(&conn).is_some_and(|c| c.pending.is_some())
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         let tick = self
             .conns

@@ -1699,6 +1699,13 @@ impl Output for Kms {
         Ok(())
     }
 
+    fn flip_busy(&self, conn: ConnectorId) -> bool {
+        self.conns
+            .get(&conn)
+            .and_then(|c| c.active.as_ref())
+            .is_some_and(|a| a.flips.busy())
+    }
+
     fn event_fd(&self) -> Option<RawFd> {
         Some(self.card.0.as_raw_fd())
     }

@@ -167,6 +167,13 @@ pub trait Output {
     /// A flip queued while one is pending replaces the queued one (latest wins), and the
     /// replaced one is still reported done.
     fn page_flip(&mut self, conn: ConnectorId, frame: &FrameSource<'_>) -> Result<(), OutputError>;
+    /// True while a flip on `conn` is submitted and not yet shown, so that a new one
+    /// would only replace the one waiting: the caller keeps it (unread, uncopied) and
+    /// hands it over once this is false again, so at most one frame per connector and
+    /// refresh is copied.
+    fn flip_busy(&self, _conn: ConnectorId) -> bool {
+        false
+    }
     /// A pollable fd that signals output events (DRM flip events), if any.
     fn event_fd(&self) -> Option<RawFd> {
         None

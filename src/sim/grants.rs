@@ -350,6 +350,16 @@ impl GrantHub {
         Ok(())
     }
 
+    /// True if any of `domid`'s grants `refs` is mapped by some domain.
+    fn is_mapped(&self, domid: DomId, refs: &[GrantRef]) -> bool {
+        let st = self.lock();
+        let Some(dom) = st.current.get(&domid).and_then(|inst| st.doms.get(inst)) else {
+            return false;
+        };
+        refs.iter()
+            .any(|r| dom.grants.get(&r.0).is_some_and(|g| g.maps > 0))
+    }
+
     /// Map grants `refs` of `from` for `mapper` into one contiguous region.
     fn map(
         self: &Arc<Self>,
@@ -676,6 +686,10 @@ impl GrantAllocator for SimGntalloc {
         // On error `region` drops here, outside the hub lock, freeing the pages.
         let refs = self.hub.grant(id, domid, !writable)?;
         Ok(GrantedPages { region, refs })
+    }
+
+    fn foreign_mapped(&self, pages: &GrantedPages) -> Option<bool> {
+        Some(self.hub.is_mapped(self.domid, &pages.refs))
     }
 }
 

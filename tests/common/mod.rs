@@ -7,6 +7,7 @@ use std::time::Duration;
 use displback::backend::server::{Server, ServerConfig, StopHandle};
 use displback::backend::xenstore::XsClient;
 use displback::backend::DomId;
+use displback::displif::budget::Limits;
 use displback::displif::format::PixelFormat;
 use displback::output::convert::convert_row;
 use displback::output::headless::{Headless, HeadlessView, Image};
@@ -29,13 +30,24 @@ pub struct Rig {
     pub view: HeadlessView,
     pub toolstack: Toolstack,
     backend: Option<(StopHandle, JoinHandle<()>)>,
+    /// The configuration every backend of this rig starts with.
+    pub cfg: ServerConfig,
 }
 
 impl Rig {
     pub fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    /// A rig whose backend (headless output) enforces `limits` per guest.
+    pub fn with_limits(limits: Limits) -> Self {
         let headless = Headless::new();
         let view = headless.snapshot_handle();
-        Self::with_output(Box::new(headless), view, ZeroCopyGate::off())
+        let cfg = ServerConfig {
+            limits,
+            ..ServerConfig::default()
+        };
+        Self::with_config(Box::new(headless), view, ZeroCopyGate::off(), cfg)
     }
 
     /// A rig whose backend uses `output` (`view` shows what its headless part shows)
@@ -44,6 +56,15 @@ impl Rig {
         output: Box<dyn displback::output::Output + Send>,
         view: HeadlessView,
         gate: ZeroCopyGate,
+    ) -> Self {
+        Self::with_config(output, view, gate, ServerConfig::default())
+    }
+
+    fn with_config(
+        output: Box<dyn displback::output::Output + Send>,
+        view: HeadlessView,
+        gate: ZeroCopyGate,
+        cfg: ServerConfig,
     ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -59,6 +80,7 @@ impl Rig {
             view,
             toolstack,
             backend: None,
+            cfg,
         };
         rig.start_backend_with(output, gate);
         rig
@@ -76,7 +98,7 @@ impl Rig {
     ) {
         assert!(self.backend.is_none());
         let plat = self.sim.platform(&self.xenstored, BACKEND).unwrap();
-        let mut server = Server::new(plat, output, ServerConfig::default())
+        let mut server = Server::new(plat, output, self.cfg.clone())
             .unwrap()
             .with_zero_copy(gate);
         let stop = server.stop_handle();
