@@ -16,9 +16,14 @@ struct Cli {
     /// Log filter, e.g. `info`, `debug`, `displback=debug` (RUST_LOG works too).
     #[arg(long, global = true, default_value = "info")]
     log: String,
-    /// Append logs to this file instead of stderr.
+    /// Append logs to this file instead of stderr (never coloured; `text` under `auto`).
     #[arg(long, global = true)]
     log_file: Option<PathBuf>,
+    /// Log line format: `text` (timestamps; colours only on a terminal), `json` (one object
+    /// per line), or `journal` (`<N>` priority prefixes, no timestamps, for systemd's journal).
+    /// The default, `auto`, is `journal` when JOURNAL_STREAM names stderr, else `text`.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -101,26 +106,146 @@ fn parse_format(s: &str) -> Result<PixelFormat, String> {
         .ok_or_else(|| format!("{s:?}: one of {:?}", PixelFormat::ALL))
 }
 
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// `journal` if JOURNAL_STREAM names stderr, else `text`.
+    Auto,
+    /// Human-readable lines with timestamps; ANSI colours only on a terminal.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields`).
+    Json,
+    /// sd-daemon `<N>` priority prefix on every line, no timestamps (journald adds its own).
+    Journal,
+}
+
 fn init_logging(cli: &Cli) -> Result<()> {
+    use std::io::IsTerminal;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .context("bad --log filter")?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match &cli.log_file {
+    // What the sink is decides the defaults: a file is never coloured nor the journal.
+    let (writer, terminal, journal) = match &cli.log_file {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
                 .with_context(|| format!("opening {}", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
-                .init();
+            (
+                BoxMakeWriter::new(std::sync::Mutex::new(file)),
+                false,
+                false,
+            )
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        None => (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::stderr().is_terminal(),
+            journal_stream_is_stderr(),
+        ),
+    };
+    let format = match cli.log_format {
+        LogFormat::Auto if journal => LogFormat::Journal,
+        LogFormat::Auto => LogFormat::Text,
+        f => f,
+    };
+    let ansi = terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(writer);
+    match format {
+        LogFormat::Auto | LogFormat::Text => builder.with_ansi(ansi).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+        LogFormat::Journal => builder.with_ansi(false).event_format(JournalFormat).init(),
+    }
+    Ok(())
+}
+
+/// Whether systemd connected our stderr to the journal: JOURNAL_STREAM is `<st_dev>:<st_ino>`
+/// of that stream (systemd.exec(5)), which still being stderr's means it was not redirected.
+fn journal_stream_is_stderr() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+
+    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM")
+        .ok()
+        .as_deref()
+        .and_then(parse_journal_stream)
+    else {
+        return false;
+    };
+    // fstat(2) of a duplicate: same open file, so the same device and inode.
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd)
+        .metadata()
+        .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+fn parse_journal_stream(s: &str) -> Option<(u64, u64)> {
+    let (dev, ino) = s.trim().split_once(':')?;
+    Some((dev.parse().ok()?, ino.parse().ok()?))
+}
+
+/// sd-daemon(3) priority of a tracing level: journald strips the `<N>` prefix and keeps it.
+fn journal_priority(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        _ => 7, // DEBUG, TRACE
+    }
+}
+
+/// Plain text for journald: no timestamp, no colour, `<N>` in front of every line (a message
+/// with newlines becomes several journal entries, each keeping the level).
+struct JournalFormat;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JournalFormat
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use std::fmt::Write;
+        use tracing_subscriber::fmt::format::Writer;
+        use tracing_subscriber::fmt::{FormatFields, FormattedFields};
+
+        let mut text = String::new();
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                write!(text, "{}", span.name())?;
+                let ext = span.extensions();
+                if let Some(fields) = ext.get::<FormattedFields<N>>() {
+                    if !fields.is_empty() {
+                        write!(text, "{{{fields}}}")?;
+                    }
+                }
+                text.push_str(": ");
+            }
+        }
+        ctx.format_fields(Writer::new(&mut text), event)?;
+        write_journal_lines(&mut writer, *event.metadata().level(), &text)
+    }
+}
+
+fn write_journal_lines(
+    out: &mut impl std::fmt::Write,
+    level: tracing::Level,
+    text: &str,
+) -> std::fmt::Result {
+    let prio = journal_priority(level);
+    for line in text.trim_end_matches('\n').split('\n') {
+        writeln!(out, "<{prio}>{line}")?;
     }
     Ok(())
 }
@@ -167,4 +292,36 @@ fn serve(args: ServeArgs) -> Result<()> {
         zero_copy,
         file.limits,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_stream_parses_dev_and_inode() {
+        assert_eq!(parse_journal_stream("8:12345"), Some((8, 12345)));
+        assert_eq!(parse_journal_stream("8:12345\n"), Some((8, 12345)));
+        assert_eq!(parse_journal_stream("8"), None);
+        assert_eq!(parse_journal_stream("a:1"), None);
+        assert_eq!(parse_journal_stream(""), None);
+    }
+
+    #[test]
+    fn journal_lines_each_carry_the_priority() {
+        let mut out = String::new();
+        write_journal_lines(&mut out, tracing::Level::WARN, "one\ntwo").unwrap();
+        assert_eq!(out, "<4>one\n<4>two\n");
+        let cases = [
+            (tracing::Level::ERROR, "<3>"),
+            (tracing::Level::INFO, "<6>"),
+            (tracing::Level::DEBUG, "<7>"),
+            (tracing::Level::TRACE, "<7>"),
+        ];
+        for (level, want) in cases {
+            let mut out = String::new();
+            write_journal_lines(&mut out, level, "x").unwrap();
+            assert_eq!(out, format!("{want}x\n"));
+        }
+    }
 }
