@@ -122,6 +122,9 @@ impl Output for ImportingOutput {
         }
         self.inner.page_flip(conn, frame)
     }
+    fn flip_busy(&self, conn: ConnectorId) -> bool {
+        self.pending.iter().any(|(d, _)| d.conn == conn) || self.inner.flip_busy(conn)
+    }
     fn next_deadline(&self) -> Option<Instant> {
         let mine = self.pending.iter().map(|(_, t)| *t).min();
         match (mine, self.inner.next_deadline()) {
@@ -343,6 +346,7 @@ fn be_alloc_through_the_gate_grants_the_outputs_dumb_buffer() {
         Some(xen.gntalloc(BACKEND)),
         Limits::default(),
     )
+    .with_be_alloc(true)
     .with_zero_copy(Arc::new(Mutex::new(gate(&sim, Some("PVH")))));
     let (dir, gref) = be_alloc_directory(&xen, guest);
     let size = 64 * 64 * 4;

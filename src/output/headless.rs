@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::convert::Copier;
 use super::{ConnectorId, FlipDone, Frame, FrameSource, Output, OutputError};
+use crate::displif::format::PixelFormat;
 
 /// The default refresh period (60 Hz).
 pub const PERIOD_60HZ: Duration = Duration::from_nanos(16_666_667);
@@ -19,7 +20,8 @@ pub const PERIOD_60HZ: Duration = Duration::from_nanos(16_666_667);
 pub struct Image {
     pub width: u32,
     pub height: u32,
-    /// Row-major, `width * height` pixels, each 0x00RRGGBB.
+    /// Row-major, `width * height` pixels, each 0xXXRRGGBB: X is 0 except for an
+    /// XRGB8888 source, whose X byte is kept as the guest wrote it.
     pub pixels: Vec<u32>,
     /// The cookie of the guest framebuffer the image came from.
     pub fb_cookie: u64,
@@ -100,7 +102,9 @@ pub struct Headless {
     conns: BTreeMap<ConnectorId, Conn>,
     view: HeadlessView,
     copier: Copier,
-    scratch: Vec<u8>,
+    /// Pixel vectors of images no longer shown, reused for the next capture (a fresh
+    /// multi-megabyte allocation per frame costs as much as the copy, in page faults).
+    spare: Vec<Vec<u32>>,
     period: Duration,
     /// Flips to report at the next dispatch regardless of ticks (superseded by a
     /// config or a disable).
@@ -125,7 +129,7 @@ impl Headless {
             conns: BTreeMap::new(),
             view: HeadlessView::default(),
             copier: Copier::new(),
-            scratch: Vec::new(),
+            spare: Vec::new(),
             period: period.max(Duration::from_millis(1)),
             immediate: Vec::new(),
         }
@@ -146,22 +150,32 @@ impl Headless {
         self.view.clone()
     }
 
-    /// Copy `frame` into a new XRGB8888 image.
+    /// Copy `frame` into a new XRGB8888 image (one pass, into a recycled vector).
     fn capture(&mut self, frame: &Frame<'_>) -> Result<Image, OutputError> {
         let w = frame.width as usize;
         let h = frame.height as usize;
         let pitch = w.checked_mul(4).ok_or(OutputError::Format(frame.format))?;
-        let len = pitch
-            .checked_mul(h)
-            .ok_or(OutputError::Format(frame.format))?;
-        self.scratch.clear();
-        self.scratch.resize(len, 0);
-        self.copier.convert(frame, &mut self.scratch, pitch)?;
-        let pixels = self
-            .scratch
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let n = w.checked_mul(h).ok_or(OutputError::Format(frame.format))?;
+        let mut pixels = self.spare.pop().unwrap_or_default();
+        // Every pixel is overwritten: only a size change needs (re)initialising.
+        pixels.resize(n, 0);
+        let bytes = zerocopy::IntoBytes::as_mut_bytes(pixels.as_mut_slice());
+        // XRGB8888 is stored as the guest wrote it (one memcpy; the X byte is not
+        // cleared, as on a real scan-out); every other format is converted, X = 0.
+        let copied = if frame.format == PixelFormat::Xrgb8888 {
+            self.copier.copy_same(frame, bytes, pitch)
+        } else {
+            self.copier.convert(frame, bytes, pitch)
+        };
+        if let Err(e) = copied {
+            self.recycle_pixels(pixels);
+            return Err(e.into());
+        }
+        if cfg!(target_endian = "big") {
+            for p in &mut pixels {
+                *p = u32::from_le(*p);
+            }
+        }
         Ok(Image {
             width: frame.width,
             height: frame.height,
@@ -171,12 +185,24 @@ impl Headless {
         })
     }
 
-    fn show(&self, conn: ConnectorId, mut image: Image) {
-        let mut v = self.view.lock();
-        let s = v.entry(conn).or_default();
-        s.frames_shown += 1;
-        image.seq = s.frames_shown;
-        s.current = Some(Arc::new(image));
+    fn show(&mut self, conn: ConnectorId, mut image: Image) {
+        let old = {
+            let mut v = self.view.lock();
+            let s = v.entry(conn).or_default();
+            s.frames_shown += 1;
+            image.seq = s.frames_shown;
+            s.current.replace(Arc::new(image))
+        };
+        // Reuse its pixels unless a reader still holds the image.
+        if let Some(image) = old.and_then(|a| Arc::try_unwrap(a).ok()) {
+            self.recycle_pixels(image.pixels);
+        }
+    }
+
+    fn recycle_pixels(&mut self, pixels: Vec<u32>) {
+        if self.spare.len() < 8 {
+            self.spare.push(pixels);
+        }
     }
 
     /// The first vblank tick strictly after `now` for a connector enabled at `start`.
@@ -293,7 +319,10 @@ impl Output for Headless {
         match &mut c.pending {
             Some(p) => {
                 // Latest wins: keep the tick, replace the image, remember the cookie.
-                p.image = image;
+                let old = std::mem::replace(&mut p.image, image);
+                if self.spare.len() < 8 {
+                    self.spare.push(old.pixels);
+                }
                 p.cookies.push(frame.fb_cookie);
             }
             None => {

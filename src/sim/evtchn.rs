@@ -306,14 +306,21 @@ impl EventChannels for SimEvtchn {
             return Ok(());
         }
         let peer_handle = peer.handle;
-        if let Some(h) = st.handles.get_mut(&peer_handle) {
-            if !h.pending.contains(&remote_port) {
-                h.pending.push(remote_port);
-            }
-            if let Err(e) = (&*h.efd).write(&1u64.to_ne_bytes()) {
-                // Only fails if the counter would overflow, i.e. it is already readable.
-                tracing::warn!("sim evtchn: signalling eventfd: {e}");
-            }
+        let Some(h) = st.handles.get_mut(&peer_handle) else {
+            return Ok(());
+        };
+        if h.pending.contains(&remote_port) {
+            // Already signalled and not drained yet: kicks coalesce, as in Xen.
+            return Ok(());
+        }
+        h.pending.push(remote_port);
+        let efd = Arc::clone(&h.efd);
+        // Signal outside the lock: the reader drains `pending` under the lock after
+        // resetting the fd, so a late signal is at worst a spurious wake-up.
+        drop(st);
+        if let Err(e) = (&*efd).write(&1u64.to_ne_bytes()) {
+            // Only fails if the counter would overflow, i.e. it is already readable.
+            tracing::warn!("sim evtchn: signalling eventfd: {e}");
         }
         Ok(())
     }

@@ -80,6 +80,8 @@ pub struct ConnectorCfg {
 pub struct FrontOptions {
     /// Write `version` with the ring refs (Linux never does).
     pub write_version: Option<String>,
+    /// Never consume the event pages (a frontend that ignores its events).
+    pub never_consume_events: bool,
 }
 
 /// One connector's request ring and event page.
@@ -607,6 +609,9 @@ impl FrontendSim {
     }
 
     fn drain_events(&mut self) {
+        if self.opts.never_consume_events {
+            return;
+        }
         let mut slots = Vec::new();
         for r in &mut self.rings {
             r.evt.drain(&mut slots);
@@ -1436,6 +1441,7 @@ mod tests {
             .unwrap();
         let opts = FrontOptions {
             write_version: Some("2".into()),
+            ..FrontOptions::default()
         };
         let mut fe = FrontendSim::with_options(&w.sim, client(&w.xsd, FE), FE, 0, opts).unwrap();
         fe.wait_connected(Duration::from_secs(5)).unwrap();

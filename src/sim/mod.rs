@@ -107,3 +107,19 @@ impl std::fmt::Debug for SimXen {
         write!(f, "SimXen({} pages mapped)", self.total_mapped_pages())
     }
 }
+
+/// Run the calling thread at the lowest priority (nice 19), as a stand-in for a guest's
+/// vCPU: on Xen a guest's CPU time is not the backend domain's, so a simulated guest
+/// spinning in a loop must not take the backend's CPU away (benchmarks of the backend's
+/// own fairness). Not `SCHED_IDLE`: a guest thread preempted while it holds a lock of the
+/// simulated hypervisor must still get the CPU back promptly.
+pub fn run_as_guest_vcpu() -> std::io::Result<()> {
+    // SAFETY: no pointers; on Linux `who == 0` with PRIO_PROCESS names the calling
+    // thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
