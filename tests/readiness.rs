@@ -323,3 +323,16 @@ fn a_silent_client_never_stalls_the_loop() {
         "idle clients dropped after {waited:?}"
     );
 }
+
+#[test]
+fn status_without_a_server_says_so() {
+    let dir = TempDir::new("control-none");
+    let out = Command::new(env!("CARGO_BIN_EXE_displback"))
+        .args(["status", "--socket"])
+        .arg(dir.path().join("control"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is `displback serve` running"), "{stderr}");
+}
