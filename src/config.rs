@@ -44,6 +44,11 @@ pub struct FileConfig {
     pub connectors: HashMap<String, String>,
     /// Per-guest budgets (`[limits]`); unset keys keep their defaults.
     pub limits: crate::displif::budget::Limits,
+    /// XenStore node reading `ready` while serving, `dead` after a clean stop (same as
+    /// `--status-node`; `none`: no node).
+    pub status_node: Option<String>,
+    /// Control socket of `displback status` (same as `--control-socket`; `none`: none).
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Errors reading the config file.

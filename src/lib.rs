@@ -8,14 +8,19 @@
 //! * [`zcopy`]: dma-buf paths (zero-copy, backend allocation).
 //! * [`sim`]: an in-process simulated Xen and a frontend that behaves like Linux's
 //!   `xen-drm-front`, for tests and `displback demo`.
+//! * [`notify`], [`control`], [`status`]: readiness (sd_notify), the control socket and
+//!   what `displback status` shows.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod displif;
 pub mod log_limit;
+pub mod notify;
 pub mod output;
 pub mod serve;
 pub mod sim;
+pub mod status;
 pub mod zcopy;

@@ -34,6 +34,19 @@ enum Cmd {
     Serve(ServeArgs),
     /// Run the backend on a simulated Xen with a built-in guest drawing a test pattern.
     Demo(DemoArgs),
+    /// Show what a running `displback serve` does: guests, devices, connectors, flips,
+    /// refusals, budgets (read-only; asks its control socket).
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// The control socket of the `displback serve` to ask.
+    #[arg(long, value_name = "PATH", default_value = displback::control::DEFAULT_SOCKET)]
+    socket: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -60,6 +73,15 @@ struct ServeArgs {
     /// Zero-copy policy.
     #[arg(long, value_enum)]
     zero_copy: Option<ZeroCopy>,
+    /// XenStore node that reads `ready` once serving and `dead` after a clean stop
+    /// (default: <own domain path>/displback/status; relative paths are under the own
+    /// domain path; `none`: no node).
+    #[arg(long, value_name = "PATH")]
+    status_node: Option<String>,
+    /// Control socket for `displback status` (default: /run/displback/control; `none`:
+    /// no socket).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -255,6 +277,7 @@ fn main() -> Result<()> {
     init_logging(&cli)?;
     match cli.cmd {
         Cmd::Serve(args) => serve(args),
+        Cmd::Status(args) => status(args),
         Cmd::Demo(args) => {
             let mapping: HashMap<String, String> = args.output.map.into_iter().collect();
             displback::demo::run(DemoOptions {
@@ -284,6 +307,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     let card = args.out.card.or(file.card);
     let zero_copy = args.zero_copy.or(file.zero_copy).unwrap_or_default();
     let domid = args.domid.or(file.domid);
+    let announce = displback::serve::Announce {
+        status_node: args.status_node.or(file.status_node),
+        control_socket: args.control_socket.or(file.control_socket),
+    };
     displback::serve::run(
         output,
         card.as_deref(),
@@ -291,7 +318,24 @@ fn serve(args: ServeArgs) -> Result<()> {
         domid,
         zero_copy,
         file.limits,
+        announce,
     )
+}
+
+fn status(args: StatusArgs) -> Result<()> {
+    let answer =
+        displback::control::query(&args.socket, args.json, std::time::Duration::from_secs(5))
+            .with_context(|| {
+                format!(
+                    "asking displback at {} (is `displback serve` running, and are you root?)",
+                    args.socket.display()
+                )
+            })?;
+    if let Some(err) = answer.strip_prefix("error: ") {
+        anyhow::bail!("displback answered: {}", err.trim_end());
+    }
+    print!("{answer}");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `displback serve`: the backend on real Xen devices.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -100,6 +100,36 @@ pub fn zero_copy_gate(policy: ZeroCopy, output: OutputKind) -> Result<ZeroCopyGa
     Ok(gate)
 }
 
+/// Where `serve` announces itself besides sd_notify (`$NOTIFY_SOCKET`): unset for the
+/// default, `none` for nothing.
+#[derive(Clone, Debug, Default)]
+pub struct Announce {
+    /// `--status-node`: default `<own domain path>/displback/status`; a relative path is
+    /// under the own domain path.
+    pub status_node: Option<String>,
+    /// `--control-socket`: default [`crate::control::DEFAULT_SOCKET`].
+    pub control_socket: Option<PathBuf>,
+}
+
+/// The status node `setting` names, for a domain whose XenStore home is `own`.
+pub fn status_node_path(setting: Option<&str>, own: &str) -> Option<String> {
+    match setting.map(str::trim) {
+        Some("none") => None,
+        Some(p) if p.starts_with('/') => Some(p.trim_end_matches('/').to_owned()),
+        Some(p) if !p.is_empty() => Some(format!("{own}/{}", p.trim_end_matches('/'))),
+        _ => Some(format!("{own}/displback/status")),
+    }
+}
+
+/// The control socket `setting` names.
+pub fn control_socket_path(setting: Option<&Path>) -> Option<PathBuf> {
+    match setting {
+        Some(p) if p.as_os_str() == "none" => None,
+        Some(p) => Some(p.to_path_buf()),
+        None => Some(PathBuf::from(crate::control::DEFAULT_SOCKET)),
+    }
+}
+
 /// Run the backend until SIGINT/SIGTERM.
 pub fn run(
     output: OutputKind,
@@ -108,10 +138,26 @@ pub fn run(
     domid: Option<u16>,
     zero_copy: ZeroCopy,
     limits: Limits,
+    announce: Announce,
 ) -> Result<()> {
     let signals = StopSignals::install().context("installing signal handling")?;
-    let plat = real_platform()?;
+    let mut plat = real_platform()?;
     info!("backend domain {}", plat.domid.0);
+    let own = plat
+        .store
+        .get_domain_path(plat.domid.0)
+        .context("reading our domain path")?;
+    let status_node = status_node_path(announce.status_node.as_deref(), &own);
+    let control_socket = control_socket_path(announce.control_socket.as_deref());
+    let notify = crate::notify::Notifier::from_env();
+    if let Some(n) = &notify {
+        info!(
+            "systemd notification socket set{}",
+            n.watchdog()
+                .map(|w| format!("; watchdog every {w:?}"))
+                .unwrap_or_default()
+        );
+    }
     let gate = zero_copy_gate(zero_copy, output)?;
     let output = crate::output::open(output, card, mapping)?;
     let mut server = Server::new(
@@ -120,10 +166,40 @@ pub fn run(
         ServerConfig {
             only_domid: domid.map(DomId),
             limits,
+            notify,
+            status_node,
+            control_socket,
         },
     )?
     .with_zero_copy(gate);
     server.stop_on_readable(signals.as_raw_fd())?;
     server.run()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_node_settings() {
+        let own = "/local/domain/3";
+        let p = |s| status_node_path(s, own);
+        assert_eq!(p(None).as_deref(), Some("/local/domain/3/displback/status"));
+        assert_eq!(p(Some("none")), None);
+        assert_eq!(p(Some("/x/y/")).as_deref(), Some("/x/y"));
+        assert_eq!(
+            p(Some("data/displback-status")).as_deref(),
+            Some("/local/domain/3/data/displback-status")
+        );
+        assert_eq!(
+            control_socket_path(None),
+            Some(PathBuf::from("/run/displback/control"))
+        );
+        assert_eq!(control_socket_path(Some(Path::new("none"))), None);
+        assert_eq!(
+            control_socket_path(Some(Path::new("/tmp/c"))),
+            Some(PathBuf::from("/tmp/c"))
+        );
+    }
 }

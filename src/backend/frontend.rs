@@ -723,6 +723,11 @@ impl Device {
     pub fn removed(&self) -> bool {
         self.removed
     }
+
+    /// When the live connection was made, if there is one (`displback status`).
+    pub fn connected_since(&self) -> Option<Instant> {
+        self.live.as_ref().and(self.connected_at)
+    }
 }
 
 /// Debug log of a reply (the VM harness checks DBUF_DESTROY's status); flips, the

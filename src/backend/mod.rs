@@ -7,6 +7,7 @@ pub mod gntalloc;
 pub mod gntdev;
 pub(crate) mod ioctl;
 pub mod mem;
+pub mod readiness;
 pub mod server;
 pub mod signals;
 pub mod types;

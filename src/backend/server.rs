@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::RawFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,7 @@ use crate::output::{FlipDone, Output};
 use crate::zcopy::ZeroCopyGate;
 
 use super::frontend::{DeferredRequest, Device, DeviceError, Effects};
+use super::readiness::{self, Readiness};
 use super::xen::Platform;
 use super::xenstore::{Tx, WatchEvent, XsError};
 use super::{DomId, EvtchnPort, XenbusState};
@@ -34,6 +36,8 @@ const TOK_OUTPUT: Token = Token(2);
 const TOK_WAKE: Token = Token(3);
 /// Extra fd a caller may register (signals).
 const TOK_EXTRA: Token = Token(4);
+/// The control socket (its connections' tokens are far above).
+const TOK_CONTROL: Token = Token(5);
 
 const WATCH_ROOT: &str = "displback:backends";
 const WATCH_FE: &str = "displback:fe:";
@@ -45,6 +49,12 @@ pub struct ServerConfig {
     pub only_domid: Option<DomId>,
     /// Per-guest budgets (config file `[limits]`).
     pub limits: Limits,
+    /// sd_notify: READY/STATUS/STOPPING/WATCHDOG (`$NOTIFY_SOCKET`; None: no manager).
+    pub notify: Option<crate::notify::Notifier>,
+    /// XenStore node reading `ready` while we serve, `dead` after a clean stop.
+    pub status_node: Option<String>,
+    /// Where `displback status` asks (None: no control socket).
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Stops a running server from another thread.
@@ -105,6 +115,8 @@ pub struct Server {
     zero_copy: Arc<Mutex<ZeroCopyGate>>,
     released_tx: Sender<Released>,
     released_rx: Receiver<Released>,
+    /// sd_notify, the status node, the control socket.
+    readiness: Readiness,
 }
 
 /// Errors that stop the whole server (never a single guest's doing).
@@ -151,7 +163,15 @@ impl Server {
                 .unwrap_or_default()
         );
         let (released_tx, released_rx) = mpsc::channel();
+        let readiness = Readiness::new(
+            cfg.notify.clone(),
+            cfg.status_node.clone(),
+            cfg.control_socket.as_deref(),
+            poll.registry(),
+            TOK_CONTROL,
+        );
         Ok(Server {
+            readiness,
             released_tx,
             released_rx,
             zero_copy: Arc::new(Mutex::new(ZeroCopyGate::off())),
@@ -206,7 +226,12 @@ impl Server {
         let mut events = Events::with_capacity(64);
         let mut done: Vec<FlipDone> = Vec::new();
         let mut fired: Vec<EvtchnPort> = Vec::new();
-        // The watch fires once on registration; that event triggers the first scan.
+        // The watch is armed (Server::new): scan what exists before saying we serve (its
+        // first event, fired on registration, only rescans).
+        self.readiness.starting(&mut self.plat.store);
+        self.rescan();
+        let counts = readiness::counts(&self.devices);
+        self.readiness.serving(&mut self.plat.store, counts);
         while !self.stop.load(Ordering::SeqCst) {
             self.drain_watches()?;
             let timeout = if !self.ready.is_empty() {
@@ -220,6 +245,7 @@ impl Server {
                     .min()
                     .map(|d| d.saturating_duration_since(Instant::now()))
             };
+            let timeout = self.readiness.cap_timeout(timeout, Instant::now());
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -229,6 +255,8 @@ impl Server {
                 if ev.token() == TOK_EXTRA {
                     info!("signal received, stopping");
                     self.stop.store(true, Ordering::SeqCst);
+                } else if self.readiness.owns(ev.token()) {
+                    self.on_control(ev.token());
                 }
             }
             // Always drain both sources: cheap, and immune to missed edges.
@@ -261,11 +289,39 @@ impl Server {
                 dev.retry_events(&mut self.plat);
             }
             self.end_holds();
+            let now = Instant::now();
+            self.readiness.expire(self.poll.registry(), now);
+            self.readiness.tick(now, readiness::counts(&self.devices));
         }
         if !self.crash.load(Ordering::SeqCst) {
             self.shutdown();
         }
         Ok(())
+    }
+
+    /// Answer what the control socket asks (`displback status`).
+    fn on_control(&mut self, token: Token) {
+        for (client, req) in self.readiness.control_event(self.poll.registry(), token) {
+            let crate::control::Request::Status { json } = req;
+            let status = self.status();
+            let text = if json {
+                status.to_json()
+            } else {
+                status.to_text()
+            };
+            self.readiness.answer(self.poll.registry(), client, text);
+        }
+    }
+
+    /// What `displback status` shows.
+    pub fn status(&self) -> crate::status::Status {
+        readiness::snapshot(
+            self.plat.domid,
+            self.readiness.started,
+            &self.devices,
+            &self.budgets,
+            &*self.output,
+        )
     }
 
     /// Hand the output every flip that waited for its connector's refresh, one device
@@ -624,11 +680,14 @@ impl Server {
     }
 
     fn shutdown(&mut self) {
+        self.readiness.stopping();
         let keys: Vec<_> = self.devices.keys().copied().collect();
         for (dom, dev) in keys {
             // Leave Closed behind so frontends notice; a restarted backend picks up.
             self.close_device(dom, dev);
         }
+        self.readiness
+            .stopped(&mut self.plat.store, self.poll.registry());
         info!("stopped");
     }
 }

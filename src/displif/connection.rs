@@ -31,6 +31,7 @@ use super::budget::{GuestBudget, Usage};
 use super::format::PixelFormat;
 use super::pgdir::{self, pages_for};
 use super::request::Request;
+use super::stats::{ConnStats, ScanoutPath};
 use super::wire::{DBUF_FLG_REQ_ALLOC, EDID_MAX_SIZE};
 
 /// A guest connector as configured in XenStore.
@@ -240,6 +241,8 @@ pub struct Connection {
     /// Shared by every connection of the backend.
     zero_copy: Arc<Mutex<ZeroCopyGate>>,
     release_timeout: Duration,
+    /// Flips and refusals, for `displback status`.
+    stats: ConnStats,
 }
 
 impl Connection {
@@ -267,8 +270,9 @@ impl Connection {
                 superseded: Vec::new(),
                 configs: LogLimiter::new(8, f64::from(limits.max_configs_per_sec)),
             })
-            .collect();
+            .collect::<Vec<_>>();
         Connection {
+            stats: ConnStats::new(connectors.len()),
             dom,
             grants,
             gntalloc,
@@ -350,6 +354,32 @@ impl Connection {
         (self.dbufs.len(), self.fbs.len())
     }
 
+    /// Flips and refusals so far (`displback status`).
+    pub fn stats(&self) -> &ConnStats {
+        &self.stats
+    }
+
+    /// Each connector's configuration and how its current frame reaches the output
+    /// (`None` while disabled).
+    pub fn connector_paths(&self) -> Vec<(&ConnectorCfg, Option<ScanoutPath>)> {
+        self.connectors
+            .iter()
+            .map(|c| {
+                let path = c
+                    .shown
+                    .and_then(|s| self.fbs.get(&s.fb))
+                    .and_then(|fb| self.dbufs.get(&fb.dbuf))
+                    .map(|buf| match buf.mem {
+                        BufferMem::Guest(_) => ScanoutPath::Copy,
+                        BufferMem::Backend(_) => ScanoutPath::BeAlloc,
+                        BufferMem::ZeroCopy { .. } => ScanoutPath::ZeroCopy,
+                        BufferMem::BackendZeroCopy { .. } => ScanoutPath::BeAllocZeroCopy,
+                    });
+                (&c.cfg, path)
+            })
+            .collect()
+    }
+
     /// Handle one request that arrived on connector `conn`'s ring, waiting for a
     /// zero-copy buffer's release in place (tests, tools; the server uses
     /// [`Connection::serve`]).
@@ -366,10 +396,16 @@ impl Connection {
     pub fn serve(&mut self, conn: u32, req: Request, out: &mut dyn Output) -> Outcome {
         let result = self.dispatch(conn, req, out);
         match result {
-            Ok(Handled::Reply(edid_sz)) => Outcome::Done(Reply { status: 0, edid_sz }),
+            Ok(Handled::Reply(edid_sz)) => {
+                if matches!(req, Request::PgFlip { .. }) {
+                    self.stats.flip(conn);
+                }
+                Outcome::Done(Reply { status: 0, edid_sz })
+            }
             Ok(Handled::Deferred(p)) => Outcome::Deferred(p),
             Err(r) => {
                 self.count_refusal();
+                self.stats.refused(format!("{req:?}"), r.errno, &r.why);
                 if let Some(suppressed) = self.log.allow() {
                     warn!(
                         dom = self.dom.0,

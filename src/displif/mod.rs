@@ -8,4 +8,5 @@ pub mod format;
 pub mod pgdir;
 pub mod request;
 pub mod ring;
+pub mod stats;
 pub mod wire;

@@ -336,6 +336,12 @@ impl Output for Headless {
         Ok(())
     }
 
+    fn target(&self, conn: ConnectorId) -> Option<String> {
+        self.conns
+            .contains_key(&conn)
+            .then(|| "headless".to_owned())
+    }
+
     fn flip_busy(&self, conn: ConnectorId) -> bool {
         self.conns.get(&conn).is_some_and(|c| c.pending.is_some())
     }

@@ -1699,6 +1699,10 @@ impl Output for Kms {
         Ok(())
     }
 
+    fn target(&self, conn: ConnectorId) -> Option<String> {
+        self.conns.get(&conn).map(|c| c.name.clone())
+    }
+
     fn flip_busy(&self, conn: ConnectorId) -> bool {
         self.conns
             .get(&conn)

@@ -184,6 +184,10 @@ pub trait Output {
     }
     /// Handle output events and due timers; append completed flips to `done`.
     fn dispatch(&mut self, now: Instant, done: &mut Vec<FlipDone>);
+    /// Where `conn` is shown, for `displback status`: the KMS connector name, `headless`.
+    fn target(&self, _conn: ConnectorId) -> Option<String> {
+        None
+    }
 
     // Zero-copy. An output that can scan out foreign memory implements these; the
     // defaults say "unsupported" and the caller takes the copy path.

@@ -66,6 +66,15 @@ impl Rig {
         gate: ZeroCopyGate,
         cfg: ServerConfig,
     ) -> Self {
+        let mut rig = Self::unstarted(cfg);
+        rig.view = view;
+        rig.start_backend_with(output, gate);
+        rig
+    }
+
+    /// A rig whose backend (configured with `cfg`) is not running yet: devices can be
+    /// made before [`Rig::start`] or [`Rig::start_backend`] starts it.
+    pub fn unstarted(cfg: ServerConfig) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -74,16 +83,46 @@ impl Rig {
         let xenstored = SimXenstored::new();
         let toolstack =
             Toolstack::new(XsClient::from_stream(xenstored.connect(0).unwrap()).unwrap());
-        let mut rig = Rig {
+        Rig {
             sim,
             xenstored,
-            view,
+            view: HeadlessView::default(),
             toolstack,
             backend: None,
             cfg,
-        };
-        rig.start_backend_with(output, gate);
-        rig
+        }
+    }
+
+    /// Start a backend with a fresh headless output (`view` follows it).
+    pub fn start(&mut self) {
+        let headless = Headless::new();
+        self.view = headless.snapshot_handle();
+        self.start_backend(Box::new(headless));
+    }
+
+    /// Add a vdispl device for guest `dom` like libxl, from another thread (libxl waits
+    /// up to 10 s for the backend's InitWait); the handle says whether it got it.
+    pub fn add_vdispl_in_background(
+        &self,
+        dom: u16,
+        connectors: &[(&str, u32, u32)],
+    ) -> JoinHandle<Result<(), displback::sim::toolstack::ToolstackError>> {
+        let conns: Vec<(String, u32, u32)> = connectors
+            .iter()
+            .map(|(id, w, h)| (id.to_string(), *w, *h))
+            .collect();
+        let xs = XsClient::from_stream(self.xenstored.connect(0).unwrap()).unwrap();
+        std::thread::spawn(move || {
+            Toolstack::new(xs).add_vdispl(BACKEND, DomId(dom), 0, false, &conns)
+        })
+    }
+
+    /// A frontend for guest `dom`'s device 0 (made already), connected.
+    pub fn connect_frontend(&self, dom: u16) -> FrontendSim {
+        let xs = XsClient::from_stream(self.xenstored.connect(dom).unwrap()).unwrap();
+        let mut fe = FrontendSim::new(&self.sim, xs, DomId(dom), 0).unwrap();
+        fe.wait_connected(WAIT).unwrap();
+        fe
     }
 
     /// Start a backend process (there must be none running).
@@ -289,4 +328,32 @@ pub fn show_and_flip(
         h,
     );
     bufs
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(what: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "displback-{what}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
