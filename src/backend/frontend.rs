@@ -152,7 +152,7 @@ pub struct Effects {
     pub unbound: Vec<EvtchnPort>,
 }
 
-fn parse_u32(s: &str) -> Option<u32> {
+pub fn parse_u32(s: &str) -> Option<u32> {
     let s = s.trim_end_matches('\0');
     if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
