@@ -78,6 +78,13 @@ fn model(
         }
         next = p.words[0];
     }
+    // A read refuses a ref named twice, or a directory page named as a buffer page.
+    if write.is_none() {
+        let mut named = HashSet::new();
+        if out.iter().any(|r| !named.insert(*r) || seen.contains(r)) {
+            return Err("duplicate");
+        }
+    }
     Ok(out)
 }
 
@@ -191,7 +198,9 @@ fn run(u: &mut Unstructured) -> Result<()> {
             // (unless one is 0, which read_refs must refuse).
             let mut next = wfirst;
             let mut at = 0;
+            let mut dirs = HashSet::new();
             while at < m {
+                dirs.insert(next);
                 let i = grefs.iter().position(|&g| g == next).expect("chain page");
                 let n = (m - at).min(PER_PAGE);
                 let mut raw = vec![0u8; n * 4];
@@ -205,8 +214,10 @@ fn run(u: &mut Unstructured) -> Result<()> {
                 next = pages[i].words[NEXT];
             }
             let back = read_refs(&*mapper, GUEST, wfirst, m);
-            if refs.contains(&0) {
-                assert!(back.is_err(), "read back a zero ref");
+            let mut named = HashSet::new();
+            let repeated = refs.iter().any(|r| !named.insert(*r) || dirs.contains(r));
+            if refs.contains(&0) || repeated {
+                assert!(back.is_err(), "read back a zero or repeated ref");
             } else {
                 let back = back.expect("read back what was written");
                 assert!(back.iter().map(|r| r.0).eq(refs.iter().copied()));
