@@ -6,8 +6,8 @@
 use displback::backend::xen::GrantMapper;
 use displback::backend::DomId;
 use displback::displif::connection::{ConnectorCfg, Connection, Limits};
-use displback::displif::request::{decode, encode_response};
 use displback::displif::ring::BackRing;
+use displback::displif::turn::{serve_turn, REQUESTS_PER_TURN};
 use displback::output::headless::Headless;
 use displback::sim::SimXen;
 use libfuzzer_sys::fuzz_target;
@@ -25,15 +25,22 @@ fuzz_target!(|data: &[u8]| {
     let cfg = ConnectorCfg { unique_id: "Virtual-1".into(), width: 64, height: 64 };
     let mut out = Headless::new();
     let mut conn = Connection::new(guest, 0, vec![cfg], mapper.clone(), None, Limits::default());
-    for _ in 0..64 {
-        match ring.next_request() {
-            Ok(Some(slot)) => {
-                let env = decode(&slot);
-                let reply = conn.handle(0, env.request, &mut out);
-                assert!(reply.status <= 0);
-                ring.put_response(&encode_response(env.id, env.operation, reply.status, reply.edid_sz));
+    // The event loop's own turn function: a hostile ring may cost at most its turns.
+    for _ in 0..8 {
+        let mut statuses = Vec::new();
+        match serve_turn(&mut ring, &mut conn, 0, &mut out, |_, status| statuses.push(status)) {
+            Ok(turn) => {
+                assert!(statuses.iter().all(|&s| s <= 0));
+                assert!(statuses.len() <= REQUESTS_PER_TURN);
+                if let Some(d) = turn.deferred {
+                    let _ = d.release.wait();
+                    break;
+                }
+                if !turn.more || turn.misbehaving {
+                    break;
+                }
             }
-            Ok(None) | Err(_) => break,
+            Err(_) => break,
         }
     }
     ring.push_responses();

@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::displif::budget::GuestBudget;
-use crate::displif::connection::{Connection, ConnectorCfg, Outcome, PendingRelease, Reply};
-use crate::displif::request::{decode, encode_pg_flip_event, encode_response};
+use crate::displif::connection::{Connection, ConnectorCfg, PendingRelease, Reply};
+use crate::displif::request::{encode_pg_flip_event, encode_response};
 use crate::displif::ring::{BackRing, EventProducer, RingError};
+use crate::displif::turn::serve_turn;
 use crate::log_limit::LogLimiter;
 use crate::output::{ConnectorId, Output};
 use crate::zcopy::ZeroCopyGate;
@@ -40,13 +41,7 @@ use super::{DomId, EvtchnPort, GrantRef, XenbusState};
 pub const MAX_CONNECTORS: u32 = 16;
 /// Largest connector resolution we accept from XenStore.
 pub const MAX_DIMENSION: u32 = 8192;
-/// Requests handled per ring per turn, so one busy guest cannot starve the others.
-pub const REQUESTS_PER_TURN: usize = 64;
-/// A ring's turn also ends once its requests copied or mapped this many bytes...
-pub const TURN_BYTES: u64 = 8 << 20;
-/// ... or took this long: the rest waits for the ring's next turn, after every other
-/// ready ring had one.
-pub const TURN_TIME: Duration = Duration::from_millis(2);
+pub use crate::displif::turn::{REQUESTS_PER_TURN, TURN_BYTES, TURN_TIME};
 /// First hold of a device closed for misbehaviour (ring overflow, too many refusals)
 /// before it may connect again; doubled per repeat, up to [`MAX_HOLD`].
 pub const FIRST_HOLD: Duration = Duration::from_secs(1);
@@ -491,10 +486,8 @@ impl Device {
         }
     }
 
-    /// Serve connector `idx`'s request ring for one turn: up to [`REQUESTS_PER_TURN`]
-    /// requests, [`TURN_BYTES`] copied or mapped, or [`TURN_TIME`], whichever comes
-    /// first, or until one is deferred (the ring then waits for
-    /// [`Device::complete_deferred`]).
+    /// Serve connector `idx`'s request ring for one turn ([`serve_turn`]); a deferred
+    /// request holds the ring until [`Device::complete_deferred`].
     pub fn serve_ring(
         &mut self,
         plat: &mut Platform,
@@ -511,61 +504,28 @@ impl Device {
         if rings.deferred {
             return Ok(turn);
         }
-        let start = Instant::now();
-        let mut handled = 0;
-        let mut cost = 0u64;
-        let spent = |handled: usize, cost: u64| {
-            handled >= REQUESTS_PER_TURN || cost >= TURN_BYTES || start.elapsed() >= TURN_TIME
-        };
-        turn.more = loop {
-            while let Some(slot) = rings.req.next_request()? {
-                let env = decode(&slot);
-                handled += 1;
-                let outcome = live.connection.serve(idx, env.request, out);
-                cost += live.connection.take_cost();
-                match outcome {
-                    Outcome::Done(reply) => {
-                        log_reply(self.dom, idx, env.operation, reply.status);
-                        rings.req.put_response(&encode_response(
-                            env.id,
-                            env.operation,
-                            reply.status,
-                            reply.edid_sz,
-                        ))
-                    }
-                    Outcome::Deferred(release) => {
-                        rings.deferred = true;
-                        turn.deferred = Some(DeferredRequest {
-                            id: env.id,
-                            operation: env.operation,
-                            serial: live.serial,
-                            release,
-                        });
-                        break;
-                    }
-                }
-                if spent(handled, cost) || live.connection.misbehaving() {
-                    break;
-                }
-            }
-            if rings.req.push_responses() {
-                let _ = plat.evtchn.notify(rings.req_port);
-            }
-            if turn.deferred.is_some() {
-                // Requests after it wait for its answer; completing it re-serves the ring.
-                break false;
-            }
-            if live.connection.misbehaving() {
-                turn.misbehaving = true;
-                break false;
-            }
-            if spent(handled, cost) {
-                break true;
-            }
-            if !rings.req.final_check_for_requests() {
-                break false;
-            }
-        };
+        let dom = self.dom;
+        let t = serve_turn(
+            &mut rings.req,
+            &mut live.connection,
+            idx,
+            out,
+            |op, status| log_reply(dom, idx, op, status),
+        )?;
+        if t.notify {
+            let _ = plat.evtchn.notify(rings.req_port);
+        }
+        turn.more = t.more;
+        turn.misbehaving = t.misbehaving;
+        if let Some(d) = t.deferred {
+            rings.deferred = true;
+            turn.deferred = Some(DeferredRequest {
+                id: d.id,
+                operation: d.operation,
+                serial: live.serial,
+                release: d.release,
+            });
+        }
         self.send_connection_events(plat);
         Ok(turn)
     }

@@ -9,4 +9,5 @@ pub mod pgdir;
 pub mod request;
 pub mod ring;
 pub mod stats;
+pub mod turn;
 pub mod wire;
