@@ -62,3 +62,22 @@ mod tests {
         assert_eq!(l.allow(), Some(2));
     }
 }
+
+/// `tracing::warn!` through a token bucket of its own call site (10 lines, then 1 a
+/// second), with the count of lines suppressed before it: for warnings a guest can
+/// trigger on paths shared by all guests (the output's flip and modeset errors).
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)+) => {{
+        static LIMIT: std::sync::Mutex<Option<$crate::log_limit::LogLimiter>> =
+            std::sync::Mutex::new(None);
+        let allowed = LIMIT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with($crate::log_limit::LogLimiter::default)
+            .allow();
+        if let Some(suppressed) = allowed {
+            tracing::warn!(suppressed, $($arg)+);
+        }
+    }};
+}

@@ -299,8 +299,18 @@ impl Device {
                     info!(dom = self.dom.0, dev = self.dev, "connected");
                 }
                 Err(e) => {
-                    warn!(dom = self.dom.0, dev = self.dev, "cannot connect: {e}");
+                    if let Some(suppressed) = self.log.allow() {
+                        warn!(
+                            dom = self.dom.0,
+                            dev = self.dev,
+                            suppressed,
+                            "cannot connect: {e}"
+                        );
+                    }
                     self.close(plat, out, fx, Closed)?;
+                    // Bad ring refs or channels again and again: back off like any
+                    // other misbehaviour.
+                    self.hold();
                 }
             },
             (Closing | Closed | Unknown, Initialised | Connected) => {

@@ -76,9 +76,10 @@ impl PendingRelease {
         let status = match self.buffer.destroy(self.timeout) {
             Ok(()) => 0,
             Err(e) => {
-                warn!(
+                crate::warn_limited!(
                     dom = self.dom.0,
-                    "DBUF_DESTROY {:#x}: zero-copy buffer {e}", self.cookie
+                    "DBUF_DESTROY {:#x}: zero-copy buffer {e}",
+                    self.cookie
                 );
                 e.status()
             }

@@ -513,7 +513,7 @@ impl Active {
         let Err(e) = atomic::commit_flip(card, st, fb, pos, false) else {
             return Ok(false);
         };
-        tracing::warn!(crtc = ?self.crtc, "atomic commit failed: {e}");
+        crate::warn_limited!(crtc = ?self.crtc, "atomic commit failed: {e}");
         if self.plane_fit {
             return Err(e);
         }
@@ -534,7 +534,7 @@ impl Active {
         let Err(e) = atomic::commit_flip(card, st, fb, pos, true) else {
             return Ok(false);
         };
-        tracing::warn!(crtc = ?self.crtc, "atomic page flip failed: {e}");
+        crate::warn_limited!(crtc = ?self.crtc, "atomic page flip failed: {e}");
         if self.plane_fit {
             return Err(e);
         }
@@ -868,7 +868,7 @@ impl Kms {
                     );
                 }
                 Err(e) => {
-                    tracing::warn!(?conn, "taking a guest buffer off screen: {e}; disabling");
+                    crate::warn_limited!(?conn, "taking a guest buffer off screen: {e}; disabling");
                     self.deactivate(conn, true);
                 }
             }
@@ -1164,7 +1164,7 @@ impl Kms {
             .get(&f.fb)
             .ok_or(OutputError::NotConfigured)?;
         if (f.width, f.height) != size {
-            tracing::warn!(
+            crate::warn_limited!(
                 guest = %format_args!("{}x{}", f.width, f.height),
                 mode = %format_args!("{}x{}", size.0, size.1),
                 "a zero-copy buffer needs a mode of exactly its size or a scaling plane"
@@ -1245,7 +1245,7 @@ impl Kms {
         let (phys, name, legacy_only) = (kc.phys, kc.name.clone(), kc.legacy_only);
         let info = self.card.get_connector(phys, false)?;
         if info.state() == connector::State::Disconnected || info.modes().is_empty() {
-            tracing::warn!(?conn, connector = %name, "SET_CONFIG on a disconnected connector");
+            crate::warn_limited!(?conn, connector = %name, "SET_CONFIG on a disconnected connector");
             return Err(OutputError::Disconnected(name));
         }
         let infos: Vec<ModeInfo> = info.modes().iter().map(ModeInfo::from).collect();
@@ -1329,7 +1329,7 @@ impl Kms {
             Some(o) => (o.crtc, None),
             None => {
                 let crtc = self.pick_crtc(&info, conn).ok_or_else(|| {
-                    tracing::warn!(?conn, connector = %name, "no free CRTC");
+                    crate::warn_limited!(?conn, connector = %name, "no free CRTC");
                     OutputError::InUse(name.clone())
                 })?;
                 (crtc, Some(self.save_crtc(crtc)))
@@ -1379,7 +1379,7 @@ impl Kms {
                     Ok(bufs) => decided = Some(Ok((bufs, true))),
                     Err(ShowError::Refused(e)) => scaling_refused = Some(e),
                     Err(ShowError::Commit(e)) => {
-                        tracing::warn!(?conn, connector = %name, "atomic modeset failed: {e}; legacy from now on");
+                        crate::warn_limited!(?conn, connector = %name, "atomic modeset failed: {e}; legacy from now on");
                         st = None;
                         self.fell_back(conn);
                     }
@@ -1402,7 +1402,7 @@ impl Kms {
                     false,
                 );
                 if let Err(ShowError::Commit(e)) = &r {
-                    tracing::warn!(?conn, connector = %name, "atomic modeset failed: {e}; legacy from now on");
+                    crate::warn_limited!(?conn, connector = %name, "atomic modeset failed: {e}; legacy from now on");
                     st = None;
                     self.fell_back(conn);
                     r = self.show_in_new_buffers(
@@ -1418,7 +1418,7 @@ impl Kms {
         let (bufs, plane_fit) = match decided {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(?conn, connector = %name, "SET_CONFIG failed: {e}");
+                crate::warn_limited!(?conn, connector = %name, "SET_CONFIG failed: {e}");
                 match (old, fresh_save) {
                     // Still showing the old mode: keep it.
                     (Some(o), _) => {
@@ -1561,7 +1561,7 @@ impl Kms {
                 Ok(false) => {}
                 Ok(true) => kc.fell_back(conn),
                 Err(e) => {
-                    tracing::warn!(?conn, connector = %kc.name, "queued page flip failed: {e}");
+                    crate::warn_limited!(?conn, connector = %kc.name, "queued page flip failed: {e}");
                     let cookies = a.flips.submit_failed();
                     done.extend(
                         cookies
@@ -1690,7 +1690,7 @@ impl Output for Kms {
                 Ok(false) => {}
                 Ok(true) => kc.fell_back(conn),
                 Err(e) => {
-                    tracing::warn!(?conn, connector = %kc.name, "page flip failed: {e}");
+                    crate::warn_limited!(?conn, connector = %kc.name, "page flip failed: {e}");
                     a.flips.submit_failed();
                     return Err(e.into());
                 }
