@@ -90,6 +90,12 @@ mod tests {
             cfg.connectors.get("guest-hdmi").map(String::as_str),
             Some("HDMI-A-1")
         );
+        // The example documents the defaults: they must not drift apart.
+        assert_eq!(cfg.limits, crate::displif::budget::Limits::default());
+        let partial = FileConfig::parse("[limits]\nmax_buffers = 3").unwrap();
+        assert_eq!(partial.limits.max_buffers, 3);
+        assert_eq!(partial.limits.max_fbs, 256);
+        assert!(FileConfig::parse("[limits]\nmax_bufers = 3").is_err());
     }
 
     #[test]

@@ -48,21 +48,6 @@ impl LogLimiter {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn bursts_then_suppresses() {
-        let mut l = super::LogLimiter::new(3, 0.0);
-        assert_eq!(l.allow(), Some(0));
-        assert_eq!(l.allow(), Some(0));
-        assert_eq!(l.allow(), Some(0));
-        assert_eq!(l.allow(), None);
-        assert_eq!(l.allow(), None);
-        l.tokens = 1.0;
-        assert_eq!(l.allow(), Some(2));
-    }
-}
-
 /// `tracing::warn!` through a token bucket of its own call site (10 lines, then 1 a
 /// second), with the count of lines suppressed before it: for warnings a guest can
 /// trigger on paths shared by all guests (the output's flip and modeset errors).
@@ -80,4 +65,19 @@ macro_rules! warn_limited {
             tracing::warn!(suppressed, $($arg)+);
         }
     }};
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bursts_then_suppresses() {
+        let mut l = super::LogLimiter::new(3, 0.0);
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
+        l.tokens = 1.0;
+        assert_eq!(l.allow(), Some(2));
+    }
 }
