@@ -289,6 +289,7 @@ impl Device {
             (Initialising, Connected) => {
                 info!(dom = self.dom.0, dev = self.dev, "frontend restarted");
                 self.close(plat, out, fx, InitWait)?;
+                self.hold_if_brief();
             }
             (Initialising, Initialising | Closed) => self.write_state(plat, InitWait)?,
             // A frontend still Connected to a previous backend has stale rings: it must
@@ -316,6 +317,7 @@ impl Device {
             (Closing | Closed | Unknown, Initialised | Connected) => {
                 info!(dom = self.dom.0, dev = self.dev, "frontend closed ({fe:?})");
                 self.close(plat, out, fx, InitWait)?;
+                self.hold_if_brief();
             }
             _ => {}
         }
@@ -590,6 +592,17 @@ impl Device {
             "held closed for {hold:?} (misbehaviour #{})",
             self.strikes
         );
+    }
+
+    /// A connection the frontend dropped within a second of making it: a reconnect loop
+    /// (each cycle costs the loop a modeset and a restore), so hold it like misbehaviour.
+    fn hold_if_brief(&mut self) {
+        if self
+            .connected_at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            self.hold();
+        }
     }
 
     /// When a hold ends, if one is running.

@@ -274,6 +274,21 @@ impl FlipQueue {
         self.front
     }
 
+    /// Buffer `front` is being put on screen by a commit whose completion event is to
+    /// come (a non-blocking modeset): busy until [`FlipQueue::complete`], which reports
+    /// no cookies.
+    pub fn showing(front: usize) -> Self {
+        FlipQueue {
+            front,
+            in_flight: Some(InFlight {
+                buf: front,
+                cookies: Vec::new(),
+                superseded: false,
+            }),
+            queued: None,
+        }
+    }
+
     /// True while a flip is submitted and not yet complete.
     pub fn busy(&self) -> bool {
         self.in_flight.is_some()
@@ -360,6 +375,19 @@ impl FlipQueue {
             f.superseded = true;
         }
         self.front = buf;
+        queued
+    }
+
+    /// A SET_CONFIG put `buf` on screen with a non-blocking commit (nothing was in
+    /// flight): busy until its event, which reports no cookies. The queued flip is older:
+    /// returns its cookies to report done now.
+    pub fn show(&mut self, buf: usize) -> Vec<u64> {
+        let queued = self.queued.take().map(|(_, c)| c).unwrap_or_default();
+        self.in_flight = Some(InFlight {
+            buf,
+            cookies: Vec::new(),
+            superseded: false,
+        });
         queued
     }
 
@@ -707,6 +735,12 @@ pub struct Kms {
     counts: FrameCounts,
     /// The driver accepted `DRM_CLIENT_CAP_ATOMIC`.
     atomic: bool,
+    /// The next atomic modeset may be non-blocking (no flip of that CRTC in flight):
+    /// set by `enable` for `show_in_new_buffers`.
+    modeset_nonblock: bool,
+    /// `show_in_new_buffers` committed a non-blocking modeset whose completion event
+    /// is still to come.
+    modeset_pending: bool,
 }
 
 fn open_card(path: &Path) -> anyhow::Result<Card> {
@@ -802,6 +836,8 @@ impl Kms {
             next_id: 1,
             counts: FrameCounts::default(),
             atomic,
+            modeset_nonblock: false,
+            modeset_pending: false,
         };
         tracing::info!(
             card = %kms.path.display(),
@@ -1203,13 +1239,27 @@ impl Kms {
             }
             (FrameSource::Imported(_), None) => Err(OutputError::NotConfigured),
         };
+        let nonblock = self.modeset_nonblock;
+        let mut pending = false;
         let shown = fb.map_err(ShowError::Other).and_then(|fb| match st {
             Some(st) => {
                 if test {
-                    atomic::commit_modeset(&*self.card, st, mode, fb, geom, true)
+                    atomic::commit_modeset(&*self.card, st, mode, fb, geom, true, false)
                         .map_err(ShowError::Refused)?;
                 }
-                atomic::commit_modeset(&*self.card, st, mode, fb, geom, false)
+                // Non-blocking, with an event, so the loop goes on while the mode
+                // changes; EBUSY (a commit still pending) falls back to waiting.
+                if nonblock {
+                    match atomic::commit_modeset(&*self.card, st, mode, fb, geom, false, true) {
+                        Ok(()) => {
+                            pending = true;
+                            return Ok(());
+                        }
+                        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                        Err(e) => return Err(ShowError::Commit(e)),
+                    }
+                }
+                atomic::commit_modeset(&*self.card, st, mode, fb, geom, false, false)
                     .map_err(ShowError::Commit)
             }
             None => self
@@ -1224,7 +1274,10 @@ impl Kms {
                 .map_err(|e| ShowError::Other(e.into())),
         });
         match shown {
-            Ok(()) => Ok(bufs),
+            Ok(()) => {
+                self.modeset_pending = pending;
+                Ok(bufs)
+            }
             Err(e) => {
                 Self::free_buffers(&self.card, bufs);
                 Err(e)
@@ -1300,9 +1353,22 @@ impl Kms {
                 }
                 (FrameSource::Imported(_), None) => return Err(OutputError::NotConfigured),
             };
-            let fell_back = a.show_now(&self.card, phys, fb, pos)?;
+            // Nothing in flight: a non-blocking commit with an event, the loop goes on.
+            let nonblock = !a.flips.busy()
+                && a.atomic
+                    .as_mut()
+                    .is_some_and(|st| atomic::commit_flip(&*self.card, st, fb, pos, true).is_ok());
+            let fell_back = if nonblock {
+                false
+            } else {
+                a.show_now(&self.card, phys, fb, pos)?
+            };
             self.counts.count(frame);
-            let dropped = a.flips.modeset(b);
+            let dropped = if nonblock {
+                a.flips.show(b)
+            } else {
+                a.flips.modeset(b)
+            };
             self.immediate.extend(
                 dropped
                     .into_iter()
@@ -1325,6 +1391,10 @@ impl Kms {
         // A different mode: new buffers on the CRTC we already hold (the old ones are
         // freed only once the new mode shows), or on a CRTC we take now.
         let old = self.conns.get_mut(&conn).and_then(|c| c.active.take());
+        // With no flip of ours in flight on the CRTC no DRM event of it is outstanding,
+        // so the modeset's own event cannot be confused with an older one.
+        self.modeset_nonblock = old.as_ref().is_none_or(|o| !o.flips.busy());
+        self.modeset_pending = false;
         let (crtc, fresh_save) = match &old {
             Some(o) => (o.crtc, None),
             None => {
@@ -1497,7 +1567,11 @@ impl Kms {
                 guest: (fw, fh),
                 bufs,
                 direct,
-                flips: FlipQueue::new(front),
+                flips: if self.modeset_pending {
+                    FlipQueue::showing(front)
+                } else {
+                    FlipQueue::new(front)
+                },
                 saved,
                 atomic: st,
             });
@@ -2052,6 +2126,23 @@ mod tests {
         assert_eq!(q.drain(), vec![4, 5]);
         assert!(!q.busy());
         assert_eq!(q.front(), 2);
+    }
+
+    #[test]
+    fn flip_queue_non_blocking_modeset_and_config() {
+        // A non-blocking modeset: busy until its event, which completes no cookie.
+        let mut q = FlipQueue::showing(0);
+        assert!(q.busy());
+        assert_eq!(q.push(7), None, "a flip waits for the modeset");
+        assert_eq!(q.complete(), (vec![], Some(1)));
+        assert_eq!(q.complete(), (vec![7], None));
+        assert_eq!(q.front(), 1);
+        // A same-mode SET_CONFIG shown with a non-blocking commit.
+        let b = q.back();
+        assert_eq!(q.show(b), Vec::<u64>::new());
+        assert!(q.busy());
+        assert_eq!(q.complete(), (vec![], None));
+        assert_eq!(q.front(), b);
     }
 
     #[test]

@@ -400,8 +400,9 @@ impl<D: ControlDevice> Drop for ModeBlob<'_, D> {
     }
 }
 
-/// Modeset `st` to `mode` showing `fb` with `geom`: blocking, or only tested with
-/// `test_only`. On success (not a test) `st.geom` becomes `geom`.
+/// Modeset `st` to `mode` showing `fb` with `geom`: blocking, non-blocking with a
+/// flip-complete event (`nonblock`), or only tested with `test_only`. On success (not a
+/// test) `st.geom` becomes `geom`.
 pub fn commit_modeset<D: ControlDevice>(
     card: &D,
     st: &mut AtomicState,
@@ -409,11 +410,14 @@ pub fn commit_modeset<D: ControlDevice>(
     fb: framebuffer::Handle,
     geom: &PlaneGeom,
     test_only: bool,
+    nonblock: bool,
 ) -> io::Result<()> {
     let blob = ModeBlob::new(card, mode)?;
     let mut flags = AtomicCommitFlags::ALLOW_MODESET;
     if test_only {
         flags |= AtomicCommitFlags::TEST_ONLY;
+    } else if nonblock {
+        flags |= AtomicCommitFlags::NONBLOCK | AtomicCommitFlags::PAGE_FLIP_EVENT;
     }
     card.atomic_commit(flags, request(&st.modeset_values(blob.id, fb, geom)))?;
     if !test_only {
