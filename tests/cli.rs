@@ -1,6 +1,9 @@
 //! The `displback` command line: logs that fit their sink (a pipe gets no colours, `--log-format
 //! json` gets JSON lines, the journal gets `<N>` priority prefixes).
 
+mod common;
+
+use common::TempDir;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
@@ -8,7 +11,7 @@ use std::process::{Command, Stdio};
 
 /// `displback --log info <global> demo` with a small, fast demo writing into a fresh directory;
 /// the environment variables that would change the log format are cleared.
-fn demo(global: &[&str], dir: &tempdir::Dir) -> Command {
+fn demo(global: &[&str], dir: &TempDir) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_displback"));
     cmd.args(["--log", "info"])
         .args(global)
@@ -30,7 +33,7 @@ fn run(mut cmd: Command) -> String {
 
 #[test]
 fn piped_stderr_gets_plain_text() {
-    let dir = tempdir::Dir::new();
+    let dir = TempDir::new("cli");
     let stderr = run(demo(&[], &dir));
     assert!(!stderr.trim().is_empty(), "no log output at --log info");
     assert!(
@@ -46,7 +49,7 @@ fn piped_stderr_gets_plain_text() {
 
 #[test]
 fn json_format_writes_one_object_per_line() {
-    let dir = tempdir::Dir::new();
+    let dir = TempDir::new("cli");
     let stderr = run(demo(&["--log-format", "json"], &dir));
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(!lines.is_empty(), "no log output at --log info");
@@ -65,7 +68,7 @@ fn json_format_writes_one_object_per_line() {
 /// goes to the journal), JOURNAL_STREAM set to `journal_stream(dev, ino of that socket)`.
 /// Returns what arrived on the socket.
 fn demo_on_stream(extra: &[&str], journal_stream: impl Fn(u64, u64) -> String) -> String {
-    let dir = tempdir::Dir::new();
+    let dir = TempDir::new("cli");
     let (ours, theirs) = UnixStream::pair().unwrap();
     let meta = std::fs::File::from(std::os::fd::OwnedFd::from(theirs.try_clone().unwrap()))
         .metadata()
@@ -113,7 +116,7 @@ fn journal_stream_naming_another_file_is_ignored() {
 
 #[test]
 fn log_file_is_plain_text_even_under_the_journal() {
-    let dir = tempdir::Dir::new();
+    let dir = TempDir::new("cli");
     let log = dir.path().join("displback.log");
     let log_arg = log.to_str().unwrap().to_owned();
     let stderr = demo_on_stream(&["--log-file", &log_arg], |dev, ino| format!("{dev}:{ino}"));
@@ -124,30 +127,4 @@ fn log_file_is_plain_text_even_under_the_journal() {
     );
     assert!(!text.contains('\x1b'), "{text:?}");
     assert!(!text.lines().any(|l| l.starts_with('<')), "{text}");
-}
-
-/// A temporary directory removed on drop (no extra crate needed).
-mod tempdir {
-    pub struct Dir(std::path::PathBuf);
-    impl Dir {
-        pub fn new() -> Self {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "displback-cli-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::SeqCst)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-        pub fn path(&self) -> &std::path::Path {
-            &self.0
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }

@@ -1,6 +1,9 @@
 //! `displback demo` end to end: run the binary, decode the PNGs it wrote, and compare
 //! every pixel with the pattern its simulated guest drew.
 
+mod common;
+
+use common::TempDir;
 use std::process::Command;
 
 use displback::displif::format::PixelFormat;
@@ -17,8 +20,8 @@ fn read_png(path: &std::path::Path) -> (u32, u32, Vec<u8>) {
     (info.width, info.height, buf)
 }
 
-fn run_demo(format: &str, frames: u32, connectors: u32) -> tempdir::Dir {
-    let dir = tempdir::Dir::new();
+fn run_demo(format: &str, frames: u32, connectors: u32) -> TempDir {
+    let dir = TempDir::new("demo");
     let out = Command::new(env!("CARGO_BIN_EXE_displback"))
         .args(["demo", "--format", format, "--resolution", "320x200"])
         .args([
@@ -80,31 +83,5 @@ fn demo_in_rgb565_and_yuyv() {
     for (name, format) in [("rgb565", PixelFormat::Rgb565), ("yuyv", PixelFormat::Yuyv)] {
         let dir = run_demo(name, 5, 1);
         check(format, 5, 1, dir.path());
-    }
-}
-
-/// A temporary directory removed on drop (no extra crate needed).
-mod tempdir {
-    pub struct Dir(std::path::PathBuf);
-    impl Dir {
-        pub fn new() -> Self {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "displback-demo-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::SeqCst)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-        pub fn path(&self) -> &std::path::Path {
-            &self.0
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 }
