@@ -164,12 +164,14 @@ class VM:
                 return r["return"]
             # asynchronous events are ignored
 
-    def screendump(self, path: str, device: str | None = None) -> None:
-        """PPM of the primary display, or of the display device with QOM id `device`."""
+    def screendump(self, path: str, device: str | None = None, head: int | None = None) -> None:
+        """PPM of the primary display, or of the display device with QOM id `device`
+        (its head `head` on a multi-head device)."""
         if os.path.exists(path):
             os.unlink(path)
         if device:
-            self.qmp("screendump", filename=path, device=device)
+            extra = {} if head is None else {"head": head}
+            self.qmp("screendump", filename=path, device=device, **extra)
         else:
             self.qmp("screendump", filename=path)
         if not os.path.exists(path):

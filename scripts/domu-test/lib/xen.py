@@ -22,21 +22,26 @@ XEN_DIR = os.path.join(os.path.dirname(HERE), "xen")
 # with gntdev dma-buf (lib/dom0kernel.sh) and a virtio-gpu whose dumb buffers can be
 # granted (IMP_TO_REFS; bochs VRAM cannot).
 STOCK_SCENARIOS = ["xen-boot", "xen-pvh-boots", "xen-flip", "xen-rgb565", "xen-destroy", "xen-restart", "xen-two-domus",
-                   "xen-bealloc", "xen-zcopy-auto-fallback"]
+                   "xen-noisy-neighbour", "xen-destroy-loop", "xen-refused", "xen-bealloc", "xen-zcopy-auto-fallback"]
 ZCOPY_SCENARIOS = ["xen-zcopy-bealloc", "xen-zcopy-destroy", "xen-zcopy-pv-fallback", "xen-drvdom-bealloc", "xen-drvdom-copy"]
 # PCI slots of the display devices (Dom0 finds its cards by them) and QMP device ids.
 VGA_PCI, VGA2_PCI, ZC_PCI = "00:02.0", "00:10.0", "00:11.0"
 VGA2_ID, ZC_ID = "vga2", "zgpu"
+# xen-noisy-neighbour: one card with two heads (a bochs device has one) for one backend
+# serving two guests. Its driver is loaded by that scenario only. iommu_platform=on: see
+# the zcopy device below.
+NN_PCI, NN_ID = "00:11.0", "nngpu"
 BOOT_DEVICES = {
-    "stock": ["-device", f"secondary-vga,id={VGA2_ID},addr=0x10"],
+    "stock": ["-device", f"secondary-vga,id={VGA2_ID},addr=0x10",
+              "-device", f"virtio-gpu-pci,id={NN_ID},addr=0x11,max_outputs=2,xres=1024,yres=768,iommu_platform=on"],
     # iommu_platform=on (VIRTIO_F_ACCESS_PLATFORM): without it virtio-gpu hands QEMU
     # pseudo-physical addresses for its buffers, which in a PV Dom0 are not machine
     # addresses: the scanout stays black (measured, copy path and zero-copy alike).
     "zcopy": ["-device", f"virtio-gpu-pci,id={ZC_ID},addr=0x11,xres=1024,yres=768,iommu_platform=on"],
 }
 BOOT_PARAMS = {
-    "stock": f"VGA_PCI={VGA_PCI}\nVGA2_PCI={VGA2_PCI}\nZC_PCI=\n",
-    "zcopy": f"VGA_PCI={VGA_PCI}\nVGA2_PCI=\nZC_PCI={ZC_PCI}\n",
+    "stock": f"VGA_PCI={VGA_PCI}\nVGA2_PCI={VGA2_PCI}\nZC_PCI=\nNN_PCI={NN_PCI}\n",
+    "zcopy": f"VGA_PCI={VGA_PCI}\nVGA2_PCI=\nZC_PCI={ZC_PCI}\nNN_PCI=\n",
 }
 
 XEN_CMDLINE = ("console=com1 com1=115200,8n1 dom0_mem=768M,max:768M dom0_max_vcpus=1 "
@@ -70,11 +75,11 @@ class Run:
         return m
 
     def check_hold(self, dom: str, m: re.Match, tag: str, fmt: str = "xrgb8888",
-                   device: str | None = None) -> pixels.CheckResult:
+                   device: str | None = None, head: int | None = None) -> pixels.CheckResult:
         frame, conn, w, h = hold_info(m)
         time.sleep(0.3)
         ppm = os.path.join(self.workdir, f"xen-{dom}-{tag}.ppm")
-        self.v.screendump(ppm, device or self.display)
+        self.v.screendump(ppm, device or self.display, head)
         return pixels.check_pattern(pixels.read_ppm(ppm), frame, conn, w, h, fmt)
 
     def guest_lines(self, dom: str, rx: str) -> list[str]:
@@ -163,6 +168,167 @@ def _two_domus(r: Run, res: Result, end: str) -> None:
                   f"{'' if c1b.ok else ' | later: ' + c1b.detail}\n"
                   f"two2 (dom{plan.group(3)}, {plan.group(4)}) on {VGA2_ID}: {c2.detail}\n"
                   f"flipping overlapped {overlap:.1f} s | two1 {_stats(r, 'two1')} | two2 {_stats(r, 'two2')}"
+                  + "".join(f"\nPROBLEM: {p}" for p in problems))
+
+
+def _results(r: Run, dom: str) -> list[tuple[float, dict[str, str]]]:
+    """The guest's `GUEST-CLIENT RESULT k=v ...` lines, in order: (host time, fields)."""
+    out = []
+    for t, l in r.v.lines[r.begin:]:
+        if f"[{dom}]" in l and "GUEST-CLIENT RESULT " in l:
+            out.append((t, dict(re.findall(r"(\w+)=(\S+)", l.split("GUEST-CLIENT RESULT ", 1)[1]))))
+    return out
+
+
+def _line_times(r: Run, rx: str) -> list[float]:
+    return [t for t, l in r.v.lines[r.begin:] if re.search(rx, l)]
+
+
+def _noisy_neighbour(r: Run, res: Result, end: str) -> None:
+    """One backend, two guests on the two heads of one virtio-gpu (dom0-init
+    scenario_xen-noisy-neighbour). The victim's flip p99 while the aggressor floods must
+    be within 2x its solo p99 from the same boot; its pixels exact in both runs."""
+    sw = Stopwatch()
+    plan = r.wait(r"HARNESS NN plan card=(\S+) victim=(\S+) aggressor=(\S+) status0=(\S+) status1=(\S+) forced1=(\d)", 120,
+                  fail=end, what="the noisy-neighbour plan (virtio-gpu with two heads)")
+    vfail = _guest_fail("nnvictim", end, "nn")
+    m1 = r.wait(rf"\[nnvictim\].*(?:{HOLD_RX})", 400, fail=vfail, what="the victim's solo HOLD")
+    res.timings["create→solo-hold"] = sw.lap()
+    c1 = r.check_hold("nnvictim", m1, "solo", device=NN_ID, head=0)
+    r.i += 1
+    m2 = r.wait(rf"\[nnvictim\].*(?:{HOLD_RX})", 900, fail=vfail, what="the victim's HOLD during the flood")
+    res.timings["solo→flood-hold"] = sw.lap()
+    c2 = r.check_hold("nnvictim", m2, "flood", device=NN_ID, head=0)
+    r.wait(end, 900, what="the scenario's end")
+    res.timings["hold→end"] = sw.lap()
+    victim, aggr = _results(r, "nnvictim"), _results(r, "nnaggr")
+    problems = [f"{what} pixels: {c.detail}" for what, c in (("solo", c1), ("flood", c2)) if not c.ok]
+    solo = victim[0][1] if victim else {}
+    flood = victim[1][1] if len(victim) > 1 else {}
+    # The aggressor may have needed a second attempt (dom0-init says why): its last run counts.
+    ag = aggr[-1][1] if aggr else {}
+    att = [re.search(r"attempts=(\d+)", l).group(1) for l in r.marker_lines(r"HARNESS NN aggressor attempts=")]
+    retried = r.marker_lines(r"HARNESS NN aggressor attempt=\d+ failed")
+    for what, d in (("victim solo", solo), ("victim flood", flood), ("aggressor", ag)):
+        if d.get("ok") != "1":
+            problems.append(f"{what}: RESULT {'missing' if not d else 'ok=' + d.get('ok', '?')}")
+    errs = r.marker_lines(r"\[nnvictim\].*GUEST-CLIENT ERROR")
+    if ag.get("ok") != "1":
+        errs += r.marker_lines(r"\[nnaggr\].*GUEST-CLIENT ERROR")
+    problems += errs[:2]
+
+    def num(d: dict, k: str) -> float | None:
+        try:
+            return float(d[k])
+        except (KeyError, ValueError):
+            return None
+
+    sp99, fp99 = num(solo, "p99_ms"), num(flood, "p99_ms")
+    ratio = fp99 / sp99 if sp99 and fp99 is not None else None
+    if ratio is None or ratio > 2.0:
+        problems.append(f"victim p99 during the flood {fp99} ms vs solo {sp99} ms: ratio {ratio} (limit 2)")
+    if not ag or num(ag, "flips") in (None, 0.0):
+        problems.append("the aggressor did not flip")
+    # The victim's second run must lie inside the aggressor's flood (host times of the
+    # aggressor's FLIPPING and RESULT lines, the victim's second FLIPPING and RESULT).
+    af = _line_times(r, r"\[nnaggr\].*GUEST-CLIENT FLIPPING")
+    vf = _line_times(r, r"\[nnvictim\].*GUEST-CLIENT FLIPPING")
+    overlap = None
+    if af and aggr and len(vf) > 1 and len(victim) > 1:
+        a0, a1, v0, v1 = af[-1], aggr[-1][0], vf[1], victim[1][0]
+        overlap = min(a1, v1) - max(a0, v0)
+        res.timings["flood-overlap"] = overlap
+        if v0 < a0 or v1 > a1:
+            problems.append(f"the victim's flood run ({v0:.1f}-{v1:.1f} s) is not inside the aggressor's flood "
+                            f"({a0:.1f}-{a1:.1f} s)")
+    else:
+        problems.append("flip windows not seen (aggressor FLIPPING/RESULT, victim's second FLIPPING/RESULT)")
+    res.status = "PASS" if not problems else "FAIL"
+    fmt = lambda v: "?" if v is None else f"{v:.3f}"  # noqa: E731
+    res.detail = (f"{res.status} solo_p99_ms={fmt(sp99)} flood_p99_ms={fmt(fp99)} ratio={fmt(ratio)} limit=2 "
+                  f"solo_p50_ms={solo.get('p50_ms', '?')} flood_p50_ms={flood.get('p50_ms', '?')} "
+                  f"solo_max_ms={solo.get('max_ms', '?')} flood_max_ms={flood.get('max_ms', '?')} "
+                  f"victim_flips={solo.get('flips', '?')},{flood.get('flips', '?')} "
+                  f"aggressor_flips={ag.get('flips', '?')} aggressor_rate_hz={ag.get('rate_hz', '?')} "
+                  f"aggressor_p50_ms={ag.get('p50_ms', '?')} aggressor_secs={ag.get('secs', '?')} "
+                  f"overlap_s={fmt(overlap)} aggressor_attempts={att[-1] if att else '?'}\n"
+                  f"one backend on {plan.group(1)}: victim {plan.group(2)} ({plan.group(4)}), "
+                  f"aggressor {plan.group(3)} ({plan.group(5)}{', forced on' if plan.group(6) == '1' else ''}) "
+                  f"| solo: {c1.detail} | flood: {c2.detail}"
+                  + "".join(f"\nretried: {l}" for l in retried)
+                  + "".join(f"\nPROBLEM: {p}" for p in problems))
+
+
+def _destroy_loop(r: Run, res: Result, end: str) -> None:
+    """20 guests in a row destroyed mid-flip (dom0-init scenario_xen-destroy-loop): the
+    backend alive before and after, no gntdev/gntalloc mapping left, RSS growth < 1 MiB,
+    then a final guest draws exact pixels."""
+    sw = Stopwatch()
+    iters = []
+    while True:
+        m = r.wait(r"HARNESS DLOOP i=(\d+) (.*?) uptime=|HARNESS MAPS name=main at=after", 400, fail=end,
+                   what="the next destroy-loop iteration")
+        if m.group(0).startswith("HARNESS MAPS"):
+            break
+        iters.append((int(m.group(1)), dict(re.findall(r"(\w+)=(\S+)", m.group(2)))))
+        r.i += 1
+    res.timings["loop"] = sw.lap()
+    _flip(r, "xen-destroy-loop", "dlfinal", "xrgb8888", res, end)
+    final_ok, final = res.status == "PASS", res.detail
+    maps = _maps(r, "main")
+    before, after = maps.get("before", {}), maps.get("after", {})
+    problems = [] if final_ok else [f"final guest: {final}"]
+    counted = [d for i, d in iters if i >= 1]
+    bad = [f"i={i} {d}" for i, d in iters if d.get("flipping") != "1" or d.get("destroy_rc") != "0"
+           or d.get("alive") != "1"]
+    if len(counted) != 20:
+        problems.append(f"{len(counted)} destroyed guests counted (want 20)")
+    problems += [f"iteration {b}" for b in bad[:3]]
+    for at, d in (("before", before), ("after", after)):
+        if d.get("alive") != 1 or "rss_kib" not in d or "gntdev" not in d or "gntalloc" not in d:
+            problems.append(f"snapshot {at}: backend not proven alive or values missing ({d or 'no MAPS line'})")
+    flipping = maps.get("flipping", {})
+    if not flipping.get("gntdev"):
+        problems.append(f"no gntdev mappings counted while a guest flipped ({flipping or 'no MAPS line'}): "
+                        "the count at the end proves nothing")
+    rb, ra = before.get("rss_kib"), after.get("rss_kib")
+    mapped = after["gntdev"] + after["gntalloc"] if "gntdev" in after and "gntalloc" in after else None
+    growth = ra - rb if ra is not None and rb is not None else None
+    if mapped != 0:
+        problems.append(f"gntdev+gntalloc mappings left after the loop: {mapped}")
+    if growth is None or growth >= 1024:
+        problems.append(f"RSS growth {growth} KiB (limit < 1024)")
+    dsecs = [float(d["destroy_secs"]) for d in counted if "destroy_secs" in d]
+    res.status = "PASS" if not problems else "FAIL"
+    res.detail = (f"{res.status} rss_before_kib={rb} rss_after_kib={ra} rss_growth_kib={growth} "
+                  f"mappings_after={mapped} gntdev_flipping={flipping.get('gntdev')} destroyed={len(counted)} "
+                  f"destroy_secs_max={max(dsecs) if dsecs else '?'} rss_fresh_kib={maps.get('fresh', {}).get('rss_kib')}\n"
+                  f"final guest: {final}" + "".join(f"\nPROBLEM: {p}" for p in problems))
+
+
+def _refused(r: Run, res: Result, end: str) -> None:
+    """The backend refuses the guest's SET_CONFIG (dom0-init scenario_xen-refused): the
+    guest client must exit 1 with an ERROR line naming the driver's error and a RESULT
+    ok=0 line, although every ioctl succeeded."""
+    plan = r.wait(r"HARNESS REFUSED plan card=(\S+) conn=(\S+) status=(\S+)", 120, fail=end)
+    m = r.wait(r"\[refused\].*HARNESS-DOMU EXIT ok=(\d)", 300, fail=end, what="the guest's exit")
+    r.wait(end, 120, what="the scenario's end")
+    err = r.guest_lines("refused", r"GUEST-CLIENT ERROR")
+    runs = [re.search(r"rc=(\d+)", l).group(1) for l in r.guest_lines("refused", r"HARNESS-DOMU RUN n=")]
+    results = _results(r, "refused")
+    refusal = [l for l in _be_log(r, "refused") if "refused" in l]
+    problems = []
+    if not err or "logged an error" not in err[0]:
+        problems.append(f"no GUEST-CLIENT ERROR naming the driver's error: {err[:1]}")
+    if runs != ["1"] or m.group(1) != "0":
+        problems.append(f"client exit statuses {runs}, guest EXIT ok={m.group(1)} (want [1], ok=0)")
+    if not results or results[0][1].get("ok") != "0":
+        problems.append(f"RESULT lines {[d for _, d in results]} (want one with ok=0)")
+    if not refusal:
+        problems.append("the backend did not log a refused request")
+    res.status = "PASS" if not problems else "FAIL"
+    res.detail = (f"{res.status} client_rc={','.join(runs) or '?'} backend connector {plan.group(2)} ({plan.group(3)}) | "
+                  f"{err[0].split('GUEST-CLIENT ', 1)[1].strip() if err else 'no ERROR line'}"
                   + "".join(f"\nPROBLEM: {p}" for p in problems))
 
 
@@ -351,6 +517,12 @@ def _scenario(r: Run, s: str, res: Result) -> None:
         res.detail = f"before kill: {c1.detail}\nafter restart: {c2.detail}"
     elif s == "xen-two-domus":
         _two_domus(r, res, end)
+    elif s == "xen-noisy-neighbour":
+        _noisy_neighbour(r, res, end)
+    elif s == "xen-destroy-loop":
+        _destroy_loop(r, res, end)
+    elif s == "xen-refused":
+        _refused(r, res, end)
     elif s in ("xen-drvdom-bealloc", "xen-drvdom-copy"):
         _drvdom(r, res, end, bealloc=s == "xen-drvdom-bealloc")
     elif s in ("xen-bealloc", "xen-zcopy-auto-fallback") or s in ZCOPY_SCENARIOS:
@@ -471,7 +643,7 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
                 res.status = "FAIL"
                 mine = [l for _, l in v.lines[begin:]]
                 extra = [l.strip() for l in mine if re.search(
-                    r"HARNESS (BACKEND|XL-CREATE|TIMEOUT|GAVE-UP|GNTDEV|ZC|TWO)|GUEST-CLIENT ERROR|unable to add|panic|\[diag:"
+                    r"HARNESS (BACKEND|XL-CREATE|TIMEOUT|GAVE-UP|GNTDEV|ZC|TWO|NN|DLOOP|MAPS|REFUSED)|GUEST-CLIENT ERROR|unable to add|panic|\[diag:"
                     r"|\[be-log:\S+\].*(WARN|ERROR)", l)][:10]
                 res.detail = f"{e}" + "".join(f"\n  {l}" for l in extra)
                 # resynchronise on this scenario's end marker

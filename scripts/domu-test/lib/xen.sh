@@ -5,8 +5,9 @@
 # Sets XEN_BIN, DOM0_IMG, XEN_VERSION.
 
 DOM0_PACKAGES=xen-utils-4.17,xen-hypervisor-4.17-amd64,xenstore-utils,kmod,udev,procps,iproute2,busybox,pciutils
-# Modules Dom0 loads (closure from modules.dep is copied into the rootfs).
-DOM0_MODULES="xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd bochs virtio_blk ext4 crc32c_generic"
+# Modules Dom0 loads (closure from modules.dep is copied into the rootfs). virtio-gpu:
+# the two-head card of xen-noisy-neighbour (loaded by that scenario only).
+DOM0_MODULES="xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd bochs virtio-gpu virtio_blk ext4 crc32c_generic"
 DOM0_IMG_SIZE=1200M
 
 # The bookworm mirror the host's apt uses (override: DEBIAN_MIRROR).
