@@ -332,6 +332,24 @@ fn get_edid_describes_the_connector() {
 }
 
 #[test]
+fn get_edid_accepts_any_buffer_that_holds_the_edid_and_touches_only_its_page() {
+    let mut rig = Rig::new();
+    let mut fe = rig.guest(1, &[("Virtual-1", 1280, 720)]);
+    let want = fe.get_edid(0).unwrap();
+    let baseline = rig.sim.total_mapped_pages();
+    // Larger than XENDISPL_EDID_MAX_SIZE (displif.h asks for at least that much).
+    assert_eq!(fe.get_edid_sized(0, 64 * 1024, 64 * 1024).unwrap(), want);
+    // A huge buffer_sz backed by one page: only the first page is looked at.
+    assert_eq!(fe.get_edid_sized(0, u32::MAX, 4096).unwrap(), want);
+    assert_eq!(rig.sim.total_mapped_pages(), baseline);
+    // Smaller than the EDID: EINVAL.
+    assert!(matches!(
+        fe.get_edid_sized(0, 64, 4096),
+        Err(displback::sim::frontend::FrontError::Status(s)) if s == -libc::EINVAL
+    ));
+}
+
+#[test]
 fn backend_allocated_buffers_through_gntalloc() {
     let mut rig = Rig::new();
     let mut fe = rig.guest_with(1, true, &[("Virtual-1", 640, 480)]);

@@ -964,8 +964,13 @@ impl FrontendSim {
 
     /// GET_EDID on `conn` with a 32 KiB buffer; returns the EDID bytes.
     pub fn get_edid(&mut self, conn: u32) -> Result<Vec<u8>> {
-        let size = wire::EDID_MAX_SIZE;
-        let num_pages = size as usize / PAGE_SIZE;
+        self.get_edid_sized(conn, wire::EDID_MAX_SIZE, wire::EDID_MAX_SIZE)
+    }
+
+    /// GET_EDID on `conn` announcing `size` bytes in a buffer of `pages_bytes` bytes
+    /// (rounded up to pages).
+    pub fn get_edid_sized(&mut self, conn: u32, size: u32, pages_bytes: u32) -> Result<Vec<u8>> {
+        let num_pages = (pages_bytes as usize).div_ceil(PAGE_SIZE).max(1);
         let pages = self.mem.alloc(num_pages)?;
         let refs = self.grant(&pages)?;
         let (dir, dir_refs) = match self.build_dir(&refs, refs.len()) {
