@@ -137,6 +137,9 @@ pub struct Device {
     strikes: u32,
     /// When the live connection was made.
     connected_at: Option<Instant>,
+    /// `vdispl{dom, dev}`: entered by every method that logs, so log lines carry the
+    /// guest and device without hand-written fields.
+    span: tracing::Span,
 }
 
 /// What the server must do after a device changed.
@@ -204,7 +207,9 @@ impl Device {
             hold_until: None,
             strikes: 0,
             connected_at: None,
+            span: tracing::info_span!("vdispl", dom = dom.0, dev),
         };
+        let _span = d.span.clone().entered();
         // A previous backend may have left a live state: walk it through Closed so the
         // frontend notices, drops its device, and reconnects to us.
         let found = d.read_state(plat, &d.be_path.clone())?;
@@ -212,10 +217,7 @@ impl Device {
             found,
             XenbusState::Unknown | XenbusState::Initialising | XenbusState::Closed
         ) {
-            info!(
-                dom = dom.0,
-                dev, "taking over from a previous backend (state {found:?})"
-            );
+            info!(dev, "taking over from a previous backend (state {found:?})");
             d.write_state(plat, XenbusState::Closing)?;
             d.write_state(plat, XenbusState::Closed)?;
         }
@@ -233,12 +235,7 @@ impl Device {
     }
 
     fn write_state(&mut self, plat: &mut Platform, s: XenbusState) -> Result<(), XsError> {
-        debug!(
-            dom = self.dom.0,
-            dev = self.dev,
-            "backend state {:?} -> {s:?}",
-            self.state
-        );
+        debug!("backend state {:?} -> {s:?}", self.state);
         plat.store
             .write(Tx::NONE, &format!("{}/state", self.be_path), s.as_str())?;
         self.state = s;
@@ -252,6 +249,7 @@ impl Device {
         out: &mut dyn Output,
         fx: &mut Effects,
     ) -> Result<(), DeviceError> {
+        let _span = self.span.clone().entered();
         let Some(raw) = plat
             .store
             .read(Tx::NONE, &format!("{}/state", self.be_path))?
@@ -271,7 +269,7 @@ impl Device {
             || (actual != self.state
                 && matches!(actual, XenbusState::Closing | XenbusState::Closed));
         if removal && !self.removed {
-            info!(dom = self.dom.0, dev = self.dev, "removed by the toolstack");
+            info!("removed by the toolstack");
             self.removed = true;
             self.close(plat, out, fx, XenbusState::Closed)?;
             return Ok(());
@@ -287,7 +285,7 @@ impl Device {
         use XenbusState::*;
         match (fe, self.state) {
             (Initialising, Connected) => {
-                info!(dom = self.dom.0, dev = self.dev, "frontend restarted");
+                info!("frontend restarted");
                 self.close(plat, out, fx, InitWait)?;
                 self.hold_if_brief();
             }
@@ -297,16 +295,11 @@ impl Device {
             (Initialised, Initialising | InitWait) => match self.bind(plat, out, fx) {
                 Ok(()) => {
                     self.write_state(plat, Connected)?;
-                    info!(dom = self.dom.0, dev = self.dev, "connected");
+                    info!("connected");
                 }
                 Err(e) => {
                     if let Some(suppressed) = self.log.allow() {
-                        warn!(
-                            dom = self.dom.0,
-                            dev = self.dev,
-                            suppressed,
-                            "cannot connect: {e}"
-                        );
+                        warn!(suppressed, "cannot connect: {e}");
                     }
                     self.close(plat, out, fx, Closed)?;
                     // Bad ring refs or channels again and again: back off like any
@@ -315,7 +308,7 @@ impl Device {
                 }
             },
             (Closing | Closed | Unknown, Initialised | Connected) => {
-                info!(dom = self.dom.0, dev = self.dev, "frontend closed ({fe:?})");
+                info!("frontend closed ({fe:?})");
                 self.close(plat, out, fx, InitWait)?;
                 self.hold_if_brief();
             }
@@ -484,17 +477,18 @@ impl Device {
 
     /// Drop the live connection without touching XenStore (domain gone).
     pub fn teardown(&mut self, plat: &mut Platform, out: &mut dyn Output, fx: &mut Effects) {
+        let _span = self.span.clone().entered();
         if let Some(mut live) = self.live.take() {
             live.connection.close(out);
             for r in live.rings {
                 for port in [r.req_port, r.evt_port] {
                     if let Err(e) = plat.evtchn.unbind(port) {
-                        warn!(dom = self.dom.0, "unbinding {port:?}: {e}");
+                        warn!("unbinding {port:?}: {e}");
                     }
                     fx.unbound.push(port);
                 }
             }
-            info!(dom = self.dom.0, dev = self.dev, "connection closed");
+            info!("connection closed");
         }
     }
 
@@ -506,6 +500,7 @@ impl Device {
         out: &mut dyn Output,
         idx: u32,
     ) -> Result<RingTurn, RingError> {
+        let _span = self.span.clone().entered();
         let mut turn = RingTurn::default();
         let Some(live) = self.live.as_mut() else {
             return Ok(turn);
@@ -516,13 +511,12 @@ impl Device {
         if rings.deferred {
             return Ok(turn);
         }
-        let dom = self.dom;
         let t = serve_turn(
             &mut rings.req,
             &mut live.connection,
             idx,
             out,
-            |op, status| log_reply(dom, idx, op, status),
+            |op, status| log_reply(idx, op, status),
         )?;
         if t.notify {
             let _ = plat.evtchn.notify(rings.req_port);
@@ -545,6 +539,7 @@ impl Device {
     /// Hand the output the flips that waited for their refresh (see
     /// [`Connection::submit_queued`]); returns the bytes that cost.
     pub fn submit_queued(&mut self, plat: &mut Platform, out: &mut dyn Output) -> u64 {
+        let _span = self.span.clone().entered();
         let Some(live) = self.live.as_mut() else {
             return 0;
         };
@@ -578,6 +573,7 @@ impl Device {
     /// repeat (reset after a connection that lasted [`MAX_HOLD`]), so a guest looping
     /// through overflow-and-reconnect costs the loop little.
     pub fn hold(&mut self) {
+        let _span = self.span.clone().entered();
         if self.connected_at.is_some_and(|t| t.elapsed() >= MAX_HOLD) {
             self.strikes = 0;
         }
@@ -586,12 +582,7 @@ impl Device {
             .min(MAX_HOLD);
         self.strikes = self.strikes.saturating_add(1);
         self.hold_until = Some(Instant::now() + hold);
-        info!(
-            dom = self.dom.0,
-            dev = self.dev,
-            "held closed for {hold:?} (misbehaviour #{})",
-            self.strikes
-        );
+        info!("held closed for {hold:?} (misbehaviour #{})", self.strikes);
     }
 
     /// A connection the frontend dropped within a second of making it: a reconnect loop
@@ -633,6 +624,7 @@ impl Device {
         operation: u8,
         reply: Reply,
     ) -> bool {
+        let _span = self.span.clone().entered();
         let Some(live) = self.live.as_mut().filter(|l| l.serial == serial) else {
             return false;
         };
@@ -640,7 +632,7 @@ impl Device {
             return false;
         };
         rings.deferred = false;
-        log_reply(self.dom, idx, operation, reply.status);
+        log_reply(idx, operation, reply.status);
         rings
             .req
             .put_response(&encode_response(id, operation, reply.status, reply.edid_sz));
@@ -652,6 +644,7 @@ impl Device {
 
     /// Send the PG_FLIP event for a completed flip on connector `idx`.
     pub fn flip_done(&mut self, plat: &mut Platform, idx: u32, fb_cookie: u64) {
+        let _span = self.span.clone().entered();
         let Some(rings) = self
             .live
             .as_mut()
@@ -662,17 +655,17 @@ impl Device {
         if rings.backlog.len() >= EVENT_BACKLOG {
             if let Some(suppressed) = self.log.allow() {
                 warn!(
-                    dom = self.dom.0,
-                    suppressed, "event page of connector {idx} stuck: dropping a flip event"
+                    suppressed,
+                    "event page of connector {idx} stuck: dropping a flip event"
                 );
             }
             rings.backlog.pop_front();
         }
         rings.backlog.push_back(fb_cookie);
-        Self::flush_events(self.dom, plat, rings);
+        Self::flush_events(plat, rings);
     }
 
-    fn flush_events(dom: DomId, plat: &mut Platform, rings: &mut ConnectorRings) {
+    fn flush_events(plat: &mut Platform, rings: &mut ConnectorRings) {
         let mut sent = false;
         while let Some(&cookie) = rings.backlog.front() {
             match rings.evt.push(|id| encode_pg_flip_event(id, cookie)) {
@@ -681,7 +674,7 @@ impl Device {
                     sent = true;
                 }
                 Err(e) => {
-                    debug!(dom = dom.0, "{e}; {} events waiting", rings.backlog.len());
+                    debug!("{e}; {} events waiting", rings.backlog.len());
                     break;
                 }
             }
@@ -693,12 +686,12 @@ impl Device {
 
     /// Retry events held back by a full event page (called on any activity).
     pub fn retry_events(&mut self, plat: &mut Platform) {
-        if let Some(live) = self.live.as_mut() {
-            for rings in &mut live.rings {
-                if !rings.backlog.is_empty() {
-                    Self::flush_events(self.dom, plat, rings);
-                }
-            }
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        for rings in live.rings.iter_mut().filter(|r| !r.backlog.is_empty()) {
+            let _span = self.span.enter();
+            Self::flush_events(plat, rings);
         }
     }
 
@@ -715,9 +708,9 @@ impl Device {
 
 /// Debug log of a reply (the VM harness checks DBUF_DESTROY's status); flips, the
 /// bulk of the traffic, are left out.
-fn log_reply(dom: DomId, conn: u32, operation: u8, status: i32) {
+fn log_reply(conn: u32, operation: u8, status: i32) {
     if operation != crate::displif::wire::op::PG_FLIP {
-        debug!(dom = dom.0, conn, op = operation, status, "reply");
+        debug!(conn, op = operation, status, "reply");
     }
 }
 

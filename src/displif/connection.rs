@@ -409,7 +409,6 @@ impl Connection {
                 self.stats.refused(format!("{req:?}"), r.errno, &r.why);
                 if let Some(suppressed) = self.log.allow() {
                     warn!(
-                        dom = self.dom.0,
                         conn,
                         errno = r.errno,
                         suppressed,
@@ -632,7 +631,6 @@ impl Connection {
         self.cost += bytes;
         self.charged.add(&usage);
         debug!(
-            dom = self.dom.0,
             zero_copy = mem.import().is_some(),
             "dbuf {cookie:#x}: {width}x{height}@{bpp}, {buffer_sz} bytes, {pages} pages"
         );
@@ -755,8 +753,8 @@ impl Connection {
                 // Our fd is the only holder: dropping it releases the export at once.
                 if let Some(suppressed) = self.log.allow() {
                     info!(
-                        dom = self.dom.0,
-                        suppressed, "the output cannot import a dma-buf ({e}); copying this buffer"
+                        suppressed,
+                        "the output cannot import a dma-buf ({e}); copying this buffer"
                     );
                 }
                 Ok(None)
@@ -810,10 +808,7 @@ impl Connection {
             .map(|(c, _)| *c)
             .collect();
         for fb in orphans {
-            debug!(
-                dom = self.dom.0,
-                "fb {fb:#x} detached implicitly with its buffer"
-            );
+            debug!("fb {fb:#x} detached implicitly with its buffer");
             self.forget_fb(fb, out);
         }
         let Some(mem) = self.uncharge_buffer(buf.usage, buf.mem) else {
@@ -1209,10 +1204,8 @@ impl Connection {
                     self.events.push((idx as u32, cookie));
                     if let Some(suppressed) = self.log.allow() {
                         warn!(
-                            dom = self.dom.0,
                             conn = idx,
-                            suppressed,
-                            "queued flip of {cookie:#x} not shown: {why}"
+                            suppressed, "queued flip of {cookie:#x} not shown: {why}"
                         );
                     }
                 }
@@ -1255,10 +1248,7 @@ impl Connection {
         }
         let (dbufs, fbs) = self.counts();
         if dbufs + fbs > 0 {
-            info!(
-                dom = self.dom.0,
-                "closing with {dbufs} display buffers and {fbs} framebuffers live"
-            );
+            info!("closing with {dbufs} display buffers and {fbs} framebuffers live");
         }
         // The output's imports go with their buffers (framebuffers included).
         self.fbs.clear();
