@@ -7,11 +7,17 @@
 //! puts the other end back into the unbound state, where notifies are silently dropped.
 //! A fired port is reported once until it is drained (like the kernel's mask-until-
 //! unmask). Port numbers are per domain, start at 1 and are not reused.
+//!
+//! Like Xen's test-and-set of a port's pending bit, a notify of a port that is already
+//! pending is a lock-free no-op: each receiving port has a [`PortFlag`] that the
+//! notifier caches. Without it a guest kicking in a loop would make the backend wait for
+//! the table's lock, which a hypervisor does not do.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,10 +40,34 @@ struct Port {
     kind: PortKind,
 }
 
+/// A receiving port's state as its notifiers see it: [`IDLE`], [`PENDING`] (it is in
+/// its handle's `pending` list), or [`DEAD`] (the port is closed: look again).
+type PortFlag = Arc<AtomicU8>;
+const IDLE: u8 = 0;
+const PENDING: u8 = 1;
+const DEAD: u8 = 2;
+
 struct Handle {
     domid: DomId,
     efd: Arc<File>,
     pending: Vec<u32>,
+    /// Flags of this handle's ports that have been notified.
+    flags: HashMap<u32, PortFlag>,
+}
+
+impl Handle {
+    /// Empty `pending` into `out` (or drop it), marking the ports idle.
+    fn take_pending(&mut self, out: Option<&mut Vec<EvtchnPort>>) {
+        for p in &self.pending {
+            if let Some(f) = self.flags.get(p) {
+                f.store(IDLE, Ordering::Release);
+            }
+        }
+        match out {
+            Some(out) => out.extend(self.pending.drain(..).map(EvtchnPort)),
+            None => self.pending.clear(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -76,6 +106,9 @@ impl State {
         };
         if let Some(h) = self.handles.get_mut(&p.handle) {
             h.pending.retain(|&x| x != port);
+            if let Some(f) = h.flags.remove(&port) {
+                f.store(DEAD, Ordering::Release);
+            }
         }
         if let PortKind::Bound {
             remote,
@@ -125,6 +158,7 @@ impl EvtchnHub {
                 domid,
                 efd: Arc::clone(&efd),
                 pending: Vec::new(),
+                flags: HashMap::new(),
             },
         );
         Ok(SimEvtchn {
@@ -132,6 +166,7 @@ impl EvtchnHub {
             id,
             domid,
             efd,
+            peers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -149,7 +184,7 @@ impl EvtchnHub {
             st.close(domid, p);
         }
         for h in st.handles.values_mut().filter(|h| h.domid == domid) {
-            h.pending.clear();
+            h.take_pending(None);
         }
     }
 }
@@ -160,6 +195,8 @@ pub struct SimEvtchn {
     id: HandleId,
     domid: DomId,
     efd: Arc<File>,
+    /// Our bound port -> the flag of the peer port it notifies (the lock-free path).
+    peers: Mutex<HashMap<u32, PortFlag>>,
 }
 
 impl std::fmt::Debug for SimEvtchn {
@@ -279,6 +316,10 @@ impl EventChannels for SimEvtchn {
     }
 
     fn unbind(&mut self, local: EvtchnPort) -> Result<(), XenError> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&local.0);
         let mut st = self.hub.lock();
         st.owned(self.id, self.domid, local.0)?;
         st.close(self.domid, local.0);
@@ -286,6 +327,15 @@ impl EventChannels for SimEvtchn {
     }
 
     fn notify(&self, local: EvtchnPort) -> Result<(), XenError> {
+        let cached = self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&local.0)
+            .cloned();
+        if cached.is_some_and(|f| f.load(Ordering::Acquire) == PENDING) {
+            return Ok(());
+        }
         let mut st = self.hub.lock();
         let PortKind::Bound {
             remote,
@@ -309,11 +359,17 @@ impl EventChannels for SimEvtchn {
         let Some(h) = st.handles.get_mut(&peer_handle) else {
             return Ok(());
         };
+        let flag = Arc::clone(h.flags.entry(remote_port).or_default());
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(local.0, Arc::clone(&flag));
         if h.pending.contains(&remote_port) {
             // Already signalled and not drained yet: kicks coalesce, as in Xen.
             return Ok(());
         }
         h.pending.push(remote_port);
+        flag.store(PENDING, Ordering::Release);
         let efd = Arc::clone(&h.efd);
         // Signal outside the lock: the reader drains `pending` under the lock after
         // resetting the fd, so a late signal is at worst a spurious wake-up.
@@ -343,7 +399,7 @@ impl EventChannels for SimEvtchn {
                 })
             }
         }
-        out.extend(h.pending.drain(..).map(EvtchnPort));
+        h.take_pending(Some(out));
         Ok(())
     }
 
