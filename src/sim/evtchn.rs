@@ -195,8 +195,9 @@ pub struct SimEvtchn {
     id: HandleId,
     domid: DomId,
     efd: Arc<File>,
-    /// Our bound port -> the flag of the peer port it notifies (the lock-free path).
-    peers: Mutex<HashMap<u32, PortFlag>>,
+    /// Our bound port -> its own flag (DEAD once closed) and the flag of the peer port
+    /// it notifies (the lock-free path).
+    peers: Mutex<HashMap<u32, (PortFlag, PortFlag)>>,
 }
 
 impl std::fmt::Debug for SimEvtchn {
@@ -333,7 +334,9 @@ impl EventChannels for SimEvtchn {
             .unwrap_or_else(|e| e.into_inner())
             .get(&local.0)
             .cloned();
-        if cached.is_some_and(|f| f.load(Ordering::Acquire) == PENDING) {
+        if cached.is_some_and(|(own, peer)| {
+            own.load(Ordering::Acquire) != DEAD && peer.load(Ordering::Acquire) == PENDING
+        }) {
             return Ok(());
         }
         let mut st = self.hub.lock();
@@ -356,6 +359,13 @@ impl EventChannels for SimEvtchn {
             return Ok(());
         }
         let peer_handle = peer.handle;
+        let Some(own) = st
+            .handles
+            .get_mut(&self.id)
+            .map(|h| Arc::clone(h.flags.entry(local.0).or_default()))
+        else {
+            return Ok(());
+        };
         let Some(h) = st.handles.get_mut(&peer_handle) else {
             return Ok(());
         };
@@ -363,7 +373,7 @@ impl EventChannels for SimEvtchn {
         self.peers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(local.0, Arc::clone(&flag));
+            .insert(local.0, (own, Arc::clone(&flag)));
         if h.pending.contains(&remote_port) {
             // Already signalled and not drained yet: kicks coalesce, as in Xen.
             return Ok(());
