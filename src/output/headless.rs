@@ -199,8 +199,10 @@ impl Headless {
         }
     }
 
+    /// Keep `pixels` for a later capture: two per connector at most (its pending image
+    /// and the one it replaces).
     fn recycle_pixels(&mut self, pixels: Vec<u32>) {
-        if self.spare.len() < 8 {
+        if self.spare.len() < 2 * self.conns.len().max(1) {
             self.spare.push(pixels);
         }
     }
@@ -320,10 +322,8 @@ impl Output for Headless {
             Some(p) => {
                 // Latest wins: keep the tick, replace the image, remember the cookie.
                 let old = std::mem::replace(&mut p.image, image);
-                if self.spare.len() < 8 {
-                    self.spare.push(old.pixels);
-                }
                 p.cookies.push(frame.fb_cookie);
+                self.recycle_pixels(old.pixels);
             }
             None => {
                 c.pending = Some(Pending {
