@@ -382,8 +382,16 @@ fn isolation() {
         print_case(name, &s, &extra);
         worst = worst.max(s.p99);
     };
+    // ISOLATION_CASE=<part of a name> runs only the matching cases (profiling).
+    let only = std::env::var("ISOLATION_CASE").ok();
     for (name, make) in &cases {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         run_case(&mut rig, name, vec![(*name, make())]);
+    }
+    if only.is_some() {
+        return;
     }
     let all = cases.iter().map(|(n, m)| (*n, m())).collect();
     run_case(&mut rig, "all-at-once", all);
