@@ -3,9 +3,23 @@
 #   build.sh kms   -> kernel + busybox/module initramfs for the plain KMS VMs
 #   build.sh xen   -> kernel, Xen, Dom0 rootfs + stage-1 initramfs, DomU base initramfs
 #   build.sh dom0kernel -> the zero-copy Dom0 kernel (built from source; slow) + stage 1 without modules
+#   build.sh arm64 -> Xen 4.20 + Linux 6.12 arm64 (Debian trixie), out-of-tree modules, base initramfs images
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/common.sh"
+if [[ ${1:-} == arm64 ]]; then
+    source "$HERE/arm64-chroot.sh"
+    source "$HERE/arm64.sh"
+    prepare_arm64_images
+    echo "ARM64_KV=$ARM64_KV"
+    echo "ARM64_XEN=$ARM64_XEN"
+    echo "ARM64_XEN_VERSION=$ARM64_XEN_VERSION"
+    echo "ARM64_IMAGE=$ARM64_IMAGE"
+    echo "ARM64_DOM0_BASE=$ARM64_DOM0_BASE"
+    echo "ARM64_DOMU_BASE=$ARM64_DOMU_BASE"
+    echo "ARM64_KMODS=$ARM64_KMODS"
+    exit 0
+fi
 source "$HERE/kernel.sh"
 source "$HERE/initramfs.sh"
 
@@ -34,5 +48,5 @@ dom0kernel)
     echo "DOM0K_BUILD_SECS=$(cat "$DOM0K_DIR/build-secs")"
     echo "STAGE1_NOMOD_INITRAMFS=$(build_base_initramfs stage1-nomod "")"
     ;;
-*) die "usage: build.sh kms|xen|dom0kernel" ;;
+*) die "usage: build.sh kms|xen|dom0kernel|arm64" ;;
 esac

@@ -39,7 +39,7 @@ class Timeout(Exception):
 class VM:
     """A QEMU instance whose serial console is its stdout."""
 
-    def __init__(self, args: list[str], workdir: str, name: str):
+    def __init__(self, args: list[str], workdir: str, name: str, binary: str = "qemu-system-x86_64"):
         self.workdir = workdir
         self.name = name
         self.qmp_path = os.path.join(workdir, f"{name}.qmp")
@@ -49,7 +49,7 @@ class VM:
         # A human monitor socket for post-mortems of a hung VM (the harness uses only QMP):
         #   echo 'info registers' | socat - unix-connect:out/domu-test/NAME.hmp
         self.hmp_path = os.path.join(workdir, f"{name}.hmp")
-        cmd = ["qemu-system-x86_64", *args, "-serial", "stdio", "-monitor", "none",
+        cmd = [binary, *args, "-serial", "stdio", "-monitor", "none",
                "-qmp", f"unix:{self.qmp_path},server=on,wait=off", "-no-reboot",
                "-chardev", f"socket,id=hmp0,path={self.hmp_path},server=on,wait=off",
                "-mon", "chardev=hmp0,mode=readline"]
