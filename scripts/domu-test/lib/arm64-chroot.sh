@@ -79,7 +79,10 @@ _build_arm64_chroot() { # $1 = output dir; uses ARM64_KV, ARM64_CHROOT_PACKAGES
     local out=$1 root=$1/root mirror hdr
     mirror=$(arm64_mirror)
     log "debootstrap $ARM64_SUITE (amd64 chroot for the aarch64 cross build; ~1-2 min)"
-    debootstrap --variant=minbase --include=ca-certificates "$ARM64_SUITE" "$root" "$mirror" \
+    # In a mount namespace of its own: whatever debootstrap mounts in the target goes away
+    # with it, even if it is killed.
+    unshare --mount --propagation private \
+        debootstrap --variant=minbase --include=ca-certificates "$ARM64_SUITE" "$root" "$mirror" \
         > "$out/debootstrap.log" 2>&1 || { tail -20 "$out/debootstrap.log" >&2; return 1; }
     cp /etc/resolv.conf "$root/etc/resolv.conf"
     chroot "$root" dpkg --add-architecture arm64

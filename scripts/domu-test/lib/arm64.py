@@ -43,7 +43,7 @@ KERNEL_ADDR, INITRD_ADDR = "0x49000000", "0x4c000000"
 
 def build_bins(workdir: str) -> dict[str, str]:
     """scripts/build-arm64 (static aarch64, rustc 1.85): bin -> path or 'ERROR: ...'."""
-    log = os.path.join(workdir, "build-arm64.log")
+    log = os.path.join(workdir, "cargo-aarch64.log")  # build-arm64.log is the images build (build.sh arm64)
     with open(log, "w") as f:
         rc = subprocess.call([os.path.join(REPO, "scripts", "build-arm64"), *BINS], cwd=REPO,
                              stdout=f, stderr=subprocess.STDOUT)

@@ -76,8 +76,9 @@ content_hash() {
 build_once() {
     local dest=$1; shift
     [[ -e $dest/.done ]] && return 0
-    rm -rf "$dest.tmp"; mkdir -p "$dest.tmp"
-    "$@" "$dest.tmp" || { rm -rf "$dest.tmp"; die "building $(basename "$dest") failed"; }
+    # --one-file-system: never into a mount left inside (a chroot's /dev, /proc).
+    rm -rf --one-file-system "$dest.tmp"; mkdir -p "$dest.tmp"
+    "$@" "$dest.tmp" || { rm -rf --one-file-system "$dest.tmp"; die "building $(basename "$dest") failed"; }
     touch "$dest.tmp/.done"
-    rm -rf "$dest"; mv "$dest.tmp" "$dest"
+    rm -rf --one-file-system "$dest"; mv "$dest.tmp" "$dest"
 }
