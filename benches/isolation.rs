@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use displback::backend::mem::anonymous;
 use displback::backend::server::{Server, ServerConfig, StopHandle};
 use displback::backend::xenstore::XsClient;
 use displback::backend::DomId;
@@ -403,22 +402,28 @@ fn isolation() {
     );
 }
 
-/// Median time of one memcpy of `len` bytes, sources and destinations rotating through
-/// `n` buffers each (as many as the guests' framebuffers and the output's images, so
-/// both come from memory, not the cache, as the backend's do).
-fn memcpy_secs(len: usize, n: usize) -> f64 {
-    let srcs: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; len]).collect();
-    let dsts: Vec<_> = (0..n)
-        .map(|_| {
-            let d = anonymous(len).expect("mmap");
-            d.fill(0, len, 1).expect("touch");
-            d
+/// Median time of one memcpy of `len` bytes out of simulated guest pages (a shared
+/// memfd mapping with 4 KiB pages, as the guests' framebuffers are, and as real grant
+/// mappings are) into a pixel vector like the output's images, sources and
+/// destinations rotating through `n` buffers each (so both come from memory, not the
+/// cache, as the backend's do).
+fn memcpy_secs(sim: &SimXen, len: usize, n: usize) -> f64 {
+    let mem = sim.guest_mem(DomId(999));
+    let srcs: Vec<_> = (0..n)
+        .map(|i| {
+            let p = mem.alloc(len.div_ceil(4096)).expect("guest pages");
+            p.region().fill(0, len, i as u8).expect("fill");
+            p
         })
         .collect();
+    let mut dsts: Vec<Vec<u8>> = (0..n).map(|_| vec![1u8; len]).collect();
     let mut t: Vec<f64> = (0..4 * n)
         .map(|i| {
             let s = Instant::now();
-            dsts[(i * 7) % n].write(0, black_box(&srcs[i % n])).unwrap();
+            srcs[i % n]
+                .region()
+                .read(0, black_box(&mut dsts[(i * 7) % n]))
+                .unwrap();
             black_box(&dsts);
             s.elapsed().as_secs_f64()
         })
@@ -498,7 +503,7 @@ fn scale() {
     let frames = frames1 - frames0;
     let frame_bytes = (W * H * 4) as usize;
     let cpu = (cpu1 - cpu0) as f64 / 1e9;
-    let memcpy = memcpy_secs(frame_bytes, usize::from(GUESTS) * 2 * 2) * frames as f64;
+    let memcpy = memcpy_secs(&rig.sim, frame_bytes, usize::from(GUESTS) * 2 * 2) * frames as f64;
     let s = stats(lat);
     println!(
         "isolation scale: {GUESTS} guests x 2 connectors {W}x{H} at 60 Hz: {:.1} frames/s copied, \
