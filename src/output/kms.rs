@@ -42,7 +42,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use drm::buffer::{Buffer as _, DrmFourcc, DrmModifier, PlanarBuffer};
@@ -498,9 +498,32 @@ struct Active {
     saved: SavedCrtc,
     /// The atomic path's objects, properties and saved state; `None`: legacy.
     atomic: Option<AtomicState>,
+    /// When the last flip was submitted: flips are paced to the mode's refresh even on
+    /// drivers that complete them sooner (virtio-gpu has no vblank).
+    last_submit: Option<Instant>,
+    /// A caller was told "busy" because of that pacing: [`Output::next_deadline`] wakes
+    /// the loop when the pause ends.
+    paced: std::cell::Cell<bool>,
 }
 
 impl Active {
+    /// The shortest time between two flips: the mode's refresh period (60 Hz if the
+    /// mode does not say) less 2 ms (a flip submitted after a vblank event still makes
+    /// the next vblank).
+    fn min_interval(&self) -> Duration {
+        let hz = match self.mode.vrefresh() {
+            r @ 20..=1000 => u64::from(r),
+            _ => 60,
+        };
+        Duration::from_micros(1_000_000 / hz).saturating_sub(Duration::from_millis(2))
+    }
+
+    /// When the pacing lets the next flip go, if later than now.
+    fn paced_until(&self, now: Instant) -> Option<Instant> {
+        let at = self.last_submit? + self.min_interval();
+        (at > now).then_some(at)
+    }
+
     /// The framebuffer of flip target `b` and where its image starts.
     fn target(&self, b: usize) -> Option<(framebuffer::Handle, (u32, u32))> {
         match b.checked_sub(NBUF) {
@@ -1574,6 +1597,8 @@ impl Kms {
                 },
                 saved,
                 atomic: st,
+                last_submit: None,
+                paced: std::cell::Cell::new(false),
             });
         }
         Ok(())
@@ -1760,6 +1785,8 @@ impl Output for Kms {
         };
         self.counts.count(frame);
         if let Some(b) = a.flips.push_to(target, frame.fb_cookie()) {
+            a.last_submit = Some(Instant::now());
+            a.paced.set(false);
             match a.submit_flip(&self.card, b) {
                 Ok(false) => {}
                 Ok(true) => kc.fell_back(conn),
@@ -1778,10 +1805,15 @@ impl Output for Kms {
     }
 
     fn flip_busy(&self, conn: ConnectorId) -> bool {
-        self.conns
-            .get(&conn)
-            .and_then(|c| c.active.as_ref())
-            .is_some_and(|a| a.flips.busy())
+        let Some(a) = self.conns.get(&conn).and_then(|c| c.active.as_ref()) else {
+            return false;
+        };
+        if a.flips.busy() {
+            return true;
+        }
+        let paced = a.paced_until(Instant::now()).is_some();
+        a.paced.set(paced);
+        paced
     }
 
     fn event_fd(&self) -> Option<RawFd> {
@@ -1789,14 +1821,26 @@ impl Output for Kms {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        if self.immediate.is_empty() {
-            None
-        } else {
-            Some(Instant::now())
+        let now = Instant::now();
+        if !self.immediate.is_empty() {
+            return Some(now);
         }
+        // Connectors whose flip waits for the refresh pacing.
+        self.conns
+            .values()
+            .filter_map(|c| c.active.as_ref())
+            .filter(|a| a.paced.get())
+            .map(|a| a.paced_until(now).unwrap_or(now))
+            .min()
     }
 
-    fn dispatch(&mut self, _now: Instant, done: &mut Vec<FlipDone>) {
+    fn dispatch(&mut self, now: Instant, done: &mut Vec<FlipDone>) {
+        // A pacing pause that ended: the next `flip_busy` says free again.
+        for a in self.conns.values().filter_map(|c| c.active.as_ref()) {
+            if a.paced.get() && a.paced_until(now).is_none() {
+                a.paced.set(false);
+            }
+        }
         done.append(&mut self.immediate);
         self.read_events(done);
     }
