@@ -217,7 +217,7 @@ impl Device {
             found,
             XenbusState::Unknown | XenbusState::Initialising | XenbusState::Closed
         ) {
-            info!(dev, "taking over from a previous backend (state {found:?})");
+            info!("taking over from a previous backend (state {found:?})");
             d.write_state(plat, XenbusState::Closing)?;
             d.write_state(plat, XenbusState::Closed)?;
         }
@@ -537,19 +537,19 @@ impl Device {
     }
 
     /// Hand the output the flips that waited for their refresh (see
-    /// [`Connection::submit_queued`]); returns the bytes that cost.
-    pub fn submit_queued(&mut self, plat: &mut Platform, out: &mut dyn Output) -> u64 {
+    /// [`Connection::submit_queued`]).
+    pub fn submit_queued(&mut self, plat: &mut Platform, out: &mut dyn Output) {
         let _span = self.span.clone().entered();
         let Some(live) = self.live.as_mut() else {
-            return 0;
+            return;
         };
         if !live.connection.has_queued_flips() {
-            return 0;
+            return;
         }
         live.connection.submit_queued(out);
-        let cost = live.connection.take_cost();
+        // Refresh-paced copies are not a ring's turn: nothing is charged for them.
+        live.connection.take_cost();
         self.send_connection_events(plat);
-        cost
     }
 
     /// True if a flip of this device waits for its refresh.

@@ -203,8 +203,8 @@ impl GuestBudget {
         self.lock().retained.push(Retained { pages, bytes });
     }
 
-    /// Release retained pages the guest has stopped mapping; returns the bytes freed.
-    pub fn sweep(&self, alloc: &dyn GrantAllocator) -> u64 {
+    /// Release retained pages the guest has stopped mapping.
+    pub fn sweep(&self, alloc: &dyn GrantAllocator) {
         let mut s = self.lock();
         let mut freed = 0;
         let mut keep = Vec::with_capacity(s.retained.len());
@@ -217,7 +217,6 @@ impl GuestBudget {
         }
         s.retained = keep;
         s.used.sub(&Usage::bytes(freed));
-        freed
     }
 
     /// Retained pages of exactly `pages` pages, zeroed and uncharged, for a new be-alloc
