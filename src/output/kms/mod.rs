@@ -34,434 +34,40 @@
 //! [`Kms::frame_counts`] tells copies from direct scanouts.
 
 pub mod atomic;
+mod flip_queue;
+mod import;
+mod mode;
+mod scanout;
+
+pub use flip_queue::{FlipQueue, NBUF};
+pub use mode::{choose_mode, connector_name, Fit, Layout, ModeInfo, Placement};
+pub use scanout::Card;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{File, OpenOptions};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use drm::buffer::{Buffer as _, DrmFourcc, DrmModifier, PlanarBuffer};
-use drm::control::dumbbuffer::DumbBuffer;
+use drm::buffer::{Buffer as _, DrmFourcc};
 use drm::control::{
     connector, crtc, framebuffer, plane, Device as ControlDevice, Event, FbCmd2Flags, Mode,
-    ModeFlags, ModeTypeFlags, PageFlipFlags,
+    PageFlipFlags,
 };
 use drm::{ClientCapability, Device as _, DriverCapability};
 
 use self::atomic::{AtomicState, PlaneGeom};
+use self::import::{KmsDumb, KmsImport, Planar};
+use self::scanout::ScanBuf;
 use super::convert::Copier;
 use super::{
-    ConnectorId, FbLayout, FlipDone, Frame, FrameSource, ImportId, ImportedFb, ImportedFrame,
-    Output, OutputError,
+    ConnectorId, FbLayout, FlipDone, FrameSource, ImportId, ImportedFb, ImportedFrame, Output,
+    OutputError,
 };
-use crate::backend::xen::PAGE_SIZE;
-use crate::displif::format::PixelFormat;
-use crate::zcopy::{DmaBufFd, ScanoutImport};
-
-/// Scanout buffers per active connector: front, in flight, and queued (latest wins).
-const NBUF: usize = 3;
-
-/// The KMS name of a connector: `<type>-<type id>`, e.g. `HDMI-A-1`, `Virtual-1`.
-pub fn connector_name(interface: connector::Interface, type_id: u32) -> String {
-    format!("{}-{}", interface.as_str(), type_id)
-}
-
-/// What [`choose_mode`] looks at in a mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ModeInfo {
-    pub width: u32,
-    pub height: u32,
-    pub refresh: u32,
-    pub preferred: bool,
-    pub interlaced: bool,
-}
-
-impl From<&Mode> for ModeInfo {
-    fn from(m: &Mode) -> Self {
-        let (w, h) = m.size();
-        ModeInfo {
-            width: u32::from(w),
-            height: u32::from(h),
-            refresh: m.vrefresh(),
-            preferred: m.mode_type().contains(ModeTypeFlags::PREFERRED),
-            interlaced: m.flags().contains(ModeFlags::INTERLACE),
-        }
-    }
-}
-
-/// How a guest image sits in the chosen mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fit {
-    /// The mode has the image's size.
-    Exact,
-    /// The mode is larger: the image is centred on black.
-    Letterbox,
-    /// No mode is large enough: the centre of the image is shown.
-    Crop,
-}
-
-/// Pick a mode for a `width` x `height` guest image: an exact size match (preferred
-/// first, then progressive, then the highest refresh); else the preferred mode if the
-/// image fits in it; else the smallest mode the image fits in; else the preferred mode
-/// (cropping). `None` only if there are no modes.
-pub fn choose_mode(modes: &[ModeInfo], width: u32, height: u32) -> Option<(usize, Fit)> {
-    let exact = modes
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.width == width && m.height == height)
-        .max_by_key(|(i, m)| (m.preferred, !m.interlaced, m.refresh, std::cmp::Reverse(*i)));
-    if let Some((i, _)) = exact {
-        return Some((i, Fit::Exact));
-    }
-    let preferred = modes
-        .iter()
-        .position(|m| m.preferred)
-        .or(if modes.is_empty() { None } else { Some(0) })?;
-    let fits = |m: &ModeInfo| m.width >= width && m.height >= height;
-    if fits(&modes[preferred]) {
-        return Some((preferred, Fit::Letterbox));
-    }
-    let smallest = modes
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| fits(m))
-        .min_by_key(|(i, m)| {
-            (
-                u64::from(m.width) * u64::from(m.height),
-                m.interlaced,
-                std::cmp::Reverse(m.refresh),
-                *i,
-            )
-        });
-    match smallest {
-        Some((i, _)) => Some((i, Fit::Letterbox)),
-        None => Some((preferred, Fit::Crop)),
-    }
-}
-
-/// Where the visible part of a guest image goes in a scanout buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Placement {
-    /// Top-left of the image in the buffer.
-    pub dst_x: u32,
-    pub dst_y: u32,
-    /// Top-left of the shown part of the image (non-zero when cropping).
-    pub src_x: u32,
-    pub src_y: u32,
-    /// Size of the shown part.
-    pub width: u32,
-    pub height: u32,
-}
-
-impl Placement {
-    /// Centre a `w` x `h` image in a `mode_w` x `mode_h` buffer, cropping its centre if
-    /// it is larger. With `even_x` the crop starts on an even column (YUYV pairs).
-    pub fn centre(mode_w: u32, mode_h: u32, w: u32, h: u32, even_x: bool) -> Placement {
-        fn axis(mode: u32, img: u32) -> (u32, u32, u32) {
-            if img <= mode {
-                ((mode - img) / 2, 0, img)
-            } else {
-                (0, (img - mode) / 2, mode)
-            }
-        }
-        let (dst_x, mut src_x, width) = axis(mode_w, w);
-        let (dst_y, src_y, height) = axis(mode_h, h);
-        if even_x {
-            src_x &= !1;
-        }
-        Placement {
-            dst_x,
-            dst_y,
-            src_x,
-            src_y,
-            width,
-            height,
-        }
-    }
-
-    /// True if the image covers the whole `mode_w` x `mode_h` buffer.
-    pub fn covers(&self, mode_w: u32, mode_h: u32) -> bool {
-        self.dst_x == 0 && self.dst_y == 0 && self.width == mode_w && self.height == mode_h
-    }
-
-    /// The shown part of `frame` as a frame of its own; `None` on overflow.
-    pub fn crop<'a>(&self, frame: &Frame<'a>) -> Option<Frame<'a>> {
-        let bytes_pp = (frame.format.bpp() / 8) as usize;
-        let off = (self.src_y as usize)
-            .checked_mul(frame.pitch as usize)?
-            .checked_add((self.src_x as usize).checked_mul(bytes_pp)?)?;
-        Some(Frame {
-            offset: frame.offset.checked_add(off)?,
-            width: self.width,
-            height: self.height,
-            ..*frame
-        })
-    }
-
-    /// Byte offset of the image's top-left in a buffer with `pitch` (4 bytes a pixel).
-    pub fn dst_offset(&self, pitch: usize) -> Option<usize> {
-        (self.dst_y as usize)
-            .checked_mul(pitch)?
-            .checked_add((self.dst_x as usize).checked_mul(4)?)
-    }
-}
-
-/// How a connector's current mode shows guest images (for [`Layout::holds_for`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Layout {
-    /// The plane scales the image (buffers of the guest's size).
-    pub plane_fit: bool,
-    /// On the atomic path.
-    pub atomic: bool,
-    /// Buffer size.
-    pub size: (u32, u32),
-    /// The guest size the layout was chosen for.
-    pub guest: (u32, u32),
-}
-
-impl Layout {
-    /// In the same mode, can a `guest`-sized image with `fit` be shown by just
-    /// swapping buffers? A plane-fitted layout holds for its own size (atomic only);
-    /// a copy layout always on the legacy path or for an exact mode, and on the atomic
-    /// path for the guest size whose scaling was already decided.
-    pub fn holds_for(&self, fit: Fit, guest: (u32, u32)) -> bool {
-        if self.plane_fit {
-            self.atomic && self.size == guest
-        } else {
-            fit == Fit::Exact || !self.atomic || self.guest == guest
-        }
-    }
-}
-
-#[derive(Debug)]
-struct InFlight {
-    buf: usize,
-    cookies: Vec<u64>,
-    /// A SET_CONFIG replaced the image while this flip was in flight: when it
-    /// completes, the front buffer stays what the SET_CONFIG showed.
-    superseded: bool,
-}
-
-/// Which of the [`NBUF`] buffers is scanned out, in flight, or queued, and which guest
-/// cookies each flip completes. Pure state; the caller does the ioctls.
-///
-/// Indices from [`NBUF`] on name imported guest framebuffers (zero-copy targets, pushed
-/// with [`FlipQueue::push_to`]); [`FlipQueue::back`] only ever returns our own buffers.
-#[derive(Debug)]
-pub struct FlipQueue {
-    front: usize,
-    in_flight: Option<InFlight>,
-    queued: Option<(usize, Vec<u64>)>,
-}
-
-impl FlipQueue {
-    /// Buffer `front` is being scanned out, nothing pending.
-    pub fn new(front: usize) -> Self {
-        FlipQueue {
-            front,
-            in_flight: None,
-            queued: None,
-        }
-    }
-
-    /// The buffer being scanned out.
-    pub fn front(&self) -> usize {
-        self.front
-    }
-
-    /// Buffer `front` is being put on screen by a commit whose completion event is to
-    /// come (a non-blocking modeset): busy until [`FlipQueue::complete`], which reports
-    /// no cookies.
-    pub fn showing(front: usize) -> Self {
-        FlipQueue {
-            front,
-            in_flight: Some(InFlight {
-                buf: front,
-                cookies: Vec::new(),
-                superseded: false,
-            }),
-            queued: None,
-        }
-    }
-
-    /// True while a flip is submitted and not yet complete.
-    pub fn busy(&self) -> bool {
-        self.in_flight.is_some()
-    }
-
-    /// The buffer to draw the next image into: neither scanned out nor in flight (the
-    /// queued buffer if there is one: latest wins overwrites it).
-    pub fn back(&self) -> usize {
-        if let Some((b, _)) = &self.queued {
-            if *b < NBUF {
-                return *b;
-            }
-        }
-        let busy = self.in_flight.as_ref().map(|f| f.buf);
-        (0..NBUF)
-            .find(|&b| b != self.front && Some(b) != busy)
-            .unwrap_or((self.front + 1) % NBUF)
-    }
-
-    /// A flip of [`FlipQueue::back`] with `cookie` was drawn. Returns the buffer to
-    /// submit now, or `None` if it is queued behind the flip in flight.
-    pub fn push(&mut self, cookie: u64) -> Option<usize> {
-        self.push_to(self.back(), cookie)
-    }
-
-    /// A flip to buffer `b` (ours from [`FlipQueue::back`], or an imported target).
-    /// Returns the buffer to submit now, or `None` if it is queued (latest wins).
-    pub fn push_to(&mut self, b: usize, cookie: u64) -> Option<usize> {
-        if self.in_flight.is_none() {
-            self.in_flight = Some(InFlight {
-                buf: b,
-                cookies: vec![cookie],
-                superseded: false,
-            });
-            return Some(b);
-        }
-        match &mut self.queued {
-            Some((target, cookies)) => {
-                *target = b;
-                cookies.push(cookie);
-            }
-            None => self.queued = Some((b, vec![cookie])),
-        }
-        None
-    }
-
-    /// True if `b` is scanned out, in flight or queued.
-    pub fn uses(&self, b: usize) -> bool {
-        self.front == b
-            || self.in_flight.as_ref().is_some_and(|f| f.buf == b)
-            || self.queued.as_ref().is_some_and(|(q, _)| *q == b)
-    }
-
-    /// Submitting the flip in flight failed: drop it; returns its cookies.
-    pub fn submit_failed(&mut self) -> Vec<u64> {
-        self.in_flight.take().map(|f| f.cookies).unwrap_or_default()
-    }
-
-    /// The flip in flight completed: returns its cookies (oldest first) and the queued
-    /// buffer to submit next, which becomes the flip in flight.
-    pub fn complete(&mut self) -> (Vec<u64>, Option<usize>) {
-        let Some(f) = self.in_flight.take() else {
-            return (Vec::new(), None);
-        };
-        if !f.superseded {
-            self.front = f.buf;
-        }
-        let next = self.queued.take().map(|(b, cookies)| {
-            self.in_flight = Some(InFlight {
-                buf: b,
-                cookies,
-                superseded: false,
-            });
-            b
-        });
-        (f.cookies, next)
-    }
-
-    /// A SET_CONFIG showed `buf` (which was [`FlipQueue::back`]) directly. The queued
-    /// flip is older, so it is dropped: returns its cookies to report done now.
-    pub fn modeset(&mut self, buf: usize) -> Vec<u64> {
-        let queued = self.queued.take().map(|(_, c)| c).unwrap_or_default();
-        if let Some(f) = &mut self.in_flight {
-            f.superseded = true;
-        }
-        self.front = buf;
-        queued
-    }
-
-    /// A SET_CONFIG put `buf` on screen with a non-blocking commit (nothing was in
-    /// flight): busy until its event, which reports no cookies. The queued flip is older:
-    /// returns its cookies to report done now.
-    pub fn show(&mut self, buf: usize) -> Vec<u64> {
-        let queued = self.queued.take().map(|(_, c)| c).unwrap_or_default();
-        self.in_flight = Some(InFlight {
-            buf,
-            cookies: Vec::new(),
-            superseded: false,
-        });
-        queued
-    }
-
-    /// Forget everything; returns all outstanding cookies, oldest first.
-    pub fn drain(&mut self) -> Vec<u64> {
-        let mut out = self.submit_failed();
-        if let Some((_, c)) = self.queued.take() {
-            out.extend(c);
-        }
-        out
-    }
-}
-
-/// A DRM card's device file, with the drm crate's device traits (also used by the
-/// harness programs in `src/bin`).
-pub struct Card(pub File);
-
-impl AsFd for Card {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
-    }
-}
-
-impl drm::Device for Card {}
-impl ControlDevice for Card {}
-
-/// A persistent CPU mapping of a dumb buffer (the drm crate's mapping borrows the
-/// buffer and unmaps on drop; we keep ours for the buffer's whole life instead of
-/// faulting the pages in again every frame).
-struct DumbMap {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory owned by this value alone; moving it to
-// another thread moves the only way to reach it.
-unsafe impl Send for DumbMap {}
-
-impl DumbMap {
-    fn new(card: &Card, buffer: &DumbBuffer) -> std::io::Result<DumbMap> {
-        let mut copy = *buffer;
-        let mut mapping = card.map_dumb_buffer(&mut copy)?;
-        let bytes: &mut [u8] = &mut mapping;
-        let len = bytes.len();
-        let ptr = NonNull::new(bytes.as_mut_ptr()).ok_or(std::io::ErrorKind::InvalidData)?;
-        // Keep the mmap alive: from here on our Drop unmaps it.
-        std::mem::forget(mapping);
-        Ok(DumbMap { ptr, len })
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr..ptr+len` is a MAP_SHARED read/write mapping that stays mapped
-        // until our Drop; `&mut self` makes this the only live reference into it. The
-        // GEM object outlives the mapping (an mmap holds a reference), and the display
-        // engine reading it concurrently is DMA, not a Rust access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for DumbMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the range mmap returned (forgotten by the drm
-        // crate's mapping), once; no slice into it outlives `&mut self`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
-struct ScanBuf {
-    db: DumbBuffer,
-    fb: framebuffer::Handle,
-    map: DumbMap,
-    /// The placement last drawn with: a different one first clears the borders.
-    drawn: Option<Placement>,
-}
+use crate::zcopy::DmaBufFd;
 
 /// A CRTC's state before we took it.
 #[derive(Debug)]
@@ -593,91 +199,6 @@ impl Active {
             .map_err(|_| e)?;
         self.atomic = None;
         Ok(true)
-    }
-}
-
-/// A dma-buf imported into the card (or a be-alloc dumb buffer), and its framebuffers.
-struct KmsImport {
-    handle: drm::buffer::Handle,
-    /// A PRIME import: GEM_CLOSE on release. A be-alloc dumb buffer's handle is freed
-    /// by its [`KmsDumb`] instead.
-    close_handle: bool,
-    fbs: Vec<ImportedFb>,
-}
-
-/// A guest framebuffer in an imported buffer, for AddFB2.
-struct Planar {
-    size: (u32, u32),
-    format: DrmFourcc,
-    pitch: u32,
-    offset: u32,
-    handle: drm::buffer::Handle,
-}
-
-impl PlanarBuffer for Planar {
-    fn size(&self) -> (u32, u32) {
-        self.size
-    }
-    fn format(&self) -> DrmFourcc {
-        self.format
-    }
-    fn modifier(&self) -> Option<DrmModifier> {
-        None
-    }
-    fn pitches(&self) -> [u32; 4] {
-        [self.pitch, 0, 0, 0]
-    }
-    fn handles(&self) -> [Option<drm::buffer::Handle>; 4] {
-        [Some(self.handle), None, None, None]
-    }
-    fn offsets(&self) -> [u32; 4] {
-        [self.offset, 0, 0, 0]
-    }
-}
-
-/// A be-alloc dumb buffer of the card. The [`Kms`] output takes it off screen and
-/// removes its framebuffers ([`Output::release_import`]); this frees the buffer itself.
-struct KmsDumb {
-    card: Arc<Card>,
-    db: DumbBuffer,
-    freed: bool,
-}
-
-impl ScanoutImport for KmsDumb {
-    fn on_screen(&self) -> bool {
-        false // Output::release_import ran first
-    }
-    fn take_off_screen(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn release(&mut self) -> std::io::Result<()> {
-        if std::mem::replace(&mut self.freed, true) {
-            return Ok(());
-        }
-        self.card.destroy_dumb_buffer(self.db)
-    }
-}
-
-impl crate::zcopy::DumbBuffer for KmsDumb {
-    fn size(&self) -> usize {
-        // CREATE_DUMB rounds `pitch * height` up to whole pages.
-        (self.db.pitch() as usize * self.db.size().1 as usize).next_multiple_of(PAGE_SIZE)
-    }
-    fn pitch(&self) -> u32 {
-        self.db.pitch()
-    }
-    fn prime_fd(&self) -> std::io::Result<DmaBufFd> {
-        let flags = (libc::O_CLOEXEC | libc::O_RDWR) as u32;
-        let fd = self.card.buffer_to_prime_fd(self.db.handle(), flags)?;
-        Ok(DmaBufFd::from_owned(fd))
-    }
-}
-
-impl Drop for KmsDumb {
-    fn drop(&mut self) {
-        if let Err(e) = self.release() {
-            tracing::debug!("freeing a be-alloc dumb buffer: {e}");
-        }
     }
 }
 
@@ -908,8 +429,7 @@ impl Kms {
             };
             let b = a.flips.back();
             let buf = &mut a.bufs[b];
-            buf.map.bytes().fill(0);
-            buf.drawn = None;
+            buf.clear();
             let black = buf.fb;
             match a.show_now(&self.card, phys, black, (0, 0)) {
                 Ok(fell_back) => {
@@ -1082,87 +602,6 @@ impl Kms {
         true
     }
 
-    fn alloc_buffers(&self, (w, h): (u32, u32)) -> std::io::Result<Vec<ScanBuf>> {
-        let mut bufs = Vec::with_capacity(NBUF);
-        for _ in 0..NBUF {
-            match self.alloc_buffer(w, h) {
-                Ok(b) => bufs.push(b),
-                Err(e) => {
-                    Self::free_buffers(&self.card, bufs);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(bufs)
-    }
-
-    fn alloc_buffer(&self, w: u32, h: u32) -> std::io::Result<ScanBuf> {
-        let db = self
-            .card
-            .create_dumb_buffer((w, h), DrmFourcc::Xrgb8888, 32)?;
-        let fb = match self.card.add_framebuffer(&db, 24, 32) {
-            Ok(fb) => fb,
-            Err(e) => {
-                let _ = self.card.destroy_dumb_buffer(db);
-                return Err(e);
-            }
-        };
-        match DumbMap::new(&self.card, &db) {
-            Ok(map) => Ok(ScanBuf {
-                db,
-                fb,
-                map,
-                drawn: None,
-            }),
-            Err(e) => {
-                let _ = self.card.destroy_framebuffer(fb);
-                let _ = self.card.destroy_dumb_buffer(db);
-                Err(e)
-            }
-        }
-    }
-
-    fn free_buffers(card: &Card, bufs: Vec<ScanBuf>) {
-        for b in bufs {
-            if let Err(e) = card.destroy_framebuffer(b.fb) {
-                tracing::debug!("destroying framebuffer: {e}");
-            }
-            drop(b.map);
-            if let Err(e) = card.destroy_dumb_buffer(b.db) {
-                tracing::debug!("destroying dumb buffer: {e}");
-            }
-        }
-    }
-
-    /// Copy the visible part of `frame` into `buf` (a `size` XRGB8888 buffer).
-    fn draw(
-        copier: &mut Copier,
-        buf: &mut ScanBuf,
-        size: (u32, u32),
-        frame: &Frame<'_>,
-    ) -> Result<(), OutputError> {
-        let even_x = frame.format == PixelFormat::Yuyv;
-        let pl = Placement::centre(size.0, size.1, frame.width, frame.height, even_x);
-        let sub = pl.crop(frame).ok_or(OutputError::Format(frame.format))?;
-        let pitch = buf.db.pitch() as usize;
-        let start = pl
-            .dst_offset(pitch)
-            .ok_or(OutputError::Format(frame.format))?;
-        let covers = pl.covers(size.0, size.1);
-        let bytes = buf.map.bytes();
-        if buf.drawn != Some(pl) && !covers {
-            bytes.fill(0);
-        }
-        // Invalidate first: a failed copy must not leave "drawn" claiming clean borders.
-        buf.drawn = None;
-        let dst = bytes
-            .get_mut(start..)
-            .ok_or(OutputError::Format(frame.format))?;
-        copier.copy_xrgb8888(&sub, dst, pitch)?;
-        buf.drawn = Some(pl);
-        Ok(())
-    }
-
     fn deactivate(&mut self, conn: ConnectorId, report: bool) {
         let Some(kc) = self.conns.get_mut(&conn) else {
             return;
@@ -1183,7 +622,7 @@ impl Kms {
         // so it cannot complete a later flip on the same CRTC early.
         let restored = Self::restore_active(&self.card, a.crtc, &a.saved, a.atomic.as_ref());
         tracing::info!(?conn, connector = %kc.name, restored, "display disabled");
-        Self::free_buffers(&self.card, a.bufs);
+        drop(a.bufs);
         if busy {
             self.pump_events_into_immediate();
         }
@@ -1252,13 +691,11 @@ impl Kms {
             FrameSource::Imported(f) => Some(self.imported_fb(f, size).map_err(ShowError::Other)?),
             FrameSource::Mapped(_) => None,
         };
-        let mut bufs = self
-            .alloc_buffers(size)
-            .map_err(|e| ShowError::Other(e.into()))?;
+        let mut bufs = ScanBuf::set(&self.card, size).map_err(|e| ShowError::Other(e.into()))?;
         let fb = match (frame, direct_fb) {
             (FrameSource::Imported(_), Some(fb)) => Ok(fb),
             (FrameSource::Mapped(f), _) => {
-                Self::draw(&mut self.copier, &mut bufs[0], size, f).map(|()| bufs[0].fb)
+                bufs[0].draw(&mut self.copier, size, f).map(|()| bufs[0].fb)
             }
             (FrameSource::Imported(_), None) => Err(OutputError::NotConfigured),
         };
@@ -1302,7 +739,7 @@ impl Kms {
                 Ok(bufs)
             }
             Err(e) => {
-                Self::free_buffers(&self.card, bufs);
+                drop(bufs);
                 Err(e)
             }
         }
@@ -1371,7 +808,7 @@ impl Kms {
                 (FrameSource::Imported(_), Some(fb)) => (a.direct_target(fb, pos), fb),
                 (FrameSource::Mapped(f), _) => {
                     let b = a.flips.back();
-                    Self::draw(&mut self.copier, &mut a.bufs[b], a.size, f)?;
+                    a.bufs[b].draw(&mut self.copier, a.size, f)?;
                     (b, a.bufs[b].fb)
                 }
                 (FrameSource::Imported(_), None) => return Err(OutputError::NotConfigured),
@@ -1562,7 +999,7 @@ impl Kms {
                         .into_iter()
                         .map(|fb_cookie| FlipDone { conn, fb_cookie }),
                 );
-                Self::free_buffers(&self.card, o.bufs);
+                drop(o.bufs);
                 if busy {
                     // Its completion event is stale now; consume it before new flips.
                     self.pump_events_into_immediate();
@@ -1778,7 +1215,7 @@ impl Output for Kms {
             (FrameSource::Imported(f), Some(fb)) => a.direct_target(fb, (f.x, f.y)),
             (FrameSource::Mapped(f), _) => {
                 let b = a.flips.back();
-                Self::draw(&mut self.copier, &mut a.bufs[b], a.size, f)?;
+                a.bufs[b].draw(&mut self.copier, a.size, f)?;
                 b
             }
             (FrameSource::Imported(_), None) => return Err(OutputError::NotConfigured),
@@ -1951,262 +1388,6 @@ impl Output for Kms {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::mem::anonymous;
-
-    fn m(width: u32, height: u32, refresh: u32, preferred: bool) -> ModeInfo {
-        ModeInfo {
-            width,
-            height,
-            refresh,
-            preferred,
-            interlaced: false,
-        }
-    }
-
-    #[test]
-    fn names_follow_kms() {
-        use connector::Interface;
-        assert_eq!(connector_name(Interface::HDMIA, 1), "HDMI-A-1");
-        assert_eq!(connector_name(Interface::DisplayPort, 2), "DP-2");
-        assert_eq!(connector_name(Interface::VGA, 1), "VGA-1");
-        assert_eq!(connector_name(Interface::Virtual, 1), "Virtual-1");
-        assert_eq!(connector_name(Interface::EmbeddedDisplayPort, 1), "eDP-1");
-        assert_eq!(connector_name(Interface::DVID, 3), "DVI-D-3");
-    }
-
-    #[test]
-    fn mode_choice() {
-        let modes = [
-            m(1920, 1080, 60, true),
-            m(1280, 720, 50, false),
-            m(1280, 720, 60, false),
-            m(1024, 768, 75, false),
-            m(800, 600, 60, false),
-        ];
-        assert_eq!(choose_mode(&modes, 1280, 720), Some((2, Fit::Exact)));
-        assert_eq!(choose_mode(&modes, 1920, 1080), Some((0, Fit::Exact)));
-        assert_eq!(choose_mode(&modes, 1000, 700), Some((0, Fit::Letterbox)));
-        assert_eq!(choose_mode(&modes, 2560, 1440), Some((0, Fit::Crop)));
-        assert_eq!(choose_mode(&[], 1, 1), None);
-        // Preferred too small: the smallest mode that fits.
-        let modes = [
-            m(1024, 768, 60, true),
-            m(2560, 1600, 60, false),
-            m(1920, 1200, 60, false),
-        ];
-        assert_eq!(choose_mode(&modes, 1600, 900), Some((2, Fit::Letterbox)));
-        // Exact: progressive over interlaced, preferred over refresh.
-        let mut i = m(1920, 1080, 120, false);
-        i.interlaced = true;
-        let modes = [i, m(1920, 1080, 60, false), m(1920, 1080, 30, true)];
-        assert_eq!(choose_mode(&modes, 1920, 1080), Some((2, Fit::Exact)));
-        assert_eq!(choose_mode(&modes[..2], 1920, 1080), Some((1, Fit::Exact)));
-        // No preferred flag: the first mode stands in.
-        let modes = [m(1024, 768, 60, false), m(800, 600, 60, false)];
-        assert_eq!(choose_mode(&modes, 640, 480), Some((0, Fit::Letterbox)));
-    }
-
-    #[test]
-    fn placement_centres_and_crops() {
-        let p = Placement::centre(1920, 1080, 1280, 720, false);
-        assert_eq!((p.dst_x, p.dst_y, p.src_x, p.src_y), (320, 180, 0, 0));
-        assert_eq!((p.width, p.height), (1280, 720));
-        assert!(!p.covers(1920, 1080));
-        assert_eq!(p.dst_offset(7680), Some(180 * 7680 + 320 * 4));
-        let p = Placement::centre(1024, 768, 1024, 768, false);
-        assert!(p.covers(1024, 768));
-        let p = Placement::centre(800, 600, 1025, 601, true);
-        assert_eq!((p.dst_x, p.dst_y, p.src_x, p.src_y), (0, 0, 112, 0));
-        assert_eq!((p.width, p.height), (800, 600));
-        let p = Placement::centre(800, 600, 1027, 600, false);
-        assert_eq!(p.src_x, 113);
-        // Odd sizes and zero never panic.
-        let p = Placement::centre(1, 1, 0, u32::MAX, true);
-        assert_eq!((p.width, p.height), (0, 1));
-        let p = Placement::centre(0, 0, 3, 3, false);
-        assert_eq!((p.width, p.height), (0, 0));
-    }
-
-    #[test]
-    fn crop_frame_and_copy() {
-        // A 6x4 RGB565 image shown in a 4x2 mode: the centre 4x2 block.
-        let mem = anonymous(4096).unwrap();
-        for y in 0..4u32 {
-            for x in 0..6u32 {
-                let v: u16 = if (1..5).contains(&x) && (1..3).contains(&y) {
-                    0xffff
-                } else {
-                    0
-                };
-                mem.write((y * 12 + x * 2) as usize, &v.to_le_bytes())
-                    .unwrap();
-            }
-        }
-        let f = Frame {
-            mem: &mem,
-            offset: 0,
-            width: 6,
-            height: 4,
-            pitch: 12,
-            format: PixelFormat::Rgb565,
-            fb_cookie: 0,
-        };
-        let p = Placement::centre(4, 2, 6, 4, false);
-        let sub = p.crop(&f).unwrap();
-        assert_eq!((sub.offset, sub.width, sub.height), (14, 4, 2));
-        let mut dst = vec![0u8; 4 * 4 * 2];
-        Copier::new().copy_xrgb8888(&sub, &mut dst, 16).unwrap();
-        assert!(dst.chunks_exact(4).all(|c| c == [0xff, 0xff, 0xff, 0]));
-        let huge = Placement {
-            dst_x: 0,
-            dst_y: 0,
-            src_x: u32::MAX,
-            src_y: u32::MAX,
-            width: 1,
-            height: 1,
-        };
-        let big = Frame {
-            offset: usize::MAX - 4,
-            pitch: u32::MAX,
-            ..f
-        };
-        assert!(huge.crop(&big).is_none());
-    }
-
-    #[test]
-    fn layout_reuse() {
-        let scaled = Layout {
-            plane_fit: true,
-            atomic: true,
-            size: (1000, 700),
-            guest: (1000, 700),
-        };
-        assert!(scaled.holds_for(Fit::Letterbox, (1000, 700)));
-        assert!(!scaled.holds_for(Fit::Letterbox, (800, 500)));
-        // Fell back to legacy: legacy cannot scale, so a new modeset.
-        let legacy_scaled = Layout {
-            atomic: false,
-            ..scaled
-        };
-        assert!(!legacy_scaled.holds_for(Fit::Letterbox, (1000, 700)));
-        let letterbox = Layout {
-            plane_fit: false,
-            atomic: true,
-            size: (1024, 768),
-            guest: (1000, 700),
-        };
-        assert!(letterbox.holds_for(Fit::Letterbox, (1000, 700)));
-        // Another size: scaling is decided again.
-        assert!(!letterbox.holds_for(Fit::Letterbox, (800, 500)));
-        assert!(letterbox.holds_for(Fit::Exact, (1024, 768)));
-        let legacy = Layout {
-            atomic: false,
-            ..letterbox
-        };
-        assert!(legacy.holds_for(Fit::Letterbox, (800, 500)));
-        assert!(legacy.holds_for(Fit::Crop, (2000, 2000)));
-    }
-
-    #[test]
-    fn flip_queue_single_flips() {
-        let mut q = FlipQueue::new(0);
-        assert_eq!(q.back(), 1);
-        assert_eq!(q.push(10), Some(1));
-        assert!(q.busy());
-        assert_eq!(q.front(), 0);
-        assert_eq!(q.complete(), (vec![10], None));
-        assert_eq!(q.front(), 1);
-        assert!(!q.busy());
-        assert_eq!(q.back(), 0);
-        assert_eq!(q.push(11), Some(0));
-        assert_eq!(q.complete(), (vec![11], None));
-        assert_eq!(q.front(), 0);
-        // A stray event with nothing in flight does nothing.
-        assert_eq!(q.complete(), (vec![], None));
-        assert_eq!(q.front(), 0);
-    }
-
-    #[test]
-    fn flip_queue_latest_wins() {
-        let mut q = FlipQueue::new(0);
-        assert_eq!(q.push(1), Some(1));
-        // Queued behind the flip in flight, into the third buffer...
-        assert_eq!(q.back(), 2);
-        assert_eq!(q.push(2), None);
-        // ...and a newer one overwrites that same buffer.
-        assert_eq!(q.back(), 2);
-        assert_eq!(q.push(3), None);
-        assert_eq!(q.complete(), (vec![1], Some(2)));
-        assert_eq!(q.front(), 1);
-        assert!(q.busy());
-        // Drawing now must avoid the front (1) and the in-flight buffer (2).
-        assert_eq!(q.back(), 0);
-        assert_eq!(q.complete(), (vec![2, 3], None));
-        assert_eq!(q.front(), 2);
-    }
-
-    #[test]
-    fn flip_queue_failures_and_modeset() {
-        let mut q = FlipQueue::new(0);
-        assert_eq!(q.push(1), Some(1));
-        assert_eq!(q.submit_failed(), vec![1]);
-        assert!(!q.busy());
-        assert_eq!(q.front(), 0);
-
-        // SET_CONFIG while a flip is in flight and another queued.
-        assert_eq!(q.push(2), Some(1));
-        assert_eq!(q.push(3), None);
-        let b = q.back();
-        assert_eq!(b, 2);
-        assert_eq!(q.modeset(b), vec![3]);
-        assert_eq!(q.front(), 2);
-        // The in-flight flip still completes, but does not take the screen back.
-        assert_eq!(q.back(), 0);
-        assert_eq!(q.complete(), (vec![2], None));
-        assert_eq!(q.front(), 2);
-
-        assert_eq!(q.push(4), Some(0));
-        assert_eq!(q.push(5), None);
-        assert_eq!(q.drain(), vec![4, 5]);
-        assert!(!q.busy());
-        assert_eq!(q.front(), 2);
-    }
-
-    #[test]
-    fn flip_queue_non_blocking_modeset_and_config() {
-        // A non-blocking modeset: busy until its event, which completes no cookie.
-        let mut q = FlipQueue::showing(0);
-        assert!(q.busy());
-        assert_eq!(q.push(7), None, "a flip waits for the modeset");
-        assert_eq!(q.complete(), (vec![], Some(1)));
-        assert_eq!(q.complete(), (vec![7], None));
-        assert_eq!(q.front(), 1);
-        // A same-mode SET_CONFIG shown with a non-blocking commit.
-        let b = q.back();
-        assert_eq!(q.show(b), Vec::<u64>::new());
-        assert!(q.busy());
-        assert_eq!(q.complete(), (vec![], None));
-        assert_eq!(q.front(), b);
-    }
-
-    #[test]
-    fn flip_queue_direct_targets() {
-        let direct = NBUF;
-        let mut q = FlipQueue::new(0);
-        assert_eq!(q.push_to(direct, 1), Some(direct));
-        // A copy flip queued behind it draws into one of ours, never the import.
-        assert_eq!(q.back(), 1);
-        assert_eq!(q.push(2), None);
-        // A direct flip replaces the queued copy (latest wins), keeping its cookie.
-        assert_eq!(q.push_to(direct + 1, 3), None);
-        assert!(q.uses(direct + 1));
-        assert!(q.back() < NBUF);
-        assert_eq!(q.complete(), (vec![1], Some(direct + 1)));
-        assert_eq!(q.front(), direct);
-        assert_eq!(q.complete(), (vec![2, 3], None));
-        assert_eq!(q.front(), direct + 1);
-        assert!(!q.uses(direct));
-    }
 
     #[test]
     fn open_without_a_card_fails_cleanly() {

@@ -1,0 +1,274 @@
+//! Which scan-out buffer is shown, in flight or queued on a CRTC: pure state, the
+//! caller does the ioctls.
+
+/// Scanout buffers per active connector: front, in flight, and queued (latest wins).
+pub const NBUF: usize = 3;
+
+#[derive(Debug)]
+struct InFlight {
+    buf: usize,
+    cookies: Vec<u64>,
+    /// A SET_CONFIG replaced the image while this flip was in flight: when it
+    /// completes, the front buffer stays what the SET_CONFIG showed.
+    superseded: bool,
+}
+
+/// Which of the [`NBUF`] buffers is scanned out, in flight, or queued, and which guest
+/// cookies each flip completes. Pure state; the caller does the ioctls.
+///
+/// Indices from [`NBUF`] on name imported guest framebuffers (zero-copy targets, pushed
+/// with [`FlipQueue::push_to`]); [`FlipQueue::back`] only ever returns our own buffers.
+#[derive(Debug)]
+pub struct FlipQueue {
+    front: usize,
+    in_flight: Option<InFlight>,
+    queued: Option<(usize, Vec<u64>)>,
+}
+
+impl FlipQueue {
+    /// Buffer `front` is being scanned out, nothing pending.
+    pub fn new(front: usize) -> Self {
+        FlipQueue {
+            front,
+            in_flight: None,
+            queued: None,
+        }
+    }
+
+    /// The buffer being scanned out.
+    pub fn front(&self) -> usize {
+        self.front
+    }
+
+    /// Buffer `front` is being put on screen by a commit whose completion event is to
+    /// come (a non-blocking modeset): busy until [`FlipQueue::complete`], which reports
+    /// no cookies.
+    pub fn showing(front: usize) -> Self {
+        FlipQueue {
+            front,
+            in_flight: Some(InFlight {
+                buf: front,
+                cookies: Vec::new(),
+                superseded: false,
+            }),
+            queued: None,
+        }
+    }
+
+    /// True while a flip is submitted and not yet complete.
+    pub fn busy(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// The buffer to draw the next image into: neither scanned out nor in flight (the
+    /// queued buffer if there is one: latest wins overwrites it).
+    pub fn back(&self) -> usize {
+        if let Some((b, _)) = &self.queued {
+            if *b < NBUF {
+                return *b;
+            }
+        }
+        let busy = self.in_flight.as_ref().map(|f| f.buf);
+        (0..NBUF)
+            .find(|&b| b != self.front && Some(b) != busy)
+            .unwrap_or((self.front + 1) % NBUF)
+    }
+
+    /// A flip of [`FlipQueue::back`] with `cookie` was drawn. Returns the buffer to
+    /// submit now, or `None` if it is queued behind the flip in flight.
+    pub fn push(&mut self, cookie: u64) -> Option<usize> {
+        self.push_to(self.back(), cookie)
+    }
+
+    /// A flip to buffer `b` (ours from [`FlipQueue::back`], or an imported target).
+    /// Returns the buffer to submit now, or `None` if it is queued (latest wins).
+    pub fn push_to(&mut self, b: usize, cookie: u64) -> Option<usize> {
+        if self.in_flight.is_none() {
+            self.in_flight = Some(InFlight {
+                buf: b,
+                cookies: vec![cookie],
+                superseded: false,
+            });
+            return Some(b);
+        }
+        match &mut self.queued {
+            Some((target, cookies)) => {
+                *target = b;
+                cookies.push(cookie);
+            }
+            None => self.queued = Some((b, vec![cookie])),
+        }
+        None
+    }
+
+    /// True if `b` is scanned out, in flight or queued.
+    pub fn uses(&self, b: usize) -> bool {
+        self.front == b
+            || self.in_flight.as_ref().is_some_and(|f| f.buf == b)
+            || self.queued.as_ref().is_some_and(|(q, _)| *q == b)
+    }
+
+    /// Submitting the flip in flight failed: drop it; returns its cookies.
+    pub fn submit_failed(&mut self) -> Vec<u64> {
+        self.in_flight.take().map(|f| f.cookies).unwrap_or_default()
+    }
+
+    /// The flip in flight completed: returns its cookies (oldest first) and the queued
+    /// buffer to submit next, which becomes the flip in flight.
+    pub fn complete(&mut self) -> (Vec<u64>, Option<usize>) {
+        let Some(f) = self.in_flight.take() else {
+            return (Vec::new(), None);
+        };
+        if !f.superseded {
+            self.front = f.buf;
+        }
+        let next = self.queued.take().map(|(b, cookies)| {
+            self.in_flight = Some(InFlight {
+                buf: b,
+                cookies,
+                superseded: false,
+            });
+            b
+        });
+        (f.cookies, next)
+    }
+
+    /// A SET_CONFIG showed `buf` (which was [`FlipQueue::back`]) directly. The queued
+    /// flip is older, so it is dropped: returns its cookies to report done now.
+    pub fn modeset(&mut self, buf: usize) -> Vec<u64> {
+        let queued = self.queued.take().map(|(_, c)| c).unwrap_or_default();
+        if let Some(f) = &mut self.in_flight {
+            f.superseded = true;
+        }
+        self.front = buf;
+        queued
+    }
+
+    /// A SET_CONFIG put `buf` on screen with a non-blocking commit (nothing was in
+    /// flight): busy until its event, which reports no cookies. The queued flip is older:
+    /// returns its cookies to report done now.
+    pub fn show(&mut self, buf: usize) -> Vec<u64> {
+        let queued = self.queued.take().map(|(_, c)| c).unwrap_or_default();
+        self.in_flight = Some(InFlight {
+            buf,
+            cookies: Vec::new(),
+            superseded: false,
+        });
+        queued
+    }
+
+    /// Forget everything; returns all outstanding cookies, oldest first.
+    pub fn drain(&mut self) -> Vec<u64> {
+        let mut out = self.submit_failed();
+        if let Some((_, c)) = self.queued.take() {
+            out.extend(c);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flip_queue_single_flips() {
+        let mut q = FlipQueue::new(0);
+        assert_eq!(q.back(), 1);
+        assert_eq!(q.push(10), Some(1));
+        assert!(q.busy());
+        assert_eq!(q.front(), 0);
+        assert_eq!(q.complete(), (vec![10], None));
+        assert_eq!(q.front(), 1);
+        assert!(!q.busy());
+        assert_eq!(q.back(), 0);
+        assert_eq!(q.push(11), Some(0));
+        assert_eq!(q.complete(), (vec![11], None));
+        assert_eq!(q.front(), 0);
+        // A stray event with nothing in flight does nothing.
+        assert_eq!(q.complete(), (vec![], None));
+        assert_eq!(q.front(), 0);
+    }
+
+    #[test]
+    fn flip_queue_latest_wins() {
+        let mut q = FlipQueue::new(0);
+        assert_eq!(q.push(1), Some(1));
+        // Queued behind the flip in flight, into the third buffer...
+        assert_eq!(q.back(), 2);
+        assert_eq!(q.push(2), None);
+        // ...and a newer one overwrites that same buffer.
+        assert_eq!(q.back(), 2);
+        assert_eq!(q.push(3), None);
+        assert_eq!(q.complete(), (vec![1], Some(2)));
+        assert_eq!(q.front(), 1);
+        assert!(q.busy());
+        // Drawing now must avoid the front (1) and the in-flight buffer (2).
+        assert_eq!(q.back(), 0);
+        assert_eq!(q.complete(), (vec![2, 3], None));
+        assert_eq!(q.front(), 2);
+    }
+
+    #[test]
+    fn flip_queue_failures_and_modeset() {
+        let mut q = FlipQueue::new(0);
+        assert_eq!(q.push(1), Some(1));
+        assert_eq!(q.submit_failed(), vec![1]);
+        assert!(!q.busy());
+        assert_eq!(q.front(), 0);
+
+        // SET_CONFIG while a flip is in flight and another queued.
+        assert_eq!(q.push(2), Some(1));
+        assert_eq!(q.push(3), None);
+        let b = q.back();
+        assert_eq!(b, 2);
+        assert_eq!(q.modeset(b), vec![3]);
+        assert_eq!(q.front(), 2);
+        // The in-flight flip still completes, but does not take the screen back.
+        assert_eq!(q.back(), 0);
+        assert_eq!(q.complete(), (vec![2], None));
+        assert_eq!(q.front(), 2);
+
+        assert_eq!(q.push(4), Some(0));
+        assert_eq!(q.push(5), None);
+        assert_eq!(q.drain(), vec![4, 5]);
+        assert!(!q.busy());
+        assert_eq!(q.front(), 2);
+    }
+
+    #[test]
+    fn flip_queue_non_blocking_modeset_and_config() {
+        // A non-blocking modeset: busy until its event, which completes no cookie.
+        let mut q = FlipQueue::showing(0);
+        assert!(q.busy());
+        assert_eq!(q.push(7), None, "a flip waits for the modeset");
+        assert_eq!(q.complete(), (vec![], Some(1)));
+        assert_eq!(q.complete(), (vec![7], None));
+        assert_eq!(q.front(), 1);
+        // A same-mode SET_CONFIG shown with a non-blocking commit.
+        let b = q.back();
+        assert_eq!(q.show(b), Vec::<u64>::new());
+        assert!(q.busy());
+        assert_eq!(q.complete(), (vec![], None));
+        assert_eq!(q.front(), b);
+    }
+
+    #[test]
+    fn flip_queue_direct_targets() {
+        let direct = NBUF;
+        let mut q = FlipQueue::new(0);
+        assert_eq!(q.push_to(direct, 1), Some(direct));
+        // A copy flip queued behind it draws into one of ours, never the import.
+        assert_eq!(q.back(), 1);
+        assert_eq!(q.push(2), None);
+        // A direct flip replaces the queued copy (latest wins), keeping its cookie.
+        assert_eq!(q.push_to(direct + 1, 3), None);
+        assert!(q.uses(direct + 1));
+        assert!(q.back() < NBUF);
+        assert_eq!(q.complete(), (vec![1], Some(direct + 1)));
+        assert_eq!(q.front(), direct);
+        assert_eq!(q.complete(), (vec![2, 3], None));
+        assert_eq!(q.front(), direct + 1);
+        assert!(!q.uses(direct));
+    }
+}
