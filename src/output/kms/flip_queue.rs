@@ -101,6 +101,36 @@ impl FlipQueue {
         None
     }
 
+    /// A SET_CONFIG in the same mode wants `b` shown (no guest cookie of its own): like
+    /// a flip, submitted now if nothing is in flight, else queued (latest wins; the
+    /// cookies already queued then complete when `b` is on screen).
+    pub fn push_show(&mut self, b: usize) -> Option<usize> {
+        if self.in_flight.is_none() {
+            self.in_flight = Some(InFlight {
+                buf: b,
+                cookies: Vec::new(),
+                superseded: false,
+            });
+            return Some(b);
+        }
+        match &mut self.queued {
+            Some((target, _)) => *target = b,
+            None => self.queued = Some((b, Vec::new())),
+        }
+        None
+    }
+
+    /// The modeset this queue waits for (built with [`FlipQueue::showing`]) has not
+    /// been submitted yet and will show `b` instead. Flips queued behind it are older:
+    /// returns their cookies to report done now.
+    pub fn retarget(&mut self, b: usize) -> Vec<u64> {
+        if let Some(f) = &mut self.in_flight {
+            f.buf = b;
+        }
+        self.front = b;
+        self.queued.take().map(|(_, c)| c).unwrap_or_default()
+    }
+
     /// True if `b` is scanned out, in flight or queued.
     pub fn uses(&self, b: usize) -> bool {
         self.front == b
@@ -141,19 +171,6 @@ impl FlipQueue {
             f.superseded = true;
         }
         self.front = buf;
-        queued
-    }
-
-    /// A SET_CONFIG put `buf` on screen with a non-blocking commit (nothing was in
-    /// flight): busy until its event, which reports no cookies. The queued flip is older:
-    /// returns its cookies to report done now.
-    pub fn show(&mut self, buf: usize) -> Vec<u64> {
-        let queued = self.queued.take().map(|(_, c)| c).unwrap_or_default();
-        self.in_flight = Some(InFlight {
-            buf,
-            cookies: Vec::new(),
-            superseded: false,
-        });
         queued
     }
 
@@ -245,10 +262,31 @@ mod tests {
         assert_eq!(q.complete(), (vec![], Some(1)));
         assert_eq!(q.complete(), (vec![7], None));
         assert_eq!(q.front(), 1);
-        // A same-mode SET_CONFIG shown with a non-blocking commit.
+        // A same-mode SET_CONFIG with nothing in flight: submitted now.
         let b = q.back();
-        assert_eq!(q.show(b), Vec::<u64>::new());
+        assert_eq!(q.push_show(b), Some(b));
         assert!(q.busy());
+        // Another one while that is in flight waits, latest wins, and the flip queued
+        // before it completes when it shows.
+        let c = q.back();
+        assert_eq!(q.push(8), None);
+        assert_eq!(q.push_show(c), None);
+        assert_eq!(q.complete(), (vec![], Some(c)));
+        assert_eq!(q.front(), b);
+        assert_eq!(q.complete(), (vec![8], None));
+        assert_eq!(q.front(), c);
+    }
+
+    #[test]
+    fn flip_queue_planned_modeset_retargeted() {
+        // A modeset planned while the CRTC was busy, not yet submitted.
+        let mut q = FlipQueue::showing(0);
+        assert_eq!(q.push(1), None, "flips wait behind the planned modeset");
+        // A same-mode SET_CONFIG before it went out: it shows that frame instead, and
+        // the older queued flip is reported now.
+        let b = q.back();
+        assert_ne!(b, 0);
+        assert_eq!(q.retarget(b), vec![1]);
         assert_eq!(q.complete(), (vec![], None));
         assert_eq!(q.front(), b);
     }

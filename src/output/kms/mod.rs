@@ -110,6 +110,31 @@ struct Active {
     /// A caller was told "busy" because of that pacing: [`Output::next_deadline`] wakes
     /// the loop when the pause ends.
     paced: std::cell::Cell<bool>,
+    /// The modeset that shows this configuration, planned (and `TEST_ONLY`-checked) but
+    /// not yet submitted: the CRTC still had an event to come. [`Kms::advance`] submits
+    /// it, non-blocking, once the CRTC is idle; `flips` is busy until its event.
+    unsent: Option<Unsent>,
+    /// The previous configuration's buffers, still what the CRTC shows until `unsent`
+    /// goes out (the kernel holds its own references from then on).
+    waiting_old: Vec<ScanBuf>,
+}
+
+/// A planned modeset (see [`Active::unsent`]).
+#[derive(Clone, Copy, Debug)]
+struct Unsent {
+    fb: framebuffer::Handle,
+    geom: PlaneGeom,
+}
+
+/// A disabled connector's CRTC, to be given back its saved state once no event of ours
+/// is due on it (a flip was in flight): by [`Kms::advance`], non-blocking.
+struct Restore {
+    conn: ConnectorId,
+    crtc: crtc::Handle,
+    saved: SavedCrtc,
+    atomic: Option<AtomicState>,
+    /// Our buffers the CRTC may still show until the restore goes out.
+    keep: Vec<ScanBuf>,
 }
 
 impl Active {
@@ -252,6 +277,15 @@ impl KmsConn {
     }
 }
 
+/// A configuration [`Kms::show_in_new_buffers`] put on the CRTC (or planned to).
+struct Shown {
+    bufs: Vec<ScanBuf>,
+    /// Planned, not yet submitted (see [`Active::unsent`]).
+    unsent: Option<Unsent>,
+    /// A flip-complete event will tell when it shows (atomic); else it already shows.
+    event: bool,
+}
+
 /// Why showing a frame in new buffers failed.
 enum ShowError {
     /// A `TEST_ONLY` commit refused the configuration.
@@ -279,13 +313,21 @@ pub struct Kms {
     counts: FrameCounts,
     /// The driver accepted `DRM_CLIENT_CAP_ATOMIC`.
     atomic: bool,
-    /// The next atomic modeset may be non-blocking (no flip of that CRTC in flight):
-    /// set by `enable` for `show_in_new_buffers`.
-    modeset_nonblock: bool,
-    /// `show_in_new_buffers` committed a non-blocking modeset whose completion event
-    /// is still to come.
-    modeset_pending: bool,
+    /// Events still to come on a CRTC that complete nothing of ours (the flip in flight
+    /// of a configuration since replaced, a restore), and since when: the CRTC is busy
+    /// until they arrive (or [`STRAY_EVENT_TIMEOUT`] passes).
+    stray: HashMap<crtc::Handle, (u32, Instant)>,
+    /// CRTCs of disabled connectors waiting to be restored.
+    restores: Vec<Restore>,
+    /// A non-blocking commit met EBUSY: [`Kms::advance`] tries again then.
+    retry_at: Option<Instant>,
 }
+
+/// How long an expected flip-complete event may be late before the CRTC is taken as
+/// idle anyway (a driver that lost it must not keep a connector dark for good).
+const STRAY_EVENT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The retry interval after EBUSY from a non-blocking commit.
+const EBUSY_RETRY: Duration = Duration::from_millis(2);
 
 fn open_card(path: &Path) -> anyhow::Result<Card> {
     let file = OpenOptions::new()
@@ -380,8 +422,9 @@ impl Kms {
             next_id: 1,
             counts: FrameCounts::default(),
             atomic,
-            modeset_nonblock: false,
-            modeset_pending: false,
+            stray: HashMap::new(),
+            restores: Vec::new(),
+            retry_at: None,
         };
         tracing::info!(
             card = %kms.path.display(),
@@ -431,6 +474,45 @@ impl Kms {
             let buf = &mut a.bufs[b];
             buf.clear();
             let black = buf.fb;
+            // The planned modeset has not gone out: it shows black instead.
+            if let Some(u) = a.unsent.as_mut() {
+                u.fb = black;
+                u.geom.src.x = 0;
+                u.geom.src.y = 0;
+                let dropped = a.flips.retarget(b);
+                self.immediate.extend(
+                    dropped
+                        .into_iter()
+                        .map(|fb_cookie| FlipDone { conn, fb_cookie }),
+                );
+                continue;
+            }
+            // Nothing in flight: a non-blocking flip to black. Once submitted, the
+            // kernel's own reference keeps the guest's framebuffer alive until it is
+            // off screen, and the DBUF_DESTROY release wait (off the loop) covers that.
+            if !a.flips.busy() {
+                let Some(b) = a.flips.push_show(b) else {
+                    continue;
+                };
+                a.last_submit = Some(Instant::now());
+                match a.submit_flip(&self.card, b) {
+                    Ok(fell_back) => {
+                        if fell_back {
+                            kc.fell_back(conn);
+                        }
+                    }
+                    Err(e) => {
+                        a.flips.submit_failed();
+                        crate::warn_limited!(
+                            ?conn,
+                            "taking a guest buffer off screen: {e}; disabling"
+                        );
+                        self.deactivate(conn, true);
+                    }
+                }
+                continue;
+            }
+            // A flip in flight: wait for it (at most a refresh), then show black.
             match a.show_now(&self.card, phys, black, (0, 0)) {
                 Ok(fell_back) => {
                     if fell_back {
@@ -567,7 +649,7 @@ impl Kms {
         atomic: Option<&AtomicState>,
     ) -> &'static str {
         if let Some(st) = atomic {
-            match atomic::commit_restore(card, st, saved.mode.as_ref()) {
+            match atomic::commit_restore(card, st, saved.mode.as_ref(), false) {
                 Ok(()) => return "atomic",
                 Err(e) => tracing::debug!(?c, "atomic restore failed ({e}); trying SET_CRTC"),
             }
@@ -602,6 +684,9 @@ impl Kms {
         true
     }
 
+    /// Stop showing `conn`: its flips are reported done (with `report`), and its CRTC
+    /// is given back its saved state by a non-blocking commit, now or (a flip still in
+    /// flight) once that flip's event came ([`Kms::advance`]).
     fn deactivate(&mut self, conn: ConnectorId, report: bool) {
         let Some(kc) = self.conns.get_mut(&conn) else {
             return;
@@ -609,7 +694,7 @@ impl Kms {
         let Some(mut a) = kc.active.take() else {
             return;
         };
-        let busy = a.flips.busy();
+        let event_due = a.flips.busy() && a.unsent.is_none();
         let cookies = a.flips.drain();
         if report {
             self.immediate.extend(
@@ -618,22 +703,38 @@ impl Kms {
                     .map(|fb_cookie| FlipDone { conn, fb_cookie }),
             );
         }
-        // Restoring waits for a flip in flight, whose event is then stale: consume it
-        // so it cannot complete a later flip on the same CRTC early.
-        let restored = Self::restore_active(&self.card, a.crtc, &a.saved, a.atomic.as_ref());
-        tracing::info!(?conn, connector = %kc.name, restored, "display disabled");
-        drop(a.bufs);
-        if busy {
-            self.pump_events_into_immediate();
+        if event_due {
+            self.expect_stray(a.crtc);
         }
+        // What the CRTC may still show: the planned modeset never went out, so the
+        // buffers before it; else ours.
+        let keep = if a.unsent.is_some() {
+            drop(a.bufs);
+            a.waiting_old
+        } else {
+            a.bufs
+        };
+        self.restores.push(Restore {
+            conn,
+            crtc: a.crtc,
+            saved: a.saved,
+            atomic: a.atomic,
+            keep,
+        });
+        self.advance();
     }
 
     /// Give every CRTC we took back its previous state, free our buffers and drop DRM
-    /// master, so the console comes back. Idempotent; also done on drop.
+    /// master, so the console comes back. Idempotent; also done on drop. Blocking
+    /// (waits for flips in flight): for shutdown, not for serving.
     pub fn restore(&mut self) {
         let ids: Vec<ConnectorId> = self.conns.keys().copied().collect();
         for id in ids {
             self.deactivate(id, true);
+        }
+        for r in std::mem::take(&mut self.restores) {
+            let how = Self::restore_active(&self.card, r.crtc, &r.saved, r.atomic.as_ref());
+            tracing::info!(conn = ?r.conn, restored = how, "display disabled");
         }
         if self.master && self.counts != FrameCounts::default() {
             tracing::info!(
@@ -646,6 +747,118 @@ impl Kms {
             self.master = false;
             if let Err(e) = self.card.release_master_lock() {
                 tracing::debug!("dropping DRM master: {e}");
+            }
+        }
+    }
+
+    /// One more event is due on `crtc` that completes nothing of ours.
+    fn expect_stray(&mut self, crtc: crtc::Handle) {
+        let e = self.stray.entry(crtc).or_insert((0, Instant::now()));
+        e.0 += 1;
+    }
+
+    /// True while an event of ours is due on `crtc`: nothing new may be committed to it
+    /// yet (a non-blocking commit would meet EBUSY, a blocking one would wait).
+    fn crtc_busy(&self, crtc: crtc::Handle) -> bool {
+        self.stray.get(&crtc).is_some_and(|(n, _)| *n > 0)
+            || self
+                .conns
+                .values()
+                .filter_map(|c| c.active.as_ref())
+                .any(|a| a.crtc == crtc && a.unsent.is_none() && a.flips.busy())
+    }
+
+    /// Submit, non-blocking, what waits for an idle CRTC: restores of disabled
+    /// connectors, then planned modesets. Never waits; EBUSY is retried at
+    /// [`Kms::retry_at`].
+    fn advance(&mut self) {
+        let now = Instant::now();
+        self.retry_at = None;
+        self.stray.retain(|crtc, (n, since)| {
+            if *n > 0 && now.duration_since(*since) > STRAY_EVENT_TIMEOUT {
+                crate::warn_limited!(
+                    ?crtc,
+                    missing = *n,
+                    "a flip-complete event never came; taking the CRTC as idle"
+                );
+                return false;
+            }
+            *n > 0
+        });
+        for r in std::mem::take(&mut self.restores) {
+            if self.crtc_busy(r.crtc) {
+                self.restores.push(r);
+                continue;
+            }
+            let how = match r.atomic.as_ref() {
+                Some(st) => {
+                    match atomic::commit_restore(&*self.card, st, r.saved.mode.as_ref(), true) {
+                        Ok(()) => {
+                            self.expect_stray(r.crtc);
+                            "atomic"
+                        }
+                        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                            self.retry_at = Some(now + EBUSY_RETRY);
+                            self.restores.push(r);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::debug!(crtc = ?r.crtc, "atomic restore failed ({e}); trying SET_CRTC");
+                            if Self::restore_crtc(&self.card, r.crtc, &r.saved) {
+                                "set_crtc"
+                            } else {
+                                "disabled"
+                            }
+                        }
+                    }
+                }
+                // Legacy drivers have no non-blocking modeset.
+                None => {
+                    if Self::restore_crtc(&self.card, r.crtc, &r.saved) {
+                        "set_crtc"
+                    } else {
+                        "disabled"
+                    }
+                }
+            };
+            tracing::info!(conn = ?r.conn, restored = how, "display disabled");
+            // The kernel holds its own references to what is still on screen.
+            drop(r.keep);
+        }
+        let planned: Vec<(ConnectorId, crtc::Handle)> = self
+            .conns
+            .iter()
+            .filter_map(|(id, c)| {
+                let a = c.active.as_ref()?;
+                a.unsent.map(|_| (*id, a.crtc))
+            })
+            .collect();
+        for (conn, crtc) in planned {
+            if self.crtc_busy(crtc) {
+                continue;
+            }
+            let Some(a) = self.conns.get_mut(&conn).and_then(|c| c.active.as_mut()) else {
+                continue;
+            };
+            let (Some(u), Some(st)) = (a.unsent, a.atomic.as_mut()) else {
+                continue;
+            };
+            match atomic::commit_modeset(&*self.card, st, &a.mode, u.fb, &u.geom, false, true) {
+                Ok(()) => {
+                    a.unsent = None;
+                    a.last_submit = Some(now);
+                    drop(std::mem::take(&mut a.waiting_old));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    self.retry_at = Some(now + EBUSY_RETRY);
+                }
+                Err(e) => {
+                    crate::warn_limited!(
+                        ?conn,
+                        "the planned modeset failed: {e}; display disabled"
+                    );
+                    self.deactivate(conn, true);
+                }
             }
         }
     }
@@ -673,8 +886,11 @@ impl Kms {
     }
 
     /// Allocate `size` buffers, put `frame` in the first (or take its import) and show
-    /// it in `mode` on `crtc`: through `st` with `geom` (after a `TEST_ONLY` commit
-    /// with `test`), or with legacy `SET_CRTC` (`geom` a [`PlaneGeom::full`]).
+    /// it in `mode` on `crtc`. Atomic (`st` with `geom`): a `TEST_ONLY` commit first
+    /// when `test` or `busy`; then a non-blocking commit with an event, or, while an
+    /// event of ours is still due on the CRTC (`busy`, or EBUSY), the modeset is only
+    /// planned ([`Shown::unsent`], submitted by [`Kms::advance`]). Legacy: `SET_CRTC`
+    /// (`geom` a [`PlaneGeom::full`]), which the kernel only has in a blocking form.
     #[allow(clippy::too_many_arguments)]
     fn show_in_new_buffers(
         &mut self,
@@ -686,44 +902,28 @@ impl Kms {
         st: Option<&mut AtomicState>,
         geom: &PlaneGeom,
         test: bool,
-    ) -> Result<Vec<ScanBuf>, ShowError> {
+        busy: bool,
+    ) -> Result<Shown, ShowError> {
         let direct_fb = match frame {
             FrameSource::Imported(f) => Some(self.imported_fb(f, size).map_err(ShowError::Other)?),
             FrameSource::Mapped(_) => None,
         };
         let mut bufs = ScanBuf::set(&self.card, size).map_err(|e| ShowError::Other(e.into()))?;
         let fb = match (frame, direct_fb) {
-            (FrameSource::Imported(_), Some(fb)) => Ok(fb),
+            (FrameSource::Imported(_), Some(fb)) => fb,
             (FrameSource::Mapped(f), _) => {
-                bufs[0].draw(&mut self.copier, size, f).map(|()| bufs[0].fb)
+                bufs[0]
+                    .draw(&mut self.copier, size, f)
+                    .map_err(ShowError::Other)?;
+                bufs[0].fb
             }
-            (FrameSource::Imported(_), None) => Err(OutputError::NotConfigured),
+            (FrameSource::Imported(_), None) => {
+                return Err(ShowError::Other(OutputError::NotConfigured))
+            }
         };
-        let nonblock = self.modeset_nonblock;
-        let mut pending = false;
-        let shown = fb.map_err(ShowError::Other).and_then(|fb| match st {
-            Some(st) => {
-                if test {
-                    atomic::commit_modeset(&*self.card, st, mode, fb, geom, true, false)
-                        .map_err(ShowError::Refused)?;
-                }
-                // Non-blocking, with an event, so the loop goes on while the mode
-                // changes; EBUSY (a commit still pending) falls back to waiting.
-                if nonblock {
-                    match atomic::commit_modeset(&*self.card, st, mode, fb, geom, false, true) {
-                        Ok(()) => {
-                            pending = true;
-                            return Ok(());
-                        }
-                        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-                        Err(e) => return Err(ShowError::Commit(e)),
-                    }
-                }
-                atomic::commit_modeset(&*self.card, st, mode, fb, geom, false, false)
-                    .map_err(ShowError::Commit)
-            }
-            None => self
-                .card
+        let planned = Unsent { fb, geom: *geom };
+        let Some(st) = st else {
+            self.card
                 .set_crtc(
                     crtc,
                     Some(fb),
@@ -731,18 +931,39 @@ impl Kms {
                     &[phys],
                     Some(*mode),
                 )
-                .map_err(|e| ShowError::Other(e.into())),
-        });
-        match shown {
-            Ok(()) => {
-                self.modeset_pending = pending;
-                Ok(bufs)
-            }
-            Err(e) => {
-                drop(bufs);
-                Err(e)
+                .map_err(|e| ShowError::Other(e.into()))?;
+            return Ok(Shown {
+                bufs,
+                unsent: None,
+                event: false,
+            });
+        };
+        if test || busy {
+            atomic::commit_modeset(&*self.card, st, mode, fb, geom, true, false)
+                .map_err(ShowError::Refused)?;
+        }
+        if !busy {
+            match atomic::commit_modeset(&*self.card, st, mode, fb, geom, false, true) {
+                Ok(()) => {
+                    return Ok(Shown {
+                        bufs,
+                        unsent: None,
+                        event: true,
+                    })
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    self.retry_at = Some(Instant::now() + EBUSY_RETRY);
+                }
+                Err(e) => return Err(ShowError::Commit(e)),
             }
         }
+        // `st.geom` follows when the modeset goes out; the plane geometry is planned.
+        st.geom = *geom;
+        Ok(Shown {
+            bufs,
+            unsent: Some(planned),
+            event: true,
+        })
     }
 
     /// The connector (if any) gave up on atomic: remember, and log the path.
@@ -813,29 +1034,34 @@ impl Kms {
                 }
                 (FrameSource::Imported(_), None) => return Err(OutputError::NotConfigured),
             };
-            // Nothing in flight: a non-blocking commit with an event, the loop goes on.
-            let nonblock = !a.flips.busy()
-                && a.atomic
-                    .as_mut()
-                    .is_some_and(|st| atomic::commit_flip(&*self.card, st, fb, pos, true).is_ok());
-            let fell_back = if nonblock {
-                false
-            } else {
-                a.show_now(&self.card, phys, fb, pos)?
-            };
             self.counts.count(frame);
-            let dropped = if nonblock {
-                a.flips.show(b)
-            } else {
-                a.flips.modeset(b)
-            };
-            self.immediate.extend(
-                dropped
-                    .into_iter()
-                    .map(|fb_cookie| FlipDone { conn, fb_cookie }),
-            );
-            if fell_back {
-                kc.fell_back(conn);
+            // The planned modeset has not gone out yet: it shows this frame instead.
+            if let Some(u) = a.unsent.as_mut() {
+                u.fb = fb;
+                u.geom.src.x = pos.0;
+                u.geom.src.y = pos.1;
+                let dropped = a.flips.retarget(b);
+                self.immediate.extend(
+                    dropped
+                        .into_iter()
+                        .map(|fb_cookie| FlipDone { conn, fb_cookie }),
+                );
+                return Ok(());
+            }
+            // Latest wins, like a flip: submitted now (non-blocking, with an event) if
+            // nothing is in flight, else once the flip in flight completes.
+            if let Some(b) = a.flips.push_show(b) {
+                a.last_submit = Some(Instant::now());
+                a.paced.set(false);
+                match a.submit_flip(&self.card, b) {
+                    Ok(false) => {}
+                    Ok(true) => kc.fell_back(conn),
+                    Err(e) => {
+                        crate::warn_limited!(?conn, connector = %kc.name, "SET_CONFIG commit failed: {e}");
+                        a.flips.submit_failed();
+                        return Err(e.into());
+                    }
+                }
             }
             return Ok(());
         }
@@ -848,16 +1074,21 @@ impl Kms {
             ?fit,
             "mode chosen"
         );
-        // A different mode: new buffers on the CRTC we already hold (the old ones are
-        // freed only once the new mode shows), or on a CRTC we take now.
+        // A different mode: new buffers on the CRTC we already hold, on the CRTC of
+        // this connector's pending restore (taken back), or on a CRTC we take now.
         let old = self.conns.get_mut(&conn).and_then(|c| c.active.take());
-        // With no flip of ours in flight on the CRTC no DRM event of it is outstanding,
-        // so the modeset's own event cannot be confused with an older one.
-        self.modeset_nonblock = old.as_ref().is_none_or(|o| !o.flips.busy());
-        self.modeset_pending = false;
-        let (crtc, fresh_save) = match &old {
-            Some(o) => (o.crtc, None),
-            None => {
+        let reclaimed = match old {
+            Some(_) => None,
+            None => self
+                .restores
+                .iter()
+                .position(|r| r.conn == conn)
+                .map(|i| self.restores.remove(i)),
+        };
+        let (crtc, fresh_save) = match (&old, &reclaimed) {
+            (Some(o), _) => (o.crtc, None),
+            (None, Some(r)) => (r.crtc, None),
+            (None, None) => {
                 let crtc = self.pick_crtc(&info, conn).ok_or_else(|| {
                     crate::warn_limited!(?conn, connector = %name, "no free CRTC");
                     OutputError::InUse(name.clone())
@@ -865,11 +1096,18 @@ impl Kms {
                 (crtc, Some(self.save_crtc(crtc)))
             }
         };
+        // An event of ours still due on the CRTC: the new mode is only planned now and
+        // goes out when it came (never a blocking commit on the shared loop).
+        let busy = self.stray.get(&crtc).is_some_and(|(n, _)| *n > 0)
+            || old
+                .as_ref()
+                .is_some_and(|o| o.flips.busy() && o.unsent.is_none());
         // The path: the old mode's (with the state saved when the CRTC was taken), or
         // atomic if the driver and the objects allow it.
-        let mut st = match (&old, &fresh_save) {
-            (Some(o), _) => o.atomic.clone(),
-            (None, Some(saved)) if self.atomic && !legacy_only => {
+        let mut st = match (&old, &reclaimed, &fresh_save) {
+            (Some(o), _, _) => o.atomic.clone(),
+            (None, Some(r), _) => r.atomic.clone(),
+            (None, None, Some(saved)) if self.atomic && !legacy_only => {
                 let taken: Vec<plane::Handle> = self
                     .conns
                     .iter()
@@ -890,7 +1128,7 @@ impl Kms {
 
         // Not an exact mode: try the plane scaling the guest image to fit (TEST_ONLY
         // first), else letterbox (or crop) by the copy into mode-sized buffers.
-        let mut decided: Option<Result<(Vec<ScanBuf>, bool), OutputError>> = None;
+        let mut decided: Option<Result<(Shown, bool), OutputError>> = None;
         let mut scaling_refused = None;
         if fit != Fit::Exact {
             if let (Some(s), Some(geom)) =
@@ -905,8 +1143,9 @@ impl Kms {
                     Some(s),
                     &geom,
                     true,
+                    busy,
                 ) {
-                    Ok(bufs) => decided = Some(Ok((bufs, true))),
+                    Ok(shown) => decided = Some(Ok((shown, true))),
                     Err(ShowError::Refused(e)) => scaling_refused = Some(e),
                     Err(ShowError::Commit(e)) => {
                         crate::warn_limited!(?conn, connector = %name, "atomic modeset failed: {e}; legacy from now on");
@@ -930,36 +1169,36 @@ impl Kms {
                     st.as_mut(),
                     &full,
                     false,
+                    busy,
                 );
                 if let Err(ShowError::Commit(e)) = &r {
                     crate::warn_limited!(?conn, connector = %name, "atomic modeset failed: {e}; legacy from now on");
                     st = None;
                     self.fell_back(conn);
                     r = self.show_in_new_buffers(
-                        crtc, phys, &mode, mode_size, frame, None, &full, false,
+                        crtc, phys, &mode, mode_size, frame, None, &full, false, busy,
                     );
                 }
-                r.map(|bufs| (bufs, false)).map_err(|e| match e {
+                r.map(|shown| (shown, false)).map_err(|e| match e {
                     ShowError::Refused(e) | ShowError::Commit(e) => OutputError::from(e),
                     ShowError::Other(e) => e,
                 })
             }
         };
-        let (bufs, plane_fit) = match decided {
+        let (shown, plane_fit) = match decided {
             Ok(d) => d,
             Err(e) => {
                 crate::warn_limited!(?conn, connector = %name, "SET_CONFIG failed: {e}");
-                match (old, fresh_save) {
-                    // Still showing the old mode: keep it.
-                    (Some(o), _) => {
-                        if let Some(kc) = self.conns.get_mut(&conn) {
-                            kc.active = Some(o);
-                        }
+                // Nothing was committed (a refused atomic commit changes nothing): put
+                // back what was there.
+                if let Some(o) = old {
+                    if let Some(kc) = self.conns.get_mut(&conn) {
+                        kc.active = Some(o);
                     }
-                    (None, Some(saved)) => {
-                        Self::restore_active(&self.card, crtc, &saved, st.as_ref());
-                    }
-                    (None, None) => {}
+                }
+                if let Some(r) = reclaimed {
+                    self.restores.push(r);
+                    self.advance();
                 }
                 return Err(e);
             }
@@ -988,26 +1227,40 @@ impl Kms {
             mode = %format_args!("{}x{}@{}", mode_size.0, mode_size.1, infos[idx].refresh),
             %scanout,
             %scaling,
+            planned = shown.unsent.is_some(),
             "scanout configured"
         );
-        let saved = match (old, fresh_save) {
-            (Some(mut o), _) => {
-                let busy = o.flips.busy();
+        // What the CRTC showed before, and whether an event of it is still due.
+        let (saved, on_screen) = match (old, reclaimed, fresh_save) {
+            (Some(mut o), _, _) => {
+                let event_due = o.flips.busy() && o.unsent.is_none();
                 let cookies = o.flips.drain();
                 self.immediate.extend(
                     cookies
                         .into_iter()
                         .map(|fb_cookie| FlipDone { conn, fb_cookie }),
                 );
-                drop(o.bufs);
-                if busy {
-                    // Its completion event is stale now; consume it before new flips.
-                    self.pump_events_into_immediate();
+                if event_due {
+                    self.expect_stray(crtc);
                 }
-                o.saved
+                // Its own planned modeset never went out: the buffers before it show.
+                let on_screen = if o.unsent.is_some() {
+                    o.waiting_old
+                } else {
+                    o.bufs
+                };
+                (o.saved, on_screen)
             }
-            (None, Some(saved)) => saved,
-            (None, None) => self.save_crtc(crtc),
+            (None, Some(r), _) => (r.saved, r.keep),
+            (None, None, Some(saved)) => (saved, Vec::new()),
+            (None, None, None) => (self.save_crtc(crtc), Vec::new()),
+        };
+        // Submitted: the kernel holds its own references to what is still on screen.
+        let waiting_old = if shown.unsent.is_some() {
+            on_screen
+        } else {
+            drop(on_screen);
+            Vec::new()
         };
         self.counts.count(frame);
         let (direct, front) = match frame {
@@ -1017,6 +1270,7 @@ impl Kms {
             },
             FrameSource::Mapped(_) => (Vec::new(), 0),
         };
+        let submitted = shown.event && shown.unsent.is_none();
         if let Some(kc) = self.conns.get_mut(&conn) {
             kc.note_path(conn, st.is_some());
             kc.active = Some(Active {
@@ -1025,28 +1279,23 @@ impl Kms {
                 size,
                 plane_fit,
                 guest: (fw, fh),
-                bufs,
+                bufs: shown.bufs,
                 direct,
-                flips: if self.modeset_pending {
+                flips: if shown.event {
                     FlipQueue::showing(front)
                 } else {
                     FlipQueue::new(front)
                 },
                 saved,
                 atomic: st,
-                last_submit: None,
+                last_submit: submitted.then(Instant::now),
                 paced: std::cell::Cell::new(false),
+                unsent: shown.unsent,
+                waiting_old,
             });
         }
+        self.advance();
         Ok(())
-    }
-
-    /// Read pending DRM events now (outside a dispatch); what completes is reported
-    /// at the next dispatch.
-    fn pump_events_into_immediate(&mut self) {
-        let mut done = Vec::new();
-        self.read_events(&mut done);
-        self.immediate.append(&mut done);
     }
 
     /// Read DRM events until none are left, completing flips into `done`.
@@ -1076,6 +1325,15 @@ impl Kms {
     }
 
     fn on_flip_complete(&mut self, crtc: crtc::Handle, done: &mut Vec<FlipDone>) {
+        // Events that complete nothing of ours come first: nothing of ours was
+        // submitted on this CRTC while they were due.
+        if let Some((n, _)) = self.stray.get_mut(&crtc) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.stray.remove(&crtc);
+            }
+            return;
+        }
         let Some((&conn, kc)) = self
             .conns
             .iter_mut()
@@ -1262,12 +1520,19 @@ impl Output for Kms {
         if !self.immediate.is_empty() {
             return Some(now);
         }
-        // Connectors whose flip waits for the refresh pacing.
+        // Connectors whose flip waits for the refresh pacing; an EBUSY retry; the
+        // timeout of an event that may never come.
         self.conns
             .values()
             .filter_map(|c| c.active.as_ref())
             .filter(|a| a.paced.get())
             .map(|a| a.paced_until(now).unwrap_or(now))
+            .chain(self.retry_at)
+            .chain(
+                self.stray
+                    .values()
+                    .map(|(_, since)| *since + STRAY_EVENT_TIMEOUT),
+            )
             .min()
     }
 
@@ -1280,6 +1545,19 @@ impl Output for Kms {
         }
         done.append(&mut self.immediate);
         self.read_events(done);
+        // Restores and planned modesets whose CRTC became idle, EBUSY retries, late
+        // events.
+        if !self.restores.is_empty()
+            || !self.stray.is_empty()
+            || self.retry_at.is_some()
+            || self
+                .conns
+                .values()
+                .any(|c| c.active.as_ref().is_some_and(|a| a.unsent.is_some()))
+        {
+            self.advance();
+            done.append(&mut self.immediate);
+        }
     }
 
     fn import_dmabuf(&mut self, dmabuf: &DmaBufFd) -> Result<ImportId, OutputError> {
