@@ -106,6 +106,11 @@ struct DemoArgs {
     /// Keep the last frame on screen this long before exiting.
     #[arg(long, default_value_t = 0)]
     hold_secs: u64,
+    /// Every N frames, right after a flip (still in flight), reconfigure each connector:
+    /// alternately disable + re-enable it, and switch to half the resolution and back
+    /// (a test of the output's modeset paths; 0 = never).
+    #[arg(long, default_value_t = 0)]
+    reconfigure_every: u32,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -288,6 +293,7 @@ fn main() -> Result<()> {
                 frames: args.frames,
                 out_dir: args.out,
                 hold_secs: args.hold_secs,
+                reconfigure_every: args.reconfigure_every,
                 output: args.output.output.unwrap_or(OutputKind::Headless),
                 card: args.output.card,
                 mapping,

@@ -321,6 +321,10 @@ pub struct Kms {
     restores: Vec<Restore>,
     /// A non-blocking commit met EBUSY: [`Kms::advance`] tries again then.
     retry_at: Option<Instant>,
+    /// Modesets planned while an event was due (submitted later), and restores that
+    /// waited for a flip in flight: logged at exit (the harness checks them).
+    planned_modesets: u64,
+    deferred_restores: u64,
 }
 
 /// How long an expected flip-complete event may be late before the CRTC is taken as
@@ -425,6 +429,8 @@ impl Kms {
             stray: HashMap::new(),
             restores: Vec::new(),
             retry_at: None,
+            planned_modesets: 0,
+            deferred_restores: 0,
         };
         tracing::info!(
             card = %kms.path.display(),
@@ -722,6 +728,9 @@ impl Kms {
             keep,
         });
         self.advance();
+        if self.restores.iter().any(|r| r.conn == conn) {
+            self.deferred_restores += 1;
+        }
     }
 
     /// Give every CRTC we took back its previous state, free our buffers and drop DRM
@@ -740,6 +749,8 @@ impl Kms {
             tracing::info!(
                 copied = self.counts.copied,
                 zero_copy = self.counts.zero_copy,
+                planned_modesets = self.planned_modesets,
+                deferred_restores = self.deferred_restores,
                 "KMS frames shown: copied vs scanned out directly"
             );
         }
@@ -1271,6 +1282,9 @@ impl Kms {
             FrameSource::Mapped(_) => (Vec::new(), 0),
         };
         let submitted = shown.event && shown.unsent.is_none();
+        if shown.unsent.is_some() {
+            self.planned_modesets += 1;
+        }
         if let Some(kc) = self.conns.get_mut(&conn) {
             kc.note_path(conn, st.is_some());
             kc.active = Some(Active {
