@@ -8,9 +8,6 @@ pub const NBUF: usize = 3;
 struct InFlight {
     buf: usize,
     cookies: Vec<u64>,
-    /// A SET_CONFIG replaced the image while this flip was in flight: when it
-    /// completes, the front buffer stays what the SET_CONFIG showed.
-    superseded: bool,
 }
 
 /// Which of the [`NBUF`] buffers is scanned out, in flight, or queued, and which guest
@@ -49,7 +46,6 @@ impl FlipQueue {
             in_flight: Some(InFlight {
                 buf: front,
                 cookies: Vec::new(),
-                superseded: false,
             }),
             queued: None,
         }
@@ -87,7 +83,6 @@ impl FlipQueue {
             self.in_flight = Some(InFlight {
                 buf: b,
                 cookies: vec![cookie],
-                superseded: false,
             });
             return Some(b);
         }
@@ -109,7 +104,6 @@ impl FlipQueue {
             self.in_flight = Some(InFlight {
                 buf: b,
                 cookies: Vec::new(),
-                superseded: false,
             });
             return Some(b);
         }
@@ -149,29 +143,12 @@ impl FlipQueue {
         let Some(f) = self.in_flight.take() else {
             return (Vec::new(), None);
         };
-        if !f.superseded {
-            self.front = f.buf;
-        }
+        self.front = f.buf;
         let next = self.queued.take().map(|(b, cookies)| {
-            self.in_flight = Some(InFlight {
-                buf: b,
-                cookies,
-                superseded: false,
-            });
+            self.in_flight = Some(InFlight { buf: b, cookies });
             b
         });
         (f.cookies, next)
-    }
-
-    /// A SET_CONFIG showed `buf` (which was [`FlipQueue::back`]) directly. The queued
-    /// flip is older, so it is dropped: returns its cookies to report done now.
-    pub fn modeset(&mut self, buf: usize) -> Vec<u64> {
-        let queued = self.queued.take().map(|(_, c)| c).unwrap_or_default();
-        if let Some(f) = &mut self.in_flight {
-            f.superseded = true;
-        }
-        self.front = buf;
-        queued
     }
 
     /// Forget everything; returns all outstanding cookies, oldest first.
@@ -227,23 +204,23 @@ mod tests {
     }
 
     #[test]
-    fn flip_queue_failures_and_modeset() {
+    fn flip_queue_failures_and_config() {
         let mut q = FlipQueue::new(0);
         assert_eq!(q.push(1), Some(1));
         assert_eq!(q.submit_failed(), vec![1]);
         assert!(!q.busy());
         assert_eq!(q.front(), 0);
 
-        // SET_CONFIG while a flip is in flight and another queued.
+        // A same-mode SET_CONFIG while a flip is in flight and another queued: it
+        // replaces the queued one (latest wins), whose cookie completes when it shows.
         assert_eq!(q.push(2), Some(1));
         assert_eq!(q.push(3), None);
         let b = q.back();
         assert_eq!(b, 2);
-        assert_eq!(q.modeset(b), vec![3]);
-        assert_eq!(q.front(), 2);
-        // The in-flight flip still completes, but does not take the screen back.
-        assert_eq!(q.back(), 0);
-        assert_eq!(q.complete(), (vec![2], None));
+        assert_eq!(q.push_show(b), None);
+        assert_eq!(q.complete(), (vec![2], Some(2)));
+        assert_eq!(q.front(), 1);
+        assert_eq!(q.complete(), (vec![3], None));
         assert_eq!(q.front(), 2);
 
         assert_eq!(q.push(4), Some(0));

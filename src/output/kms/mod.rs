@@ -36,6 +36,7 @@
 pub mod atomic;
 mod flip_queue;
 mod import;
+mod legacy;
 mod mode;
 mod scanout;
 
@@ -71,7 +72,7 @@ use crate::zcopy::DmaBufFd;
 
 /// A CRTC's state before we took it.
 #[derive(Debug)]
-struct SavedCrtc {
+pub(super) struct SavedCrtc {
     fb: Option<framebuffer::Handle>,
     pos: (u32, u32),
     mode: Option<Mode>,
@@ -177,36 +178,9 @@ impl Active {
         NBUF + i
     }
 
-    /// Show `fb` (from `pos`) now in the current mode, blocking, without an event.
-    /// A failed atomic commit is retried with legacy `SET_CRTC` (unless the plane
-    /// scales, which legacy cannot); if that works the connector stays legacy and
-    /// this returns `Ok(true)`.
-    fn show_now(
-        &mut self,
-        card: &Card,
-        phys: connector::Handle,
-        fb: framebuffer::Handle,
-        pos: (u32, u32),
-    ) -> std::io::Result<bool> {
-        let Some(st) = self.atomic.as_mut() else {
-            card.set_crtc(self.crtc, Some(fb), pos, &[phys], Some(self.mode))?;
-            return Ok(false);
-        };
-        let Err(e) = atomic::commit_flip(card, st, fb, pos, false) else {
-            return Ok(false);
-        };
-        crate::warn_limited!(crtc = ?self.crtc, "atomic commit failed: {e}");
-        if self.plane_fit {
-            return Err(e);
-        }
-        card.set_crtc(self.crtc, Some(fb), pos, &[phys], Some(self.mode))
-            .map_err(|_| e)?;
-        self.atomic = None;
-        Ok(true)
-    }
-
     /// Submit the flip to target `b` with a flip-complete event. A failed atomic
-    /// commit is retried with legacy `PAGE_FLIP` as in [`Active::show_now`].
+    /// commit is retried with legacy `PAGE_FLIP` (unless the plane scales, which legacy
+    /// cannot); if that works the connector stays legacy and this returns `Ok(true)`.
     fn submit_flip(&mut self, card: &Card, b: usize) -> std::io::Result<bool> {
         let (fb, pos) = self.target(b).ok_or(std::io::ErrorKind::NotFound)?;
         let Some(st) = self.atomic.as_mut() else {
@@ -325,11 +299,26 @@ pub struct Kms {
     /// waited for a flip in flight: logged at exit (the harness checks them).
     planned_modesets: u64,
     deferred_restores: u64,
+    /// Legacy `SET_CRTC`s, off the loop.
+    legacy: legacy::Worker,
+    /// Guest framebuffers taken off screen whose removal waits until no flip in flight
+    /// may still show them.
+    rmfb_later: Vec<LateRmfb>,
+}
+
+/// See [`Kms::rmfb_later`].
+struct LateRmfb {
+    fb: framebuffer::Handle,
+    /// (connector, its CRTC, the flip target that named the framebuffer).
+    waits: Vec<(ConnectorId, crtc::Handle, usize)>,
+    since: Instant,
 }
 
 /// How long an expected flip-complete event may be late before the CRTC is taken as
 /// idle anyway (a driver that lost it must not keep a connector dark for good).
 const STRAY_EVENT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the loop looks for failed legacy modesets while the worker has some.
+const LEGACY_POLL: Duration = Duration::from_millis(20);
 /// The retry interval after EBUSY from a non-blocking commit.
 const EBUSY_RETRY: Duration = Duration::from_millis(2);
 
@@ -413,8 +402,10 @@ impl Kms {
                 }
             }
         };
+        let card = Arc::new(card);
         let kms = Kms {
-            card: Arc::new(card),
+            legacy: legacy::Worker::new(Arc::clone(&card)),
+            card,
             path,
             mapping,
             conns: BTreeMap::new(),
@@ -431,6 +422,7 @@ impl Kms {
             retry_at: None,
             planned_modesets: 0,
             deferred_restores: 0,
+            rmfb_later: Vec::new(),
         };
         tracing::info!(
             card = %kms.path.display(),
@@ -454,25 +446,36 @@ impl Kms {
     /// Make sure no CRTC scans out, flips to or has queued the imported framebuffer
     /// `fb`: such a connector shows black from one of our buffers instead (or is
     /// disabled if even that fails). Then `fb` can be removed without a CRTC going dark.
-    fn take_off_screen(&mut self, fb: framebuffer::Handle) {
-        let users: Vec<ConnectorId> = self
+    fn take_off_screen(&mut self, fb: framebuffer::Handle) -> bool {
+        // Every (connector, CRTC, flip target) that names `fb`.
+        let named: Vec<(ConnectorId, crtc::Handle, usize)> = self
             .conns
             .iter()
-            .filter(|(_, c)| {
-                c.active.as_ref().is_some_and(|a| {
-                    a.direct
-                        .iter()
-                        .enumerate()
-                        .any(|(i, d)| d.is_some_and(|d| d.fb == fb) && a.flips.uses(NBUF + i))
-                })
+            .filter_map(|(id, c)| c.active.as_ref().map(|a| (*id, a)))
+            .flat_map(|(id, a)| {
+                a.direct
+                    .iter()
+                    .enumerate()
+                    .filter(move |(_, d)| d.is_some_and(|d| d.fb == fb))
+                    .map(move |(i, _)| (id, a.crtc, NBUF + i))
             })
-            .map(|(id, _)| *id)
             .collect();
+        let mut users: Vec<ConnectorId> = named
+            .iter()
+            .filter(|(id, _, t)| {
+                self.conns
+                    .get(id)
+                    .and_then(|c| c.active.as_ref())
+                    .is_some_and(|a| a.flips.uses(*t))
+            })
+            .map(|(id, _, _)| *id)
+            .collect();
+        users.dedup();
+        let mut remove_now = true;
         for conn in users {
             let Some(kc) = self.conns.get_mut(&conn) else {
                 continue;
             };
-            let phys = kc.phys;
             let Some(a) = kc.active.as_mut() else {
                 continue;
             };
@@ -493,52 +496,44 @@ impl Kms {
                 );
                 continue;
             }
-            // Nothing in flight: a non-blocking flip to black. Once submitted, the
-            // kernel's own reference keeps the guest's framebuffer alive until it is
-            // off screen, and the DBUF_DESTROY release wait (off the loop) covers that.
-            if !a.flips.busy() {
-                let Some(b) = a.flips.push_show(b) else {
-                    continue;
-                };
-                a.last_submit = Some(Instant::now());
-                match a.submit_flip(&self.card, b) {
-                    Ok(fell_back) => {
-                        if fell_back {
-                            kc.fell_back(conn);
-                        }
-                    }
-                    Err(e) => {
-                        a.flips.submit_failed();
-                        crate::warn_limited!(
-                            ?conn,
-                            "taking a guest buffer off screen: {e}; disabling"
-                        );
-                        self.deactivate(conn, true);
-                    }
-                }
+            // Black goes up with the next flip: now (non-blocking) if nothing is in
+            // flight, else when the flip in flight completes (latest wins). Once
+            // submitted, the kernel's own reference keeps the guest's framebuffer alive
+            // until it is off screen, and the DBUF_DESTROY release wait (off the loop)
+            // covers that. While a flip in flight may still show it, removing it would
+            // make the kernel disable the plane (blocking): that waits in
+            // [`Kms::rmfb_later`].
+            let Some(b) = a.flips.push_show(b) else {
+                remove_now = false;
                 continue;
-            }
-            // A flip in flight: wait for it (at most a refresh), then show black.
-            match a.show_now(&self.card, phys, black, (0, 0)) {
+            };
+            a.last_submit = Some(Instant::now());
+            match a.submit_flip(&self.card, b) {
                 Ok(fell_back) => {
                     if fell_back {
                         kc.fell_back(conn);
                     }
-                    let Some(a) = kc.active.as_mut() else {
-                        continue;
-                    };
-                    let dropped = a.flips.modeset(b);
-                    self.immediate.extend(
-                        dropped
-                            .into_iter()
-                            .map(|fb_cookie| FlipDone { conn, fb_cookie }),
-                    );
                 }
                 Err(e) => {
+                    a.flips.submit_failed();
                     crate::warn_limited!(?conn, "taking a guest buffer off screen: {e}; disabling");
                     self.deactivate(conn, true);
                 }
             }
+        }
+        // A replaced configuration's flip in flight may name it too.
+        if named
+            .iter()
+            .any(|(_, c, _)| self.stray.get(c).is_some_and(|(n, _)| *n > 0))
+        {
+            remove_now = false;
+        }
+        if !remove_now {
+            self.rmfb_later.push(LateRmfb {
+                fb,
+                waits: named,
+                since: Instant::now(),
+            });
         }
         for kc in self.conns.values_mut() {
             if let Some(a) = kc.active.as_mut() {
@@ -549,6 +544,7 @@ impl Kms {
                 }
             }
         }
+        remove_now
     }
 
     /// The card's connectors as (KMS name, connected?).
@@ -660,34 +656,11 @@ impl Kms {
                 Err(e) => tracing::debug!(?c, "atomic restore failed ({e}); trying SET_CRTC"),
             }
         }
-        if Self::restore_crtc(card, c, saved) {
+        if legacy::restore_crtc(card, c, saved) {
             "set_crtc"
         } else {
             "disabled"
         }
-    }
-
-    /// Legacy restore; false if the CRTC had to be disabled instead.
-    fn restore_crtc(card: &Card, c: crtc::Handle, saved: &SavedCrtc) -> bool {
-        let restored = match (saved.fb, saved.mode) {
-            (Some(fb), Some(mode)) if !saved.conns.is_empty() => {
-                card.set_crtc(c, Some(fb), saved.pos, &saved.conns, Some(mode))
-            }
-            _ => Err(std::io::ErrorKind::NotFound.into()),
-        };
-        if let Err(e) = restored {
-            if saved.fb.is_some() {
-                tracing::debug!(
-                    ?c,
-                    "cannot restore the previous CRTC state ({e}); disabling"
-                );
-            }
-            if let Err(e) = card.set_crtc(c, None, (0, 0), &[], None) {
-                tracing::warn!(?c, "cannot disable CRTC: {e}");
-            }
-            return false;
-        }
-        true
     }
 
     /// Stop showing `conn`: its flips are reported done (with `report`), and its CRTC
@@ -741,6 +714,7 @@ impl Kms {
         for id in ids {
             self.deactivate(id, true);
         }
+        self.legacy.finish();
         for r in std::mem::take(&mut self.restores) {
             let how = Self::restore_active(&self.card, r.crtc, &r.saved, r.atomic.as_ref());
             tracing::info!(conn = ?r.conn, restored = how, "display disabled");
@@ -815,7 +789,7 @@ impl Kms {
                         }
                         Err(e) => {
                             tracing::debug!(crtc = ?r.crtc, "atomic restore failed ({e}); trying SET_CRTC");
-                            if Self::restore_crtc(&self.card, r.crtc, &r.saved) {
+                            if legacy::restore_crtc(&self.card, r.crtc, &r.saved) {
                                 "set_crtc"
                             } else {
                                 "disabled"
@@ -823,18 +797,39 @@ impl Kms {
                         }
                     }
                 }
-                // Legacy drivers have no non-blocking modeset.
+                // Legacy drivers have no non-blocking modeset: the worker restores it
+                // and frees what the CRTC showed after.
                 None => {
-                    if Self::restore_crtc(&self.card, r.crtc, &r.saved) {
-                        "set_crtc"
-                    } else {
-                        "disabled"
-                    }
+                    tracing::info!(conn = ?r.conn, restored = "set_crtc (worker)", "display disabled");
+                    self.legacy.submit(legacy::Job::Restore {
+                        crtc: r.crtc,
+                        saved: r.saved,
+                        keep: r.keep,
+                    });
+                    continue;
                 }
             };
             tracing::info!(conn = ?r.conn, restored = how, "display disabled");
             // The kernel holds its own references to what is still on screen.
             drop(r.keep);
+        }
+        for late in std::mem::take(&mut self.rmfb_later) {
+            let in_use = late.waits.iter().any(|&(conn, crtc, t)| {
+                self.stray.get(&crtc).is_some_and(|(n, _)| *n > 0)
+                    || self.restores.iter().any(|r| r.conn == conn)
+                    || self
+                        .conns
+                        .get(&conn)
+                        .and_then(|c| c.active.as_ref())
+                        .is_some_and(|a| a.flips.uses(t))
+            });
+            if in_use && now.duration_since(late.since) < STRAY_EVENT_TIMEOUT {
+                self.rmfb_later.push(late);
+                continue;
+            }
+            if let Err(e) = self.card.destroy_framebuffer(late.fb) {
+                tracing::warn!("removing an imported framebuffer: {e}");
+            }
         }
         let planned: Vec<(ConnectorId, crtc::Handle)> = self
             .conns
@@ -905,6 +900,7 @@ impl Kms {
     #[allow(clippy::too_many_arguments)]
     fn show_in_new_buffers(
         &mut self,
+        conn: ConnectorId,
         crtc: crtc::Handle,
         phys: connector::Handle,
         mode: &Mode,
@@ -934,19 +930,19 @@ impl Kms {
         };
         let planned = Unsent { fb, geom: *geom };
         let Some(st) = st else {
-            self.card
-                .set_crtc(
-                    crtc,
-                    Some(fb),
-                    (geom.src.x, geom.src.y),
-                    &[phys],
-                    Some(*mode),
-                )
-                .map_err(|e| ShowError::Other(e.into()))?;
+            // Its flip-complete event tells the loop the mode is on screen.
+            self.legacy.submit(legacy::Job::Modeset {
+                conn,
+                crtc,
+                fb,
+                pos: (geom.src.x, geom.src.y),
+                phys,
+                mode: *mode,
+            });
             return Ok(Shown {
                 bufs,
                 unsent: None,
-                event: false,
+                event: true,
             });
         };
         if test || busy {
@@ -1146,6 +1142,7 @@ impl Kms {
                 (st.as_mut(), PlaneGeom::scaled(pos, (fw, fh), mode_size))
             {
                 match self.show_in_new_buffers(
+                    conn,
                     crtc,
                     phys,
                     &mode,
@@ -1172,6 +1169,7 @@ impl Kms {
             Some(d) => d,
             None => {
                 let mut r = self.show_in_new_buffers(
+                    conn,
                     crtc,
                     phys,
                     &mode,
@@ -1187,7 +1185,7 @@ impl Kms {
                     st = None;
                     self.fell_back(conn);
                     r = self.show_in_new_buffers(
-                        crtc, phys, &mode, mode_size, frame, None, &full, false, busy,
+                        conn, crtc, phys, &mode, mode_size, frame, None, &full, false, busy,
                     );
                 }
                 r.map(|shown| (shown, false)).map_err(|e| match e {
@@ -1266,11 +1264,16 @@ impl Kms {
             (None, None, Some(saved)) => (saved, Vec::new()),
             (None, None, None) => (self.save_crtc(crtc), Vec::new()),
         };
-        // Submitted: the kernel holds its own references to what is still on screen.
+        // Submitted: the kernel holds its own references to what is still on screen
+        // (atomic); the legacy worker frees it after its queued modeset.
         let waiting_old = if shown.unsent.is_some() {
             on_screen
         } else {
-            drop(on_screen);
+            if st.is_none() && !on_screen.is_empty() {
+                self.legacy.submit(legacy::Job::Free(on_screen));
+            } else {
+                drop(on_screen);
+            }
             Vec::new()
         };
         self.counts.count(frame);
@@ -1542,10 +1545,17 @@ impl Output for Kms {
             .filter(|a| a.paced.get())
             .map(|a| a.paced_until(now).unwrap_or(now))
             .chain(self.retry_at)
+            // Legacy modesets in the worker: look for its failures now and then.
+            .chain((self.legacy.pending() > 0).then(|| now + LEGACY_POLL))
             .chain(
                 self.stray
                     .values()
                     .map(|(_, since)| *since + STRAY_EVENT_TIMEOUT),
+            )
+            .chain(
+                self.rmfb_later
+                    .iter()
+                    .map(|l| l.since + STRAY_EVENT_TIMEOUT),
             )
             .min()
     }
@@ -1559,9 +1569,22 @@ impl Output for Kms {
         }
         done.append(&mut self.immediate);
         self.read_events(done);
+        // Legacy modesets the worker could not make: that connector is disabled.
+        for f in self.legacy.failures() {
+            let ours = self
+                .conns
+                .get(&f.conn)
+                .and_then(|c| c.active.as_ref())
+                .is_some_and(|a| a.crtc == f.crtc && a.atomic.is_none());
+            crate::warn_limited!(conn = ?f.conn, "legacy modeset failed: {}", f.error);
+            if ours {
+                self.deactivate(f.conn, true);
+            }
+        }
         // Restores and planned modesets whose CRTC became idle, EBUSY retries, late
         // events.
         if !self.restores.is_empty()
+            || !self.rmfb_later.is_empty()
             || !self.stray.is_empty()
             || self.retry_at.is_some()
             || self
@@ -1653,9 +1676,10 @@ impl Output for Kms {
         if let Some(i) = self.imports.get_mut(&import) {
             i.fbs.retain(|f| *f != id);
         }
-        self.take_off_screen(fb);
-        if let Err(e) = self.card.destroy_framebuffer(fb) {
-            tracing::warn!("removing an imported framebuffer: {e}");
+        if self.take_off_screen(fb) {
+            if let Err(e) = self.card.destroy_framebuffer(fb) {
+                tracing::warn!("removing an imported framebuffer: {e}");
+            }
         }
     }
 
