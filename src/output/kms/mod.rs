@@ -980,6 +980,74 @@ impl Kms {
         }
     }
 
+    /// Put `frame` where connector `conn`'s next flip shows it: drawn into the back
+    /// buffer, or its imported framebuffer registered as a flip target (checked to fit
+    /// the layout). Returns the flip target and its framebuffer.
+    fn stage(
+        &mut self,
+        conn: ConnectorId,
+        frame: &FrameSource<'_>,
+    ) -> Result<(usize, framebuffer::Handle), OutputError> {
+        let size = match self.conns.get(&conn).and_then(|c| c.active.as_ref()) {
+            Some(a) => a.size,
+            None => return Err(OutputError::NotConfigured),
+        };
+        let direct_fb = match frame {
+            FrameSource::Imported(f) => Some(self.imported_fb(f, size)?),
+            FrameSource::Mapped(_) => None,
+        };
+        let Some(a) = self.conns.get_mut(&conn).and_then(|c| c.active.as_mut()) else {
+            return Err(OutputError::NotConfigured);
+        };
+        match (frame, direct_fb) {
+            (FrameSource::Imported(f), Some(fb)) => Ok((a.direct_target(fb, (f.x, f.y)), fb)),
+            (FrameSource::Mapped(f), _) => {
+                let b = a.flips.back();
+                a.bufs[b].draw(&mut self.copier, a.size, f)?;
+                Ok((b, a.bufs[b].fb))
+            }
+            (FrameSource::Imported(_), None) => Err(OutputError::NotConfigured),
+        }
+    }
+
+    /// Queue flip target `b` on `conn` (a guest flip with its `cookie`, or a same-mode
+    /// SET_CONFIG with none; latest wins) and submit it now, non-blocking with an
+    /// event, if nothing is in flight.
+    fn queue_flip(
+        &mut self,
+        conn: ConnectorId,
+        b: usize,
+        cookie: Option<u64>,
+    ) -> Result<(), OutputError> {
+        let Some(kc) = self.conns.get_mut(&conn) else {
+            return Err(OutputError::NotConfigured);
+        };
+        let Some(a) = kc.active.as_mut() else {
+            return Err(OutputError::NotConfigured);
+        };
+        let now = match cookie {
+            Some(c) => a.flips.push_to(b, c),
+            None => a.flips.push_show(b),
+        };
+        let Some(b) = now else {
+            return Ok(());
+        };
+        a.last_submit = Some(Instant::now());
+        a.paced.set(false);
+        match a.submit_flip(&self.card, b) {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                kc.fell_back(conn);
+                Ok(())
+            }
+            Err(e) => {
+                crate::warn_limited!(?conn, connector = %kc.name, "page flip failed: {e}");
+                a.flips.submit_failed();
+                Err(e.into())
+            }
+        }
+    }
+
     fn enable(&mut self, conn: ConnectorId, frame: &FrameSource<'_>) -> Result<(), OutputError> {
         let (fw, fh) = frame.size();
         let kc = self.conns.get(&conn).ok_or(OutputError::NotConfigured)?;
@@ -1017,31 +1085,11 @@ impl Kms {
                     .holds_for(fit, (fw, fh))
             });
         if reuse {
-            let size = self
-                .conns
-                .get(&conn)
-                .and_then(|c| c.active.as_ref())
-                .map_or(mode_size, |a| a.size);
-            let direct_fb = match frame {
-                FrameSource::Imported(f) => Some(self.imported_fb(f, size)?),
-                FrameSource::Mapped(_) => None,
-            };
-            let Some(kc) = self.conns.get_mut(&conn) else {
-                return Err(OutputError::NotConfigured);
-            };
-            let Some(a) = kc.active.as_mut() else {
-                return Err(OutputError::NotConfigured);
-            };
-            let (b, fb) = match (frame, direct_fb) {
-                (FrameSource::Imported(_), Some(fb)) => (a.direct_target(fb, pos), fb),
-                (FrameSource::Mapped(f), _) => {
-                    let b = a.flips.back();
-                    a.bufs[b].draw(&mut self.copier, a.size, f)?;
-                    (b, a.bufs[b].fb)
-                }
-                (FrameSource::Imported(_), None) => return Err(OutputError::NotConfigured),
-            };
+            let (b, fb) = self.stage(conn, frame)?;
             self.counts.count(frame);
+            let Some(a) = self.conns.get_mut(&conn).and_then(|c| c.active.as_mut()) else {
+                return Err(OutputError::NotConfigured);
+            };
             // The planned modeset has not gone out yet: it shows this frame instead.
             if let Some(u) = a.unsent.as_mut() {
                 u.fb = fb;
@@ -1057,20 +1105,7 @@ impl Kms {
             }
             // Latest wins, like a flip: submitted now (non-blocking, with an event) if
             // nothing is in flight, else once the flip in flight completes.
-            if let Some(b) = a.flips.push_show(b) {
-                a.last_submit = Some(Instant::now());
-                a.paced.set(false);
-                match a.submit_flip(&self.card, b) {
-                    Ok(false) => {}
-                    Ok(true) => kc.fell_back(conn),
-                    Err(e) => {
-                        crate::warn_limited!(?conn, connector = %kc.name, "SET_CONFIG commit failed: {e}");
-                        a.flips.submit_failed();
-                        return Err(e.into());
-                    }
-                }
-            }
-            return Ok(());
+            return self.queue_flip(conn, b, None);
         }
 
         tracing::info!(
@@ -1472,44 +1507,9 @@ impl Output for Kms {
     }
 
     fn page_flip(&mut self, conn: ConnectorId, frame: &FrameSource<'_>) -> Result<(), OutputError> {
-        let size = match self.conns.get(&conn).and_then(|c| c.active.as_ref()) {
-            Some(a) => a.size,
-            None => return Err(OutputError::NotConfigured),
-        };
-        let direct_fb = match frame {
-            FrameSource::Imported(f) => Some(self.imported_fb(f, size)?),
-            FrameSource::Mapped(_) => None,
-        };
-        let Some(kc) = self.conns.get_mut(&conn) else {
-            return Err(OutputError::NotConfigured);
-        };
-        let Some(a) = kc.active.as_mut() else {
-            return Err(OutputError::NotConfigured);
-        };
-        let target = match (frame, direct_fb) {
-            (FrameSource::Imported(f), Some(fb)) => a.direct_target(fb, (f.x, f.y)),
-            (FrameSource::Mapped(f), _) => {
-                let b = a.flips.back();
-                a.bufs[b].draw(&mut self.copier, a.size, f)?;
-                b
-            }
-            (FrameSource::Imported(_), None) => return Err(OutputError::NotConfigured),
-        };
+        let (target, _) = self.stage(conn, frame)?;
         self.counts.count(frame);
-        if let Some(b) = a.flips.push_to(target, frame.fb_cookie()) {
-            a.last_submit = Some(Instant::now());
-            a.paced.set(false);
-            match a.submit_flip(&self.card, b) {
-                Ok(false) => {}
-                Ok(true) => kc.fell_back(conn),
-                Err(e) => {
-                    crate::warn_limited!(?conn, connector = %kc.name, "page flip failed: {e}");
-                    a.flips.submit_failed();
-                    return Err(e.into());
-                }
-            }
-        }
-        Ok(())
+        self.queue_flip(conn, target, Some(frame.fb_cookie()))
     }
 
     fn target(&self, conn: ConnectorId) -> Option<String> {
