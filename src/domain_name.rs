@@ -79,8 +79,16 @@ impl DomainSelector {
     }
 
     /// Whether `dom` is the named domain now (reads `/local/domain/<dom>/name`).
+    /// A XenStore error other than a missing node keeps the last answer for `dom` (a
+    /// transient failure must not close the guest's display).
     pub fn accepts(&mut self, store: &mut XsClient, dom: DomId) -> bool {
-        let ok = read_name(store, dom).is_some_and(|n| n == self.name);
+        let ok = match read_name(store, dom) {
+            Ok(name) => name.is_some_and(|n| n == self.name),
+            Err(e) => {
+                crate::warn_limited!("reading dom{}'s name: {e}", dom.0);
+                return self.current == Some(dom);
+            }
+        };
         if ok && self.current != Some(dom) {
             tracing::info!(
                 domain = %self.name,
@@ -104,7 +112,12 @@ impl DomainSelector {
             .iter()
             .filter_map(|d| d.parse::<u16>().ok())
             .map(DomId)
-            .filter(|&d| read_name(store, d).is_some_and(|n| n == self.name));
+            .filter(|&d| {
+                read_name(store, d)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|n| n == self.name)
+            });
         let first = found.next();
         if found.next().is_some() {
             // libxl refuses duplicate names; two at once means a rename race: wait.
@@ -132,12 +145,12 @@ impl DomainSelector {
 
 /// The `name` node of `dom`, if it is there and sane (at most [`MAX_NAME`] bytes:
 /// anything longer cannot equal a valid configured name anyway).
-fn read_name(store: &mut XsClient, dom: DomId) -> Option<String> {
-    let v = store
-        .read(Tx::NONE, &format!("/local/domain/{}/name", dom.0))
-        .ok()
-        .flatten()?;
-    (v.len() <= MAX_NAME).then_some(v)
+fn read_name(
+    store: &mut XsClient,
+    dom: DomId,
+) -> Result<Option<String>, crate::backend::xenstore::XsError> {
+    let v = store.read(Tx::NONE, &format!("/local/domain/{}/name", dom.0))?;
+    Ok(v.filter(|v| v.len() <= MAX_NAME))
 }
 
 #[cfg(test)]

@@ -518,6 +518,15 @@ vdispl = [ 'backend=Domain-0,be-alloc=0,connectors=Virtual-1:1024x768', # first
     }
 
     #[test]
+    fn the_harness_guest_config_with_xl_overrides() {
+        let mut text = include_str!("../scripts/domu-test/xen/domu.cfg").to_owned();
+        text.push_str("\nname=\"launchg\"\nextra=\"console=hvc0 harness.hold=5\"\n");
+        let g = cfg(&text).unwrap();
+        assert_eq!(g.name, "launchg");
+        assert_eq!(g.vdispl_backends, ["Domain-0"]);
+    }
+
+    #[test]
     fn last_setting_wins_and_append() {
         let g =
             cfg("name='a'\nname=\"b\"\nvdispl=['backend=1']\nvdispl += ['backend=2']\n").unwrap();
