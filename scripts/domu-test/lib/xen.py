@@ -526,7 +526,7 @@ def _launch(r: Run, res: Result, end: str) -> None:
             problems.append(f"after destroy #{i}: xl destroy rc={d.group(1)} instance alive={d.group(2)}")
     st = r.wait(r"HARNESS LAUNCH-STOPPED status=(\S+) alive=(\d)", 60, fail=end)
     (d1, p1, how1, st1, perm1), (d2, p2, how2, st2, perm2) = launches
-    if (how1, how2) != ("instance=spawned", "instance=reused"):
+    if (how1, how2) != ("spawned", "reused"):
         problems.append(f"launches: {how1}, {how2} (want spawned, then reused)")
     if p1 == "none" or p1 != p2:
         problems.append(f"instance pid {p1} then {p2} (want one instance following the name)")
