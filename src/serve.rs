@@ -131,11 +131,13 @@ pub fn control_socket_path(setting: Option<&Path>) -> Option<PathBuf> {
 }
 
 /// Run the backend until SIGINT/SIGTERM.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     output: OutputKind,
     card: Option<&Path>,
     mapping: HashMap<String, String>,
     domid: Option<u16>,
+    domain: Option<crate::domain_name::DomainSelector>,
     zero_copy: ZeroCopy,
     limits: Limits,
     announce: Announce,
@@ -165,6 +167,7 @@ pub fn run(
         output,
         ServerConfig {
             only_domid: domid.map(DomId),
+            only_domain: domain,
             limits,
             notify,
             status_node,
