@@ -409,6 +409,11 @@ def _zero_copy(r: Run, s: str, res: Result, end: str) -> None:
     refused = [l for l in log if "refused" in l]
     for step in ("card", "hold", "exited", "gone"):
         need(step in maps, f"no backend mappings reported at step '{step}'")
+    # The guest paused at CARD-READY and CLIENT-EXITED until Dom0 had taken those
+    # snapshots (gate=ok), so they show the guest connected and idle, not shutting down.
+    gates = [re.search(r"gate=(\w+)", l).group(1)
+             for l in r.marker_lines(rf"^\[{name}\] HARNESS-DOMU LINGER-DONE gate=")]
+    need(gates == ["ok", "ok"], f"guest pauses for the snapshots: {gates} (want ['ok', 'ok'])")
     card, hold, exited = maps.get("card", {}), maps.get("hold", {}), maps.get("exited", {})
     need(cm is not None, "no 'KMS frames shown' counters in the backend's log (did it exit cleanly?)")
     need(not refused, f"requests refused: {refused[:2]}")
