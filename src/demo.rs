@@ -2,7 +2,6 @@
 //! guest (behaving like Linux's xen-drm-front) drawing a moving test pattern on 1-4
 //! connectors and flipping at the output's refresh rate.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -34,8 +33,8 @@ pub struct DemoOptions {
     pub out_dir: Option<PathBuf>,
     pub hold_secs: u64,
     pub output: OutputKind,
-    pub card: Option<PathBuf>,
-    pub mapping: HashMap<String, String>,
+    /// Card, KMS mapping, Wayland display and surfaces.
+    pub output_opts: crate::output::OutputOptions,
 }
 
 const BACKEND: DomId = DomId(0);
@@ -69,10 +68,7 @@ pub fn run(opts: DemoOptions) -> Result<()> {
             let view = h.snapshot_handle();
             (Box::new(h), Some(view))
         }
-        kind => (
-            crate::output::open(kind, opts.card.as_deref(), opts.mapping.clone())?,
-            None,
-        ),
+        kind => (crate::output::open(kind, &opts.output_opts)?, None),
     };
     let mut server = Server::new(
         sim.platform(&xenstored, BACKEND)?,

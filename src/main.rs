@@ -60,6 +60,14 @@ struct OutputArgs {
     /// Map a guest connector unique-id to a KMS connector name: `--map guest-hdmi=HDMI-A-1`.
     #[arg(long = "map", value_parser = parse_mapping)]
     map: Vec<(String, String)>,
+    /// Wayland output: the compositor's socket, a name under $XDG_RUNTIME_DIR or an
+    /// absolute path (default: the config's `[wayland] display`, $WAYLAND_DISPLAY,
+    /// `wayland-0`).
+    #[arg(long, value_name = "NAME")]
+    wayland_display: Option<String>,
+    /// Wayland output: ask for fullscreen toplevels (xdg-shell).
+    #[arg(long)]
+    wayland_fullscreen: bool,
 }
 
 #[derive(Args, Debug)]
@@ -280,6 +288,9 @@ fn main() -> Result<()> {
         Cmd::Status(args) => status(args),
         Cmd::Demo(args) => {
             let mapping: HashMap<String, String> = args.output.map.into_iter().collect();
+            let mut wayland = displback::output::wayland::WaylandConfig::default();
+            wayland.display = args.output.wayland_display;
+            wayland.fullscreen |= args.output.wayland_fullscreen;
             displback::demo::run(DemoOptions {
                 connectors: args.connectors,
                 width: args.resolution.0,
@@ -289,8 +300,11 @@ fn main() -> Result<()> {
                 out_dir: args.out,
                 hold_secs: args.hold_secs,
                 output: args.output.output.unwrap_or(OutputKind::Headless),
-                card: args.output.card,
-                mapping,
+                output_opts: displback::output::OutputOptions {
+                    card: args.output.card,
+                    mapping,
+                    wayland,
+                },
             })
         }
     }
@@ -311,10 +325,18 @@ fn serve(args: ServeArgs) -> Result<()> {
         status_node: args.status_node.or(file.status_node),
         control_socket: args.control_socket.or(file.control_socket),
     };
+    let mut wayland = file.wayland.clone();
+    if args.out.wayland_display.is_some() {
+        wayland.display = args.out.wayland_display;
+    }
+    wayland.fullscreen |= args.out.wayland_fullscreen;
     displback::serve::run(
         output,
-        card.as_deref(),
-        mapping,
+        displback::output::OutputOptions {
+            card,
+            mapping,
+            wayland,
+        },
         domid,
         zero_copy,
         file.limits,
