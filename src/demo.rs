@@ -14,6 +14,7 @@ use crate::backend::DomId;
 use crate::config::OutputKind;
 use crate::displif::format::PixelFormat;
 use crate::output::headless::{self, Headless};
+use crate::output::wayland::Wayland;
 use crate::output::{ConnectorId, Output};
 use crate::sim::frontend::{DumbBuf, FrontendSim};
 use crate::sim::pattern;
@@ -62,11 +63,17 @@ pub fn run(opts: DemoOptions) -> Result<()> {
     let signals = crate::backend::signals::StopSignals::install()?;
     let sim = SimXen::new();
     let xenstored = SimXenstored::new();
+    let mut wl_stats = None;
     let (output, view): (Box<dyn Output + Send>, _) = match opts.output {
         OutputKind::Headless => {
             let h = Headless::new();
             let view = h.snapshot_handle();
             (Box::new(h), Some(view))
+        }
+        OutputKind::Wayland => {
+            let w = Wayland::open(None, opts.output_opts.wayland.clone())?;
+            wl_stats = Some(w.stats_handle());
+            (Box::new(w), None)
         }
         kind => (crate::output::open(kind, &opts.output_opts)?, None),
     };
@@ -143,6 +150,15 @@ pub fn run(opts: DemoOptions) -> Result<()> {
             opts.connectors,
             f64::from(frame) / secs.max(1e-9)
         );
+        if let Some(s) = &wl_stats {
+            let s = *s
+                .lock()
+                .map_err(|_| anyhow::anyhow!("stats lock poisoned"))?;
+            println!(
+                "DEMO WAYLAND connects={} disconnects={} presented={} unshown={} simulated={}",
+                s.connects, s.disconnects, s.presented, s.unshown, s.simulated
+            );
+        }
         for c in 0..opts.connectors {
             println!(
                 "DEMO HOLD frame={frame} conn={c} width={} height={}",

@@ -1,6 +1,5 @@
 //! `displback`: the Xen para-virtual display backend.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -114,6 +113,10 @@ struct DemoArgs {
     /// Keep the last frame on screen this long before exiting.
     #[arg(long, default_value_t = 0)]
     hold_secs: u64,
+    /// TOML config file: its output, card, connectors and [wayland] tables apply (the
+    /// demo's connectors are named Virtual-1..4).
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -287,9 +290,16 @@ fn main() -> Result<()> {
         Cmd::Serve(args) => serve(args),
         Cmd::Status(args) => status(args),
         Cmd::Demo(args) => {
-            let mapping: HashMap<String, String> = args.output.map.into_iter().collect();
-            let mut wayland = displback::output::wayland::WaylandConfig::default();
-            wayland.display = args.output.wayland_display;
+            let file = match &args.config {
+                Some(p) => FileConfig::load(p)?,
+                None => FileConfig::default(),
+            };
+            let mut mapping = file.connectors.clone();
+            mapping.extend(args.output.map);
+            let mut wayland = file.wayland.clone();
+            if args.output.wayland_display.is_some() {
+                wayland.display = args.output.wayland_display;
+            }
             wayland.fullscreen |= args.output.wayland_fullscreen;
             displback::demo::run(DemoOptions {
                 connectors: args.connectors,
@@ -299,9 +309,13 @@ fn main() -> Result<()> {
                 frames: args.frames,
                 out_dir: args.out,
                 hold_secs: args.hold_secs,
-                output: args.output.output.unwrap_or(OutputKind::Headless),
+                output: args
+                    .output
+                    .output
+                    .or(file.output)
+                    .unwrap_or(OutputKind::Headless),
                 output_opts: displback::output::OutputOptions {
-                    card: args.output.card,
+                    card: args.output.card.or(file.card),
                     mapping,
                     wayland,
                 },

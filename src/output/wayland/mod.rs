@@ -322,6 +322,8 @@ pub struct Wayland {
     /// The connection failed outside `dispatch`: drop it at the next dispatch.
     broken: Option<String>,
     stats: WaylandStats,
+    /// A copy of `stats` other threads can read (updated at each dispatch).
+    shared: std::sync::Arc<std::sync::Mutex<WaylandStats>>,
 }
 
 const TOK_WL: Token = Token(0);
@@ -361,12 +363,18 @@ impl Wayland {
             next_gen: 1,
             broken: None,
             stats: WaylandStats::default(),
+            shared: Default::default(),
         })
     }
 
     /// Counters so far.
     pub fn stats(&self) -> WaylandStats {
         self.stats
+    }
+
+    /// A handle on the counters that other threads can read (after each dispatch).
+    pub fn stats_handle(&self) -> std::sync::Arc<std::sync::Mutex<WaylandStats>> {
+        self.shared.clone()
     }
 
     /// True while connected to a compositor with globals bound.
@@ -714,7 +722,7 @@ impl Wayland {
                 }
                 pool.destroy();
             }
-            let pool = shm.create_pool(store.file.as_fd(), store.len() as i32, &qh, ());
+            let pool = shm.create_pool(store.file.as_fd(), store.file_len() as i32, &qh, ());
             surf.pool = Some((store.gen, pool, vec![None; SLOTS]));
         }
         let (_, pool, bufs) = surf.pool.as_mut()?;
@@ -896,7 +904,8 @@ impl Wayland {
                 _ => true,
             };
             let late = now >= f.deadline;
-            if !(f.shown && prev_free) && !late {
+            let finished = late || (f.shown && prev_free);
+            if !finished {
                 continue;
             }
             if late && !f.shown {
@@ -1190,6 +1199,9 @@ impl Output for Wayland {
             self.disconnect(now, why);
         }
         done.append(&mut self.immediate);
+        if let Ok(mut s) = self.shared.lock() {
+            *s = self.stats;
+        }
     }
 
     fn target(&self, conn: ConnectorId) -> Option<String> {

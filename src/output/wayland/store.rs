@@ -89,7 +89,7 @@ impl Store {
     }
 
     /// Total file size (fits an i32, checked at creation).
-    pub fn len(&self) -> usize {
+    pub fn file_len(&self) -> usize {
         self.geo.slot_bytes().unwrap_or(0) * SLOTS
     }
 
