@@ -686,6 +686,7 @@ impl Wayland {
             .filter(|(id, c)| c.enabled && !up.surfaces.contains_key(id))
             .map(|(id, _)| *id)
             .collect();
+        let mut created = Vec::new();
         for id in want {
             let Some(c) = self.conns.get(&id) else {
                 continue;
@@ -693,6 +694,13 @@ impl Wayland {
             let sc = surface_config(&self.cfg, &c.unique_id);
             if let Some(s) = create_surface(up, &self.cfg, &sc, id, &c.unique_id) {
                 up.surfaces.insert(id, s);
+                created.push((id, c.front));
+            }
+        }
+        // A surface that needs no configure (ivi) shows the picture at once.
+        for (id, front) in created {
+            if let Some(slot) = front {
+                let _ = self.commit(id, slot, false);
             }
         }
     }
@@ -1226,5 +1234,7 @@ fn mapped<'a, 'b>(frame: &'b FrameSource<'a>) -> Result<&'b Frame<'a>, OutputErr
     }
 }
 
+#[cfg(test)]
+mod testcomp;
 #[cfg(test)]
 mod tests;
