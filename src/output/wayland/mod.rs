@@ -223,6 +223,8 @@ struct Conn {
     sim: Option<Simulated>,
     /// 60 Hz phase of simulated flips.
     last_tick: Option<Instant>,
+    /// The slot last committed to the current surface.
+    committed: Option<usize>,
 }
 
 impl Conn {
@@ -422,6 +424,7 @@ impl Wayland {
             let gen = self.next_gen;
             self.next_gen += 1;
             c.store = Some(Store::new(geo, gen)?);
+            c.committed = None;
             // The old slots are gone: what referred to them now refers to nothing.
             c.front = None;
             if let Some(f) = c.inflight.as_mut() {
@@ -453,6 +456,17 @@ impl Wayland {
             .find(|&i| !c.busy_slot(i))
             .or_else(|| c.queued.as_ref().map(|q| q.slot))
             .or_else(|| c.sim.as_ref().map(|s| s.slot))
+            .or_else(|| {
+                // Every slot held by a compositor that stopped releasing: reuse one it
+                // already replaced on screen (it will not show it again).
+                let inflight = c.inflight.as_ref().map(|f| f.slot);
+                let spare = (0..SLOTS).find(|&i| c.front != Some(i) && inflight != Some(i));
+                warn_limited!(
+                    ?id,
+                    "wayland: compositor holds every buffer; reusing a replaced one"
+                );
+                spare
+            })
             .ok_or_else(|| OutputError::Device(io::Error::from_raw_os_error(libc::EBUSY)))?;
         let Some(store) = c.store.as_ref() else {
             return Err(OutputError::NotConfigured);
@@ -581,6 +595,7 @@ impl Wayland {
             if let Some(s) = c.store.as_mut() {
                 s.forget_held();
             }
+            c.committed = None;
             let mut cookies = Vec::new();
             if let Some(f) = c.inflight.take() {
                 c.front = Some(f.slot);
@@ -717,6 +732,12 @@ impl Wayland {
         if !surf.configured {
             return None;
         }
+        // A compositor that stopped releasing (hung, stopped) gets no more buffers than
+        // the one on screen and one more: further frames wait in our slots.
+        let others_held = (0..SLOTS).filter(|&i| i != slot && store.held[i]).count();
+        if others_held > 1 {
+            return None;
+        }
         let g = &up.st.globals;
         let shm = g.shm.as_ref()?;
         if surf
@@ -782,6 +803,7 @@ impl Wayland {
         }
         surf.wl.commit();
         store.held[slot] = true;
+        c.committed = Some(slot);
         if let Err(e) = up.conn.flush() {
             if !matches!(&e, WaylandError::Io(io) if io.kind() == io::ErrorKind::WouldBlock) {
                 self.broken = Some(format!("wayland flush: {e}"));
@@ -894,6 +916,17 @@ impl Wayland {
             }
         }
         self.finish_flips(now);
+        // Catch up: a picture that could not be committed (buffers not released) goes
+        // out once the compositor gives buffers back.
+        let behind: Vec<(ConnectorId, usize)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.inflight.is_none() && c.sim.is_none() && c.front != c.committed)
+            .filter_map(|(id, c)| c.front.map(|f| (*id, f)))
+            .collect();
+        for (id, slot) in behind {
+            let _ = self.commit(id, slot, false);
+        }
     }
 
     /// Complete in-flight flips that were shown (and whose previous buffer came back),
@@ -958,6 +991,13 @@ impl Wayland {
         if let Link::Up(up) = &mut self.link {
             if let Some(s) = up.surfaces.remove(&id) {
                 s.destroy();
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.committed = None;
+                    if let Some(st) = c.store.as_mut() {
+                        // A destroyed buffer is never released: ours again.
+                        st.forget_held();
+                    }
+                }
                 up.st.toplevel_size.remove(&id);
                 let _ = up.conn.flush();
             }
@@ -1079,6 +1119,7 @@ impl Output for Wayland {
                 queued: None,
                 sim: None,
                 last_tick: None,
+                committed: None,
             },
         );
         Ok(())

@@ -497,3 +497,46 @@ fn unshown_surface_does_not_stall_flips() {
     assert!(t.elapsed() >= UNSHOWN_FLIP);
     assert_eq!(out.stats().unshown, 1);
 }
+
+/// A compositor that stops answering (stopped, hung) neither stalls the guest nor gets
+/// more than two of our buffers; once it answers again it shows the latest picture.
+#[test]
+fn stalled_compositor_does_not_stall_or_flood() {
+    let path = sock("stalled");
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    comp.state.hold_releases = true;
+    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    let c = cid(0);
+    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
+    let a = filled(1);
+    out.set_config(c, Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
+        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    comp.configure_all(0, 0);
+    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
+        o.surface_ready(cid(0))
+    });
+    let bufs: Vec<MappedRegion> = (0..12u32).map(|i| filled(0x100 + i)).collect();
+    for (i, b) in bufs.iter().enumerate() {
+        let cookie = 10 + i as u64;
+        out.page_flip(c, &frame(b, cookie))
+            .unwrap_or_else(|e| panic!("flip {i} refused: {e}"));
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![cookie]);
+    }
+    // Never presented, never released: at most two buffers held at once.
+    let held = comp.state.unreleased.len() + 1;
+    assert!(held <= 2, "compositor holds {held} buffers");
+    // It wakes up: buffers come back, the latest picture goes out.
+    comp.hold_releases_off();
+    comp.release_all();
+    run_until(&mut out, &mut Some(&mut comp), "catch up", |_, _, c| {
+        c.is_some_and(|c| {
+            let i = c.shown();
+            words(&i.bytes(), i.stride as usize) == vec![0x100 + 11; 8]
+        })
+    });
+}
