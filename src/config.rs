@@ -94,6 +94,12 @@ mod tests {
             cfg.connectors.get("guest-hdmi").map(String::as_str),
             Some("HDMI-A-1")
         );
+        let wl = &cfg.wayland;
+        assert_eq!(wl.surfaces["guest-hdmi"].ivi_id, Some(2000));
+        assert_eq!(
+            wl.surfaces["1000"].shell,
+            Some(crate::output::wayland::ShellChoice::Ivi)
+        );
         // The example documents the defaults: they must not drift apart.
         assert_eq!(cfg.limits, crate::displif::budget::Limits::default());
         let partial = FileConfig::parse("[limits]\nmax_buffers = 3").unwrap();
