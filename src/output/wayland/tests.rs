@@ -540,3 +540,77 @@ fn stalled_compositor_does_not_stall_or_flood() {
         })
     });
 }
+
+/// Without wp_presentation the frame callback completes the flip (and not before).
+#[test]
+fn frame_callback_without_presentation() {
+    let path = sock("framecb");
+    let offer = Offer {
+        presentation: false,
+        ..Offer::default()
+    };
+    let mut comp = TestCompositor::start(&path, offer);
+    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    let c = cid(0);
+    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
+    let (a, b) = (filled(5), filled(6));
+    out.set_config(c, Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
+        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    comp.configure_all(0, 0);
+    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
+        o.surface_ready(cid(0))
+    });
+    out.page_flip(c, &frame(&b, 2)).unwrap();
+    let done = run_until(&mut out, &mut Some(&mut comp), "commit", |_, _, c| {
+        c.is_some_and(|c| c.surface().commits >= 3)
+    });
+    assert!(done.is_empty());
+    comp.present_all();
+    let t = Instant::now();
+    let done = run_until(&mut out, &mut Some(&mut comp), "frame done", |_, d, _| {
+        !d.is_empty()
+    });
+    assert_eq!(cookies(&done), vec![2]);
+    assert!(
+        t.elapsed() < UNSHOWN_FLIP,
+        "completed by the callback, not the timeout"
+    );
+    assert_eq!(out.stats().presented, 1);
+}
+
+/// Two connectors: two surfaces, a unique-id used twice is refused with EBUSY, and a
+/// disabled connector's surface is destroyed.
+#[test]
+fn surfaces_follow_connectors() {
+    let path = sock("multi");
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    out.add_connector(cid(0), "A", 4, 2).unwrap();
+    out.add_connector(cid(1), "B", 4, 2).unwrap();
+    let err = out.add_connector(cid(2), "A", 4, 2).unwrap_err();
+    assert_eq!(err.errno(), libc::EBUSY);
+    let a = filled(7);
+    out.set_config(cid(0), Some(&frame(&a, 1))).unwrap();
+    out.set_config(cid(1), Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "two surfaces", |_, _, c| {
+        c.is_some_and(|c| c.state.surfaces.len() == 2)
+    });
+    let mut titles: Vec<String> = comp
+        .state
+        .surfaces
+        .values()
+        .filter_map(|s| s.title.clone())
+        .collect();
+    titles.sort();
+    assert_eq!(titles, vec!["dom3 A", "dom3 B"]);
+    out.set_config(cid(1), None).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "one surface", |_, _, c| {
+        c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    out.remove_connector(cid(0));
+    run_until(&mut out, &mut Some(&mut comp), "no surface", |_, _, c| {
+        c.is_some_and(|c| c.state.surfaces.is_empty())
+    });
+}
