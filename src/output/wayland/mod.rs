@@ -319,6 +319,8 @@ pub struct Wayland {
     events: Events,
     copier: Copier,
     scratch: Vec<u8>,
+    /// The geometry `scratch` was last cleared for.
+    scratch_geo: Option<Geometry>,
     immediate: Vec<FlipDone>,
     next_gen: u64,
     /// The connection failed outside `dispatch`: drop it at the next dispatch.
@@ -361,6 +363,7 @@ impl Wayland {
             events: Events::with_capacity(4),
             copier: Copier::new(),
             scratch: Vec::new(),
+            scratch_geo: None,
             immediate: Vec::new(),
             next_gen: 1,
             broken: None,
@@ -415,8 +418,18 @@ impl Wayland {
             warn_limited!(?id, format = ?frame.format, "compositor offers neither the format nor XRGB8888");
             OutputError::Format(frame.format)
         })?;
-        let geo = geometry(frame.format, frame.width, frame.height, choice)
-            .ok_or(OutputError::Format(frame.format))?;
+        let (bw, bh) = self.buffer_size(id, frame, choice);
+        let geo =
+            geometry(frame.format, bw, bh, choice).ok_or(OutputError::Format(frame.format))?;
+        // Letterboxed: the frame centred, the rest black (zero in every format but YUYV,
+        // which is never letterboxed).
+        let bpp = if choice.same {
+            (frame.format.bpp() / 8) as usize
+        } else {
+            4
+        };
+        let origin = ((bh - frame.height) / 2) as usize * geo.stride as usize
+            + ((bw - frame.width) / 2) as usize * bpp;
         let Some(c) = self.conns.get_mut(&id) else {
             return Err(OutputError::NotConfigured);
         };
@@ -472,15 +485,51 @@ impl Wayland {
             return Err(OutputError::NotConfigured);
         };
         let n = geo.slot_bytes().unwrap_or(0);
-        self.scratch.resize(n, 0);
+        if self.scratch_geo != Some(geo) {
+            // Only the frame's rectangle is written per frame: the border must be black.
+            self.scratch.clear();
+            self.scratch.resize(n, 0);
+            self.scratch_geo = Some(geo);
+        }
         let pitch = geo.stride as usize;
+        let dst = self
+            .scratch
+            .get_mut(origin..)
+            .ok_or(OutputError::Format(frame.format))?;
         if choice.same {
-            self.copier.copy_same(frame, &mut self.scratch, pitch)?;
+            self.copier.copy_same(frame, dst, pitch)?;
         } else {
-            self.copier.convert(frame, &mut self.scratch, pitch)?;
+            self.copier.convert(frame, dst, pitch)?;
         }
         store.write(slot, &self.scratch)?;
         Ok(slot)
+    }
+
+    /// The buffer size for `frame`: the frame's own, or the surface's configured size
+    /// when the compositor has no `wp_viewporter` and asked for a larger surface (the
+    /// frame is then letterboxed in the buffer, unscaled).
+    fn buffer_size(&self, id: ConnectorId, frame: &Frame<'_>, choice: ShmChoice) -> (u32, u32) {
+        let own = (frame.width, frame.height);
+        let Link::Up(up) = &self.link else {
+            return own;
+        };
+        let Some(s) = up.surfaces.get(&id) else {
+            return own;
+        };
+        let (w, h) = s.size;
+        let letterbox = s.configured
+            && s.viewport.is_none()
+            && !(choice.same && frame.format == PixelFormat::Yuyv)
+            && w > 0
+            && h > 0
+            && (w as u32, h as u32) != own
+            && w as u32 >= frame.width
+            && h as u32 >= frame.height;
+        if letterbox {
+            (w as u32, h as u32)
+        } else {
+            own
+        }
     }
 
     /// Report flips at the next dispatch.

@@ -614,3 +614,43 @@ fn surfaces_follow_connectors() {
         c.is_some_and(|c| c.state.surfaces.is_empty())
     });
 }
+
+/// No wp_viewporter and a larger configured size (fullscreen): the frame is letterboxed
+/// in the buffer, centred, unscaled, the rest black.
+#[test]
+fn letterbox_in_the_buffer_without_viewporter() {
+    let path = sock("letterbox");
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    let cfg = WaylandConfig {
+        fullscreen: true,
+        ..WaylandConfig::default()
+    };
+    let mut out = Wayland::with_socket(path, cfg).unwrap();
+    let c = cid(0);
+    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
+    let a = filled(0x00ab_cdef);
+    out.set_config(c, Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
+        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    assert!(comp.surface().fullscreen);
+    comp.configure_all(8, 6);
+    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
+        o.surface_ready(cid(0))
+    });
+    out.page_flip(c, &frame(&a, 2)).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "letterboxed", |_, _, c| {
+        c.is_some_and(|c| c.shown().width == 8)
+    });
+    let info = comp.shown();
+    assert_eq!((info.width, info.height), (8, 6));
+    let bytes = info.bytes();
+    for y in 0..6usize {
+        for x in 0..8usize {
+            let o = y * info.stride as usize + x * 4;
+            let px = u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+            let inside = (2..6).contains(&x) && (2..4).contains(&y);
+            assert_eq!(px, if inside { 0x00ab_cdef } else { 0 }, "({x},{y})");
+        }
+    }
+}
