@@ -317,6 +317,10 @@ pub struct Wayland {
     backoff: Duration,
     poll: Poll,
     events: Events,
+    /// Wakes `poll` (and so the server loop) from the connection thread.
+    waker: std::sync::Arc<mio::Waker>,
+    /// A connection attempt in progress on its thread.
+    connecting: Option<Connecting>,
     copier: Copier,
     scratch: Vec<u8>,
     /// The geometry `scratch` was last cleared for.
@@ -331,6 +335,13 @@ pub struct Wayland {
 }
 
 const TOK_WL: Token = Token(0);
+const TOK_CONNECT: Token = Token(1);
+
+struct Connecting {
+    rx: std::sync::mpsc::Receiver<io::Result<UnixStream>>,
+    since: Instant,
+    warned: bool,
+}
 
 impl Wayland {
     /// A Wayland output for `display` (or `cfg.display`, `$WAYLAND_DISPLAY`, `wayland-0`)
@@ -351,6 +362,8 @@ impl Wayland {
     /// A Wayland output for the compositor socket at `socket`.
     pub fn with_socket(socket: PathBuf, cfg: WaylandConfig) -> io::Result<Self> {
         info!(socket = %socket.display(), "wayland output");
+        let poll = Poll::new()?;
+        let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), TOK_CONNECT)?);
         Ok(Wayland {
             socket,
             cfg,
@@ -359,8 +372,10 @@ impl Wayland {
                 retry_at: Instant::now(),
             },
             backoff: MIN_BACKOFF,
-            poll: Poll::new()?,
+            poll,
             events: Events::with_capacity(4),
+            waker,
+            connecting: None,
             copier: Copier::new(),
             scratch: Vec::new(),
             scratch_geo: None,
@@ -570,14 +585,59 @@ impl Wayland {
 
     // ---- connection ----
 
-    fn try_connect(&mut self, now: Instant) {
-        let stream = match UnixStream::connect(&self.socket) {
-            Ok(s) => s,
-            Err(e) => {
-                self.retry_later(now, format!("connecting to {}: {e}", self.socket.display()));
-                return;
+    /// Start connecting on a helper thread: `connect(2)` on a Unix socket blocks while
+    /// the listener's backlog is full (a compositor that listens but never accepts), and
+    /// the shared loop must not. The thread wakes the loop through our epoll fd.
+    fn start_connect(&mut self, now: Instant) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = self.socket.clone();
+        let waker = self.waker.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wayland-connect".into())
+            .spawn(move || {
+                let _ = tx.send(UnixStream::connect(&path));
+                let _ = waker.wake();
+            });
+        match spawned {
+            Ok(_) => {
+                self.connecting = Some(Connecting {
+                    rx,
+                    since: now,
+                    warned: false,
+                })
             }
+            Err(e) => self.retry_later(now, format!("starting a connection thread: {e}")),
+        }
+    }
+
+    /// Check on the connection thread.
+    fn poll_connect(&mut self, now: Instant) {
+        let Some(c) = self.connecting.as_mut() else {
+            return;
         };
+        match c.rx.try_recv() {
+            Ok(Ok(stream)) => {
+                self.connecting = None;
+                self.try_connect(now, stream);
+            }
+            Ok(Err(e)) => {
+                self.connecting = None;
+                self.retry_later(now, format!("connecting to {}: {e}", self.socket.display()));
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                if !c.warned && now.saturating_duration_since(c.since) > SETUP_TIMEOUT {
+                    c.warned = true;
+                    warn!(socket = %self.socket.display(), "wayland: connecting blocks (the compositor does not accept); still waiting");
+                }
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                self.connecting = None;
+                self.retry_later(now, "connection thread ended without a result".into());
+            }
+        }
+    }
+
+    fn try_connect(&mut self, now: Instant, stream: UnixStream) {
         let fd = stream.as_raw_fd();
         let conn = match Connection::from_socket(stream) {
             Ok(c) => c,
@@ -1250,6 +1310,11 @@ impl Output for Wayland {
             return Some(now);
         }
         let link = match &self.link {
+            Link::Down { .. } if self.connecting.is_some() => self
+                .connecting
+                .as_ref()
+                .filter(|c| !c.warned)
+                .map(|c| c.since + SETUP_TIMEOUT),
             Link::Down { retry_at, .. } => Some(*retry_at),
             Link::Up(up) if !up.ready => Some(up.started + SETUP_TIMEOUT),
             Link::Up(_) => None,
@@ -1271,8 +1336,13 @@ impl Output for Wayland {
             self.disconnect(now, why);
         }
         if let Link::Down { retry_at, .. } = self.link {
-            if now >= retry_at {
-                self.try_connect(now);
+            if self.connecting.is_some() {
+                self.poll_connect(now);
+            } else if now >= retry_at {
+                self.start_connect(now);
+                // Usually done at once: do not wait for the wake-up.
+                std::thread::yield_now();
+                self.poll_connect(now);
             }
         }
         if let Link::Up(up) = &mut self.link {
