@@ -17,6 +17,8 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod displif;
+pub mod domain_name;
+pub mod launch;
 pub mod log_limit;
 pub mod notify;
 pub mod output;

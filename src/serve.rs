@@ -130,10 +130,12 @@ pub fn control_socket_path(setting: Option<&Path>) -> Option<PathBuf> {
 }
 
 /// Run the backend until SIGINT/SIGTERM.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     output: OutputKind,
     opts: crate::output::OutputOptions,
     domid: Option<u16>,
+    domain: Option<crate::domain_name::DomainSelector>,
     zero_copy: ZeroCopy,
     limits: Limits,
     announce: Announce,
@@ -163,6 +165,7 @@ pub fn run(
         output,
         ServerConfig {
             only_domid: domid.map(DomId),
+            only_domain: domain,
             limits,
             notify,
             status_node,

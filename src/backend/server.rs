@@ -41,12 +41,16 @@ const TOK_CONTROL: Token = Token(5);
 
 const WATCH_ROOT: &str = "displback:backends";
 const WATCH_FE: &str = "displback:fe:";
+/// `@introduceDomain`/`@releaseDomain` (with `--domain`): re-resolve the name, rescan.
+const WATCH_DOMAINS: &str = "displback:domains";
 
 /// Backend configuration.
 #[derive(Clone, Debug, Default)]
 pub struct ServerConfig {
     /// Serve this frontend domain only (`--domid`).
     pub only_domid: Option<DomId>,
+    /// Serve the domain with this XenStore name only, whatever its domid (`--domain`).
+    pub only_domain: Option<crate::domain_name::DomainSelector>,
     /// Per-guest budgets (config file `[limits]`).
     pub limits: Limits,
     /// sd_notify: READY/STATUS/STOPPING/WATCHDOG (`$NOTIFY_SOCKET`; None: no manager).
@@ -156,10 +160,19 @@ impl Server {
         }
         let waker = Arc::new(Waker::new(poll.registry(), TOK_WAKE)?);
         plat.store.watch(&root, WATCH_ROOT)?;
+        if let Some(sel) = &cfg.only_domain {
+            plat.store.watch("@introduceDomain", WATCH_DOMAINS)?;
+            plat.store.watch("@releaseDomain", WATCH_DOMAINS)?;
+            info!("following the domain named {}", sel.name());
+        }
         info!(
             "watching {root}{}",
             cfg.only_domid
                 .map(|d| format!(" for dom{}", d.0))
+                .or(cfg
+                    .only_domain
+                    .as_ref()
+                    .map(|s| format!(" for {}", s.name())))
                 .unwrap_or_default()
         );
         let (released_tx, released_rx) = mpsc::channel();
@@ -514,6 +527,12 @@ impl Server {
 
     fn on_watch(&mut self, ev: WatchEvent) {
         debug!("watch {} ({})", ev.path, ev.token);
+        if ev.token == WATCH_DOMAINS {
+            if let Some(sel) = self.cfg.only_domain.as_mut() {
+                sel.resolve(&mut self.plat.store);
+            }
+            return self.rescan();
+        }
         let key = if let Some(rest) = ev.token.strip_prefix(WATCH_FE) {
             let mut it = rest.split(':');
             match (
@@ -552,6 +571,11 @@ impl Server {
             let dom = DomId(dom);
             if self.cfg.only_domid.is_some_and(|only| only != dom) {
                 continue;
+            }
+            if let Some(sel) = self.cfg.only_domain.as_mut() {
+                if !sel.accepts(&mut self.plat.store, dom) {
+                    continue;
+                }
             }
             let devs = self
                 .plat

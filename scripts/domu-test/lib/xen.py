@@ -4,11 +4,14 @@ kernel runs every selected scenario of that kind in order (Dom0's /harness/dom0-
 serial console, takes QMP screendumps while a guest holds a frame and checks pixels).
 
 Per-run injection (no rootfs rebuild): the stage-1 initramfs carries an uncompressed
-overlay with /inject/... (displback, the Dom0 scripts, the DomU initramfs with the
-fresh guest_client); stage 1 copies it onto the snapshot root disk."""
+overlay with /inject/... (the displback .deb built by scripts/build-deb from the fresh
+binary, the Dom0 scripts, the DomU initramfs with the fresh guest_client); stage 1 copies
+it onto the snapshot root disk and Dom0's init installs the package with `dpkg -i` (the
+installed /usr/bin/displback is what the scenarios run)."""
 
 import os
 import re
+import subprocess
 import time
 
 from . import cpio, pixels, vm
@@ -22,7 +25,8 @@ XEN_DIR = os.path.join(os.path.dirname(HERE), "xen")
 # with gntdev dma-buf (lib/dom0kernel.sh) and a virtio-gpu whose dumb buffers can be
 # granted (IMP_TO_REFS; bochs VRAM cannot).
 STOCK_SCENARIOS = ["xen-boot", "xen-pvh-boots", "xen-flip", "xen-rgb565", "xen-destroy", "xen-restart", "xen-two-domus",
-                   "xen-noisy-neighbour", "xen-destroy-loop", "xen-refused", "xen-bealloc", "xen-zcopy-auto-fallback"]
+                   "xen-noisy-neighbour", "xen-destroy-loop", "xen-refused", "xen-bealloc", "xen-zcopy-auto-fallback",
+                   "xen-launch"]
 ZCOPY_SCENARIOS = ["xen-zcopy-bealloc", "xen-zcopy-destroy", "xen-zcopy-pv-fallback", "xen-drvdom-bealloc", "xen-drvdom-copy"]
 # PCI slots of the display devices (Dom0 finds its cards by them) and QMP device ids.
 VGA_PCI, VGA2_PCI, ZC_PCI = "00:02.0", "00:10.0", "00:11.0"
@@ -51,6 +55,25 @@ DOM0_CMDLINE = "console=hvc0 earlyprintk=xen loglevel=4 root=/dev/vda"
 
 def _read(p: str) -> bytes:
     return open(p, "rb").read()
+
+
+def build_deb(binary: str, workdir: str) -> tuple[str, str]:
+    """scripts/build-deb around the fresh static binary: (path of the .deb, path of the
+    displback binary taken back out of it), or raises RuntimeError."""
+    repo = os.path.abspath(os.path.join(XEN_DIR, "..", "..", ".."))
+    out = os.path.join(workdir, "deb")
+    p = subprocess.run([os.path.join(repo, "scripts", "build-deb"), "--binary", binary, "--out", out],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0 or not p.stdout.strip():
+        raise RuntimeError(f"scripts/build-deb failed: {p.stderr.strip()[-800:]}")
+    deb = p.stdout.strip().splitlines()[-1]
+    inner = os.path.join(out, "displback-from-deb")
+    with open(inner, "wb") as f:
+        tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", deb], stdout=subprocess.PIPE, check=True).stdout
+        f.write(subprocess.run(["tar", "-xO", "./usr/bin/displback"], input=tar, stdout=subprocess.PIPE,
+                               check=True).stdout)
+    os.chmod(inner, 0o755)
+    return deb, inner
 
 
 def _initrd(workdir: str, name: str, files: dict, base: str) -> str:
@@ -480,6 +503,50 @@ def _drvdom(r: Run, res: Result, end: str, bealloc: bool) -> None:
                   f"mappings hold:{hold} gone:{gone}" + "".join(f"\nPROBLEM: {p}" for p in problems))
 
 
+def _launch(r: Run, res: Result, end: str) -> None:
+    """`displback launch` (dom0-init scenario_xen-launch): the guest `launchg` is launched,
+    shown (pixels), destroyed, launched again under the same name (a new domid) and shown
+    again; the first launch spawned the per-guest instance, the second reused it (same
+    pid), which served both domids; its status node read `ready` at each launch and
+    `dead` after SIGTERM; the guest's `name` node is Dom0's (`n0`), read-only for it."""
+    sw = Stopwatch()
+    problems: list[str] = []
+    checks = []
+    launches = []
+    for i in (1, 2):
+        m = r.wait(rf"HARNESS LAUNCH i={i} rc=0 domid=(\d+) pid=(\S+) instance=(\S+) status=(\S+) name_perms=(\S*)",
+                   120, fail=rf"{end}|\[launch\] ", what=f"launch #{i}")
+        launches.append(m.groups())
+        res.timings[f"launch{i}"] = sw.lap()
+        h = r.wait(rf"\[launchg\].*(?:{HOLD_RX})", 400, fail=_guest_fail("launchg", end), what=f"HOLD of launch #{i}")
+        res.timings[f"launch{i}→hold"] = sw.lap()
+        checks.append(r.check_hold("launchg", h, f"launch{i}"))
+        d = r.wait(rf"HARNESS LAUNCH-DESTROY i={i} rc=(\d+) pid_alive=(\d)", 120, fail=end)
+        if d.groups() != ("0", "1"):
+            problems.append(f"after destroy #{i}: xl destroy rc={d.group(1)} instance alive={d.group(2)}")
+    st = r.wait(r"HARNESS LAUNCH-STOPPED status=(\S+) alive=(\d)", 60, fail=end)
+    (d1, p1, how1, st1, perm1), (d2, p2, how2, st2, perm2) = launches
+    if (how1, how2) != ("spawned", "reused"):
+        problems.append(f"launches: {how1}, {how2} (want spawned, then reused)")
+    if p1 == "none" or p1 != p2:
+        problems.append(f"instance pid {p1} then {p2} (want one instance following the name)")
+    if d1 == d2:
+        problems.append(f"both guests got domid {d1}")
+    if (st1, st2) != ("ready", "ready"):
+        problems.append(f"status node at the launches: {st1}, {st2}")
+    for perm in (perm1, perm2):
+        if not perm.startswith("(n0,"):
+            problems.append(f"guest name node perms {perm!r}: not owned by Dom0")
+    if st.groups() != ("dead", "0"):
+        problems.append(f"after SIGTERM: status node {st.group(1)}, alive={st.group(2)}")
+    ok = all(c.ok for c in checks) and not problems
+    res.status = "PASS" if ok else "FAIL"
+    res.detail = (f"dom{d1} ({how1}, pid {p1}): {checks[0].detail}\n"
+                  f"dom{d2} ({how2}, pid {p2}): {checks[1].detail}\n"
+                  f"name node perms {perm1} {perm2}; status node ready at both launches, {st.group(1)} after SIGTERM"
+                  + "".join(f"\nPROBLEM: {p}" for p in problems))
+
+
 def _scenario(r: Run, s: str, res: Result) -> None:
     end = rf"HARNESS SCENARIO {s} END"
     if s == "xen-boot":
@@ -532,6 +599,8 @@ def _scenario(r: Run, s: str, res: Result) -> None:
         _destroy_loop(r, res, end)
     elif s == "xen-refused":
         _refused(r, res, end)
+    elif s == "xen-launch":
+        _launch(r, res, end)
     elif s in ("xen-drvdom-bealloc", "xen-drvdom-copy"):
         _drvdom(r, res, end, bealloc=s == "xen-drvdom-bealloc")
     elif s in ("xen-bealloc", "xen-zcopy-auto-fallback") or s in ZCOPY_SCENARIOS:
@@ -594,10 +663,15 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
     }
     be = bins.get("displback", "ERROR")
     be_note = ""
+    if not be.startswith("ERROR"):
+        try:
+            deb, be = build_deb(be, workdir)
+            inject["inject/harness/displback.deb"] = (0o644, _read(deb))
+            be_note = f" (Dom0 installs {os.path.basename(deb)})"
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+            be = f"ERROR: {e}"
     if be.startswith("ERROR"):
-        be_note = f" (displback not injected: {be})"
-    else:
-        inject["inject/usr/local/bin/displback"] = (0o755, _read(be))
+        be_note = f" (displback package not injected: {be})"
     if any(n.startswith("xen-drvdom-") for n in names):
         sc = bins.get("scanout_check", "ERROR")
         if be.startswith("ERROR") or sc.startswith("ERROR"):
@@ -635,6 +709,14 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
         boot["xen-banner"] = sw.lap()
         r.wait(r"HARNESS DOM0 BOOTED", 240, fail=r"Kernel panic|HARNESS-FATAL|Panic on CPU")
         boot["dom0-init"] = sw.lap()
+        pkg = r.wait(r"HARNESS PKG INSTALLED rc=(\S+) version=(\S*) bin=(\S*) files=(\d+)", 180,
+                     fail=r"Kernel panic|Panic on CPU", what="dpkg -i of the displback package")
+        boot["dpkg-i"] = sw.lap()
+        print(f"--- Dom0 installed the package: rc={pkg.group(1)} version={pkg.group(2)} "
+              f"displback={pkg.group(3)} ({pkg.group(4)} paths in `dpkg -L displback`, listed in the log)",
+              flush=True)
+        if pkg.group(1) != "0" or pkg.group(3) != "/usr/bin/displback":
+            raise RuntimeError(f"the displback package is not what Dom0 runs: {pkg.group(0)}")
         m = r.wait(r"HARNESS DOM0 READY cards=\[(.*?)\]", 120, fail=r"Kernel panic|Panic on CPU")
         boot["toolstack"] = sw.lap()
         print(f"--- Dom0 ready at {v.elapsed():.1f}s: " + " ".join(f"{k}={t:.1f}s" for k, t in boot.items())
@@ -652,7 +734,7 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
                 res.status = "FAIL"
                 mine = [l for _, l in v.lines[begin:]]
                 extra = [l.strip() for l in mine if re.search(
-                    r"HARNESS (BACKEND|XL-CREATE|TIMEOUT|GAVE-UP|GNTDEV|ZC|TWO|NN|DLOOP|MAPS|REFUSED)|GUEST-CLIENT ERROR|unable to add|panic|\[diag:"
+                    r"HARNESS (BACKEND|XL-CREATE|TIMEOUT|GAVE-UP|GNTDEV|ZC|TWO|NN|DLOOP|MAPS|REFUSED|LAUNCH)|GUEST-CLIENT ERROR|unable to add|panic|\[diag:"
                     r"|\[be-log:\S+\].*(WARN|ERROR)", l)][:10]
                 res.detail = f"{e}" + "".join(f"\n  {l}" for l in extra)
                 # resynchronise on this scenario's end marker
@@ -663,7 +745,7 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
             res.timings["scenario"] = time.monotonic() - t0
             print(f"--- {s}: {res.status} {res.timing_str()}\n    {res.detail}", flush=True)
         r.wait(r"HARNESS DOM0 DONE", 120)
-    except vm.Timeout as e:
+    except (vm.Timeout, RuntimeError) as e:
         for res in results.values():
             if res.detail == "not run":
                 res.detail = f"Xen boot/run ({kind}): {e}\n{v.tail()}"
