@@ -1,6 +1,5 @@
 //! `displback`: the Xen para-virtual display backend.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -99,6 +98,14 @@ struct OutputArgs {
     /// Map a guest connector unique-id to a KMS connector name: `--map guest-hdmi=HDMI-A-1`.
     #[arg(long = "map", value_parser = parse_mapping)]
     map: Vec<(String, String)>,
+    /// Wayland output: the compositor's socket, a name under $XDG_RUNTIME_DIR or an
+    /// absolute path (default: the config's `[wayland] display`, $WAYLAND_DISPLAY,
+    /// `wayland-0`).
+    #[arg(long, value_name = "NAME")]
+    wayland_display: Option<String>,
+    /// Wayland output: ask for fullscreen toplevels (xdg-shell).
+    #[arg(long)]
+    wayland_fullscreen: bool,
 }
 
 #[derive(Args, Debug)]
@@ -154,6 +161,10 @@ struct DemoArgs {
     /// (a test of the output's modeset paths; 0 = never).
     #[arg(long, default_value_t = 0)]
     reconfigure_every: u32,
+    /// TOML config file: its output, card, connectors and [wayland] tables apply (the
+    /// demo's connectors are named Virtual-1..4).
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -340,7 +351,17 @@ fn main() -> Result<()> {
         }
         Cmd::GenAssets(args) => gen_assets(&args.out),
         Cmd::Demo(args) => {
-            let mapping: HashMap<String, String> = args.output.map.into_iter().collect();
+            let file = match &args.config {
+                Some(p) => FileConfig::load(p)?,
+                None => FileConfig::default(),
+            };
+            let mut mapping = file.connectors.clone();
+            mapping.extend(args.output.map);
+            let mut wayland = file.wayland.clone();
+            if args.output.wayland_display.is_some() {
+                wayland.display = args.output.wayland_display;
+            }
+            wayland.fullscreen |= args.output.wayland_fullscreen;
             displback::demo::run(DemoOptions {
                 connectors: args.connectors,
                 width: args.resolution.0,
@@ -350,9 +371,16 @@ fn main() -> Result<()> {
                 out_dir: args.out,
                 hold_secs: args.hold_secs,
                 reconfigure_every: args.reconfigure_every,
-                output: args.output.output.unwrap_or(OutputKind::Headless),
-                card: args.output.card,
-                mapping,
+                output: args
+                    .output
+                    .output
+                    .or(file.output)
+                    .unwrap_or(OutputKind::Headless),
+                output_opts: displback::output::OutputOptions {
+                    card: args.output.card.or(file.card),
+                    mapping,
+                    wayland,
+                },
             })
         }
     }
@@ -383,10 +411,18 @@ fn serve(args: ServeArgs) -> Result<()> {
         status_node: args.status_node.or(file.status_node),
         control_socket: args.control_socket.or(file.control_socket),
     };
+    let mut wayland = file.wayland.clone();
+    if args.out.wayland_display.is_some() {
+        wayland.display = args.out.wayland_display;
+    }
+    wayland.fullscreen |= args.out.wayland_fullscreen;
     displback::serve::run(
         output,
-        card.as_deref(),
-        mapping,
+        displback::output::OutputOptions {
+            card,
+            mapping,
+            wayland,
+        },
         domid,
         domain,
         zero_copy,

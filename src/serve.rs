@@ -1,6 +1,5 @@
 //! `displback serve`: the backend on real Xen devices.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -134,8 +133,7 @@ pub fn control_socket_path(setting: Option<&Path>) -> Option<PathBuf> {
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     output: OutputKind,
-    card: Option<&Path>,
-    mapping: HashMap<String, String>,
+    opts: crate::output::OutputOptions,
     domid: Option<u16>,
     domain: Option<crate::domain_name::DomainSelector>,
     zero_copy: ZeroCopy,
@@ -161,7 +159,7 @@ pub fn run(
         );
     }
     let gate = zero_copy_gate(zero_copy, output)?;
-    let output = crate::output::open(output, card, mapping)?;
+    let output = crate::output::open(output, &opts)?;
     let mut server = Server::new(
         plat,
         output,
