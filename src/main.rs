@@ -118,7 +118,7 @@ fn parse_mapping(s: &str) -> Result<(String, String), String> {
 }
 
 fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
-    displback::backend::frontend::parse_resolution(s).ok_or_else(|| format!("{s:?} is not WxH"))
+    displback::displif::device::parse_resolution(s).ok_or_else(|| format!("{s:?} is not WxH"))
 }
 
 fn parse_format(s: &str) -> Result<PixelFormat, String> {

@@ -7,16 +7,16 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use tracing::{info, warn};
 
-use crate::backend::evtchn::XenEvtchn;
-use crate::backend::gntalloc::Gntalloc;
-use crate::backend::gntdev::Gntdev;
 use crate::backend::server::{Server, ServerConfig};
-use crate::backend::signals::StopSignals;
-use crate::backend::xen::{GrantAllocator, Platform};
-use crate::backend::xenstore::XsClient;
-use crate::backend::DomId;
 use crate::config::{OutputKind, ZeroCopy};
 use crate::displif::budget::Limits;
+use crate::xen::evtchn::XenEvtchn;
+use crate::xen::gntalloc::Gntalloc;
+use crate::xen::gntdev::Gntdev;
+use crate::xen::platform::{GrantAllocator, Platform};
+use crate::xen::signals::StopSignals;
+use crate::xen::xenstore::XsClient;
+use crate::xen::DomId;
 use crate::zcopy::gntdev_dmabuf::GntdevDmaBuf;
 use crate::zcopy::{Capabilities, DmaBufOps, FallbackReason, ZeroCopyGate};
 

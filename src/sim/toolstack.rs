@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::backend::types::{DomId, XenbusState};
-use crate::backend::xenstore::{Tx, XsClient, XsError};
 use crate::sim::SimXen;
+use crate::xen::types::{DomId, XenbusState};
+use crate::xen::xenstore::{Tx, XsClient, XsError};
 
 /// `LIBXL_INIT_TIMEOUT`: how long libxl waits for the backend to reach InitWait.
 pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -5,8 +5,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use displback::backend::server::{Server, ServerConfig, StopHandle};
-use displback::backend::xenstore::XsClient;
-use displback::backend::DomId;
 use displback::displif::budget::Limits;
 use displback::displif::format::PixelFormat;
 use displback::output::convert::convert_row;
@@ -17,6 +15,8 @@ use displback::sim::pattern;
 use displback::sim::toolstack::Toolstack;
 use displback::sim::xenstored::SimXenstored;
 use displback::sim::SimXen;
+use displback::xen::xenstore::XsClient;
+use displback::xen::DomId;
 use displback::zcopy::ZeroCopyGate;
 
 pub const BACKEND: DomId = DomId(0);
@@ -190,7 +190,7 @@ impl Rig {
     pub fn read(&mut self, path: &str) -> Option<String> {
         self.toolstack
             .xs()
-            .read(displback::backend::xenstore::Tx::NONE, path)
+            .read(displback::xen::xenstore::Tx::NONE, path)
             .unwrap()
     }
 
