@@ -30,7 +30,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Serve every vdispl frontend of this domain (or one, with --domid).
+    /// Serve every vdispl and vkbd frontend of this domain (or one, with --domid).
     Serve(ServeArgs),
     /// Run the backend on a simulated Xen with a built-in guest drawing a test pattern.
     Demo(DemoArgs),
@@ -70,6 +70,9 @@ struct ServeArgs {
     /// Serve only this frontend domain.
     #[arg(long)]
     domid: Option<u16>,
+    /// Serve displays only, no `vkbd` input devices (config file: `input = false`).
+    #[arg(long)]
+    no_input: bool,
     /// Zero-copy policy.
     #[arg(long, value_enum)]
     zero_copy: Option<ZeroCopy>,
@@ -319,6 +322,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         zero_copy,
         file.limits,
         announce,
+        args.no_input || file.input == Some(false),
     )
 }
 

@@ -131,6 +131,8 @@ pub fn control_socket_path(setting: Option<&Path>) -> Option<PathBuf> {
 }
 
 /// Run the backend until SIGINT/SIGTERM.
+// One argument per setting of `displback serve`, straight from main.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     output: OutputKind,
     card: Option<&Path>,
@@ -139,6 +141,7 @@ pub fn run(
     zero_copy: ZeroCopy,
     limits: Limits,
     announce: Announce,
+    no_input: bool,
 ) -> Result<()> {
     let signals = StopSignals::install().context("installing signal handling")?;
     let mut plat = real_platform()?;
@@ -169,6 +172,7 @@ pub fn run(
             notify,
             status_node,
             control_socket,
+            no_input,
         },
     )?
     .with_zero_copy(gate);

@@ -25,6 +25,7 @@ use crate::output::{FlipDone, Output};
 use crate::zcopy::ZeroCopyGate;
 
 use crate::displif::device::{DeferredRequest, Vdispl};
+use crate::kbdif::device::{Input, Vkbd};
 use crate::xen::xenstore::{WatchEvent, XsError};
 use crate::xen::{DomId, EvtchnPort, Platform};
 use crate::xenbus::{DeviceKind, DeviceSet, Routes};
@@ -53,6 +54,35 @@ pub struct ServerConfig {
     pub status_node: Option<String>,
     /// Where `displback status` asks (None: no control socket).
     pub control_socket: Option<PathBuf>,
+    /// Do not serve `vkbd` devices (`--no-input`).
+    pub no_input: bool,
+}
+
+/// Which guest input device a batch of input is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InputTarget {
+    /// One device.
+    Device(DomId, u32),
+    /// Every device whose toolstack `unique-id` is this.
+    UniqueId(String),
+}
+
+/// Hands input to the server's vkbd devices from another thread (input sources, tests).
+#[derive(Clone)]
+pub struct InputHandle {
+    tx: Sender<(InputTarget, Vec<Input>)>,
+    waker: Arc<Waker>,
+}
+
+impl InputHandle {
+    /// Queue `input` for `target`; false once the server is gone.
+    pub fn send(&self, target: InputTarget, input: Vec<Input>) -> bool {
+        if self.tx.send((target, input)).is_err() {
+            return false;
+        }
+        let _ = self.waker.wake();
+        true
+    }
 }
 
 /// Stops a running server from another thread.
@@ -97,6 +127,10 @@ pub struct Server {
     cfg: ServerConfig,
     /// The vdispl devices.
     displays: DeviceSet<Vdispl>,
+    /// The vkbd devices (None: `--no-input`).
+    keyboards: Option<DeviceSet<Vkbd>>,
+    input_tx: Sender<(InputTarget, Vec<Input>)>,
+    input_rx: Receiver<(InputTarget, Vec<Input>)>,
     /// Each frontend domain's budget, shared by its devices; dropped with its last one.
     budgets: HashMap<DomId, Arc<GuestBudget>>,
     /// Rotates which device's waiting flips are handed to the output first.
@@ -150,6 +184,12 @@ impl Server {
         }
         let waker = Arc::new(Waker::new(poll.registry(), TOK_WAKE)?);
         let displays = DeviceSet::new(&mut plat, cfg.only_domid)?;
+        let keyboards = if cfg.no_input {
+            None
+        } else {
+            Some(DeviceSet::new(&mut plat, cfg.only_domid)?)
+        };
+        let (input_tx, input_rx) = mpsc::channel();
         let (released_tx, released_rx) = mpsc::channel();
         let readiness = Readiness::new(
             cfg.notify.clone(),
@@ -167,6 +207,9 @@ impl Server {
             output,
             cfg,
             displays,
+            keyboards,
+            input_tx,
+            input_rx,
             budgets: HashMap::new(),
             flip_round: 0,
             routes: Routes::default(),
@@ -202,7 +245,20 @@ impl Server {
         Ok(())
     }
 
-    /// Number of devices currently connected (tests, status).
+    /// A handle that hands input to this server's vkbd devices.
+    pub fn input_handle(&self) -> InputHandle {
+        InputHandle {
+            tx: self.input_tx.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
+    /// Number of vkbd devices currently connected.
+    pub fn connected_inputs(&self) -> usize {
+        self.keyboards.as_ref().map_or(0, DeviceSet::connected)
+    }
+
+    /// Number of vdispl devices currently connected (tests, status).
     pub fn connected(&self) -> usize {
         self.displays.connected()
     }
@@ -223,7 +279,11 @@ impl Server {
             let timeout = if !self.routes.ready.is_empty() {
                 Some(Duration::ZERO)
             } else {
-                let holds = self.displays.next_hold_end();
+                let holds = self
+                    .displays
+                    .next_hold_end()
+                    .into_iter()
+                    .chain(self.keyboards.as_ref().and_then(DeviceSet::next_hold_end));
                 self.output
                     .next_deadline()
                     .into_iter()
@@ -254,6 +314,9 @@ impl Server {
             }
             while let Ok(r) = self.released_rx.try_recv() {
                 self.on_released(r);
+            }
+            while let Ok((target, input)) = self.input_rx.try_recv() {
+                self.deliver_input(&target, &input);
             }
             // One turn for each ready ring; leftovers go to the back of the queue.
             for _ in 0..self.routes.ready.len() {
@@ -338,6 +401,40 @@ impl Server {
         let (plat, out, routes) = (&mut self.plat, &mut *self.output, &mut self.routes);
         let mut make = vdispl_maker(&mut self.budgets, self.cfg.limits, &self.zero_copy);
         self.displays.end_holds(plat, out, routes, &mut make);
+        if let Some(k) = self.keyboards.as_mut() {
+            k.end_holds(plat, &mut (), routes, &mut |_, _| Vkbd::default());
+        }
+    }
+
+    /// Hand `input` to its devices. A device whose ring is broken (garbage consumer
+    /// index) is closed and held like any misbehaving guest; the others go on.
+    fn deliver_input(&mut self, target: &InputTarget, input: &[Input]) {
+        let Some(set) = self.keyboards.as_mut() else {
+            return;
+        };
+        let mut keys: Vec<(DomId, u32)> = set
+            .devices
+            .iter()
+            .filter(|(k, d)| match target {
+                InputTarget::Device(dom, dev) => **k == (*dom, *dev),
+                InputTarget::UniqueId(id) => d.unique_id() == Some(id.as_str()),
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort();
+        for key in keys {
+            let Some(device) = set.devices.get_mut(&key) else {
+                continue;
+            };
+            if let Err(e) = device.deliver(&mut self.plat, input) {
+                crate::warn_limited!(
+                    dom = key.0 .0,
+                    dev = key.1,
+                    "vkbd: {e}; closing the connection"
+                );
+                set.close_and_hold(&mut self.plat, &mut (), &mut self.routes, key);
+            }
+        }
     }
 
     /// Handle watch events until none are left. Events can also arrive while we wait
@@ -361,6 +458,8 @@ impl Server {
         };
         let (dom, dev, idx) = (route.dom, route.dev, route.idx);
         if route.kind != Vdispl::TYPE {
+            // A vkbd frontend kicks after consuming: nothing waits for that (a full
+            // ring loses events instead of queueing them).
             return;
         }
         let Some(device) = self.displays.devices.get_mut(&(dom, dev)) else {
@@ -467,6 +566,14 @@ impl Server {
                 self.displays.on_watch(plat, out, routes, &mut make, ev);
             }
             self.forget_unused_budgets();
+        } else if let Some(k) = self.keyboards.as_mut().filter(|k| k.owns(&ev)) {
+            k.on_watch(
+                &mut self.plat,
+                &mut (),
+                &mut self.routes,
+                &mut |_, _| Vkbd::default(),
+                ev,
+            );
         }
     }
 
@@ -478,6 +585,11 @@ impl Server {
             self.displays.rescan(plat, out, routes, &mut make);
         }
         self.forget_unused_budgets();
+        if let Some(k) = self.keyboards.as_mut() {
+            k.rescan(&mut self.plat, &mut (), &mut self.routes, &mut |_, _| {
+                Vkbd::default()
+            });
+        }
     }
 
     /// A domain without displays is gone (or lost its last display): its budget goes,
@@ -497,6 +609,9 @@ impl Server {
         self.readiness.stopping();
         self.displays
             .shutdown(&mut self.plat, &mut *self.output, &mut self.routes);
+        if let Some(k) = self.keyboards.as_mut() {
+            k.shutdown(&mut self.plat, &mut (), &mut self.routes);
+        }
         self.readiness
             .stopped(&mut self.plat.store, self.poll.registry());
         info!("stopped");

@@ -29,7 +29,7 @@ use crate::displif::request::{encode_pg_flip_event, encode_response};
 use crate::displif::ring::{BackRing, EventProducer, RingError};
 use crate::displif::turn::serve_turn;
 use crate::output::{ConnectorId, Output};
-use crate::xen::xenstore::{Tx, XsError};
+use crate::xen::xenstore::Tx;
 use crate::xen::{DomId, EvtchnPort, GrantRef, Platform};
 use crate::xenbus::{DeviceError, DeviceIds, DeviceKind, Effects, XenbusDevice};
 pub use crate::xenbus::{FIRST_HOLD, MAX_HOLD};
@@ -148,9 +148,10 @@ impl DeviceKind for Vdispl {
         tracing::info_span!("vdispl", dom = dom.0, dev)
     }
 
-    fn advertise(&mut self, plat: &mut Platform, ids: &DeviceIds) -> Result<(), XsError> {
+    fn advertise(&mut self, plat: &mut Platform, ids: &DeviceIds) -> Result<(), DeviceError> {
         plat.store
-            .write(Tx::NONE, &format!("{}/versions", ids.be_path), "1,2")
+            .write(Tx::NONE, &format!("{}/versions", ids.be_path), "1,2")?;
+        Ok(())
     }
 
     fn connect(

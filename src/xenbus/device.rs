@@ -74,7 +74,8 @@ pub trait DeviceKind {
     fn span(dom: DomId, dev: u32) -> tracing::Span;
 
     /// Publish the backend's nodes (versions, features) before going Initialising.
-    fn advertise(&mut self, plat: &mut Platform, ids: &DeviceIds) -> Result<(), XsError>;
+    /// Refusing here ignores the device (bad toolstack parameters).
+    fn advertise(&mut self, plat: &mut Platform, ids: &DeviceIds) -> Result<(), DeviceError>;
 
     /// The frontend is ready: map its pages, bind its channels (report them in `fx`).
     /// On error nothing may stay mapped or bound.
