@@ -5,6 +5,7 @@ pub mod xenstored;
 
 // Simulated guest driver and toolstack.
 pub mod frontend;
+pub mod kbdfront;
 pub mod toolstack;
 
 // Simulated hypervisor: event channels and grant tables, behind one `SimXen` hub.
