@@ -8,6 +8,7 @@
 //! * [`backend`]: the one event loop serving every kind, and readiness reporting.
 //! * [`displif`]: the `vdispl` kind: wire types, rings, request decoding and handling.
 //! * [`kbdif`]: the `vkbd` kind: keyboard, pointer and multi-touch events.
+//! * [`input`]: evdev input sources of the backend domain, per guest device.
 //! * [`output`]: where frames go (headless, KMS).
 //! * [`zcopy`]: dma-buf paths (zero-copy, backend allocation).
 //! * [`sim`]: an in-process simulated Xen and a frontend that behaves like Linux's
@@ -21,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod displif;
+pub mod input;
 pub mod kbdif;
 pub mod log_limit;
 pub mod notify;

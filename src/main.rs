@@ -322,7 +322,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         zero_copy,
         file.limits,
         announce,
-        args.no_input || file.input == Some(false),
+        displback::input::InputConfig {
+            disabled: args.no_input || file.input == Some(false),
+            sources: file.inputs.clone(),
+        },
     )
 }
 

@@ -141,7 +141,7 @@ pub fn run(
     zero_copy: ZeroCopy,
     limits: Limits,
     announce: Announce,
-    no_input: bool,
+    input: crate::input::InputConfig,
 ) -> Result<()> {
     let signals = StopSignals::install().context("installing signal handling")?;
     let mut plat = real_platform()?;
@@ -172,12 +172,28 @@ pub fn run(
             notify,
             status_node,
             control_socket,
-            no_input,
+            no_input: input.disabled,
         },
     )?
     .with_zero_copy(gate);
     server.stop_on_readable(signals.as_raw_fd())?;
-    server.run()?;
+    let stop_inputs = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inputs = if !input.disabled && !input.sources.is_empty() {
+        let sources = crate::input::source::Sources::new(
+            Path::new("/dev/input"),
+            input.sources,
+            server.input_handle(),
+        );
+        Some(sources.spawn(stop_inputs.clone())?)
+    } else {
+        None
+    };
+    let result = server.run();
+    stop_inputs.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(t) = inputs {
+        let _ = t.join();
+    }
+    result?;
     Ok(())
 }
 
