@@ -6,6 +6,7 @@
 pub mod evdev;
 pub mod source;
 pub mod translate;
+pub mod uinput;
 
 /// `displback serve`'s input settings.
 #[derive(Clone, Debug, Default)]

@@ -94,7 +94,7 @@ impl Sources {
             }
             Err(e) => {
                 warn!(
-                    "no hot-plug of input devices ({}: {e}); rescanning every 2 s",
+                    "no hot-plug of input devices ({}: {e}); rescanning every second",
                     self.dir.display()
                 );
                 None
@@ -108,7 +108,7 @@ impl Sources {
             let timeout = if watch.is_some() {
                 Duration::from_millis(500)
             } else {
-                Duration::from_secs(2)
+                Duration::from_secs(1)
             };
             match poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
