@@ -654,6 +654,12 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
     rp = bins.get("input_replay", "ERROR")
     if not rp.startswith("ERROR"):
         inject["inject/usr/local/bin/input_replay"] = (0o755, _read(rp))
+    if "xen-input" in names:
+        # evdev and uinput for xen-input, without rebuilding the cached Dom0 rootfs (its
+        # module set is DOM0_MODULES in lib/xen.sh); both have no dependencies.
+        kmods = os.path.join(os.path.dirname(art["VMLINUX"]), "lib", "modules", art["KVER"], "kernel", "drivers", "input")
+        for m in ("evdev.ko", "misc/uinput.ko"):
+            inject[f"inject/harness/kmod/{os.path.basename(m)}"] = (0o644, _read(os.path.join(kmods, m)))
     if any(n.startswith("xen-drvdom-") for n in names):
         sc = bins.get("scanout_check", "ERROR")
         if be.startswith("ERROR") or sc.startswith("ERROR"):
