@@ -56,7 +56,7 @@ fn send(rig: &Rig, dom: u16, input: Vec<Input>) {
 }
 
 fn backend_state(rig: &mut Rig, dom: u16) -> XenbusState {
-    let path = format!("/local/domain/0/backend/vkbd/{dom}/0/state");
+    let path = format!("/local/domain/0/backend/vinput/{dom}/0/state");
     rig.toolstack
         .xs()
         .read(Tx::NONE, &path)
@@ -89,7 +89,7 @@ fn handshake_features_and_requests() {
     assert_eq!((c.mt_width, c.mt_height, c.mt_contacts), (1920, 1080, 10));
     assert_eq!(c.unique_id.as_deref(), Some("T:1000"));
     let xs = rig.toolstack.xs();
-    let be = "/local/domain/0/backend/vkbd/5/0";
+    let be = "/local/domain/0/backend/vinput/5/0";
     for (node, want) in [
         ("feature-abs-pointer", "1"),
         ("feature-raw-pointer", "1"),
@@ -347,7 +347,7 @@ fn relative_pointer_raw_pointer_and_disabled_keyboard() {
         .xs()
         .write(
             Tx::NONE,
-            "/local/domain/0/backend/vkbd/7/0/feature-abs-pointer",
+            "/local/domain/0/backend/vinput/7/0/feature-abs-pointer",
             "0",
         )
         .unwrap();

@@ -183,6 +183,9 @@ pub fn scale(v: u32, max: u32) -> i32 {
 
 impl DeviceKind for Vkbd {
     const TYPE: &'static str = "vkbd";
+    /// libxl's kind for `backend-type=linux` (a user-space backend in a Linux domain);
+    /// `backend/vkbd` is QEMU's (`backend-type=qemu`).
+    const BACKEND_DIR: &'static str = "vinput";
     type Ctx = ();
 
     fn span(dom: DomId, dev: u32) -> tracing::Span {

@@ -175,7 +175,8 @@ impl Toolstack {
         devid: u32,
         params: &[(&str, &str)],
     ) -> Result<(), ToolstackError> {
-        let bdir = format!("/local/domain/{be}/backend/vkbd/{fe}/{devid}");
+        // libxl's kind for backend-type=linux is "vinput" (the frontend's stays vkbd).
+        let bdir = format!("/local/domain/{be}/backend/vinput/{fe}/{devid}");
         let fdir = format!("/local/domain/{fe}/device/vkbd/{devid}");
         let (fe_owner, be_reader) = (format!("n{fe}"), format!("r{be}"));
         let (be_owner, fe_reader) = (format!("n{be}"), format!("r{fe}"));
@@ -262,7 +263,7 @@ impl Toolstack {
     ) -> Result<(), ToolstackError> {
         self.xs.transaction(|xs, tx| {
             xs.rm(tx, &format!("/local/domain/{be}/backend/vdispl/{fe}"))?;
-            xs.rm(tx, &format!("/local/domain/{be}/backend/vkbd/{fe}"))?;
+            xs.rm(tx, &format!("/local/domain/{be}/backend/vinput/{fe}"))?;
             xs.rm(tx, &format!("/local/domain/{fe}"))
         })?;
         sim.destroy_domain(fe);

@@ -65,8 +65,11 @@ pub struct DeviceIds {
 /// A device kind (`vdispl`, `vkbd`): what a connection is, given the XenStore nodes the
 /// frontend published. The state machine around it is [`XenbusDevice`].
 pub trait DeviceKind {
-    /// The device type in XenStore paths (`device/<TYPE>/<id>`, `backend/<TYPE>/...`).
+    /// The device type in the frontend's XenStore path (`device/<TYPE>/<id>`).
     const TYPE: &'static str;
+    /// The directory under our `backend/` (usually [`Self::TYPE`]; libxl puts a
+    /// `backend-type=linux` vkbd under `backend/vinput`).
+    const BACKEND_DIR: &'static str = Self::TYPE;
     /// What connecting and closing need besides the platform (the output, input hub).
     type Ctx: ?Sized;
 

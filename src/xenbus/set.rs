@@ -1,4 +1,4 @@
-//! The devices of one kind under our backend directory (`<own>/backend/<TYPE>`): the
+//! The devices of one kind under our backend directory (`<own>/backend/<BACKEND_DIR>`): the
 //! watches, hot attach (a new `<dom>/<dev>` directory), detach (directory gone: domain
 //! death or toolstack removal), a frontend's state changes, and the routing of bound
 //! event-channel ports back to their device.
@@ -71,7 +71,7 @@ pub type MakeKind<'a, K> = &'a mut dyn FnMut(DomId, u32) -> K;
 
 /// Every device of kind `K` of every frontend domain we serve.
 pub struct DeviceSet<K: DeviceKind> {
-    /// `<own domain path>/backend/<TYPE>`.
+    /// `<own domain path>/backend/<BACKEND_DIR>`.
     pub root: String,
     pub devices: HashMap<(DomId, u32), XenbusDevice<K>>,
     /// Serve this frontend domain only.
@@ -84,7 +84,7 @@ impl<K: DeviceKind> DeviceSet<K> {
     /// Watch our backend directory of this kind.
     pub fn new(plat: &mut Platform, only_domid: Option<DomId>) -> Result<Self, XsError> {
         let own = plat.store.get_domain_path(plat.domid.0)?;
-        let root = format!("{own}/backend/{}", K::TYPE);
+        let root = format!("{own}/backend/{}", K::BACKEND_DIR);
         let watch_root = format!("displback:{}:backends", K::TYPE);
         let watch_fe = format!("displback:{}:fe:", K::TYPE);
         plat.store.watch(&root, &watch_root)?;
