@@ -585,3 +585,46 @@ fn no_input_leaves_vkbd_devices_alone() {
     );
     assert_eq!(backend_state(&mut rig, 5), XenbusState::Initialising);
 }
+
+/// One guest with a display and an input device at once, on one backend: both kinds on
+/// the shared XenBus layer. Input keeps flowing while the display flips.
+#[test]
+fn display_and_input_of_one_guest_together() {
+    let mut rig = Rig::new();
+    let mut disp = rig.guest(5, &[("Virtual-1", 64, 48)]);
+    add_vkbd(&mut rig, 5, &touch_params("T:1000"));
+    let mut kbd = connected(&rig, 5, KbdFrontOptions::default());
+    let bufs = common::show_and_flip(&rig, &mut disp, 5, 0, (64, 48), 2);
+    let format = displback::displif::format::PixelFormat::Xrgb8888;
+    for f in 3..=12u32 {
+        send(
+            &rig,
+            5,
+            vec![Input::Key {
+                code: KEY_A,
+                pressed: f % 2 == 1,
+            }],
+        );
+        let (buf, fb) = &bufs[(f % 2) as usize];
+        common::draw(buf, format, f, 0);
+        disp.page_flip(0, *fb).unwrap();
+        disp.wait_flip_event(0, *fb, common::FLIP_WAIT).unwrap();
+        assert_eq!(
+            kbd.wait_events(1, WAIT).unwrap(),
+            vec![key(KEY_A, f % 2 == 1)]
+        );
+    }
+    common::assert_image(
+        &rig.frame(5, 0),
+        &common::expected(format, 12, 0, 64, 48),
+        64,
+        48,
+    );
+    // The display's device and the input device are separate devices of the same guest.
+    assert_eq!(backend_state(&mut rig, 5), XenbusState::Connected);
+    assert_eq!(
+        rig.read("/local/domain/0/backend/vdispl/5/0/state")
+            .as_deref(),
+        Some("4")
+    );
+}
