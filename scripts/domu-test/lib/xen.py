@@ -515,14 +515,25 @@ def _input(r: Run, res: Result, end: str) -> None:
     res.timings["create→ready"] = sw.lap()
     r.wait(r"\[input\].*INPUT-DONE", 200, fail=end)
     res.timings["replay"] = sw.lap()
+    # The display of the same guest flipped meanwhile: its held frame is checked, and
+    # the replay ran between its first flip and its hold.
+    m = r.wait(rf"\[input\].*(?:{HOLD_RX})", 200, fail=_guest_fail("input", end, "input"), what="HOLD from DomU input")
+    chk = r.check_hold("input", m, "hold")
+    res.timings["create→hold"] = sw.lap()
+    r.wait(r"\[input\].*HARNESS-DOMU EXIT", 120, fail=end)
+    gc_ok = bool(r.guest_lines("input", r"GUEST-CLIENT RESULT.*ok=1"))
+    t_flip, t_go = r.line_time(r"\[input\].*GUEST-CLIENT FLIPPING"), r.line_time(r"\[replay\] REPLAY GO")
+    t_done, t_hold = r.line_time(r"\[replay\] REPLAY DONE"), r.line_time(rf"\[input\].*(?:{HOLD_RX})")
+    overlap = None not in (t_flip, t_go, t_done, t_hold) and t_flip <= t_go and t_done <= t_hold
     got = [re.sub(r"^.*?(INPUT-(KEY|MT-FRAME))", r"\1", l).strip()
            for l in r.guest_lines("input", r"INPUT-(KEY|MT-FRAME)")]
     want_keys, want_frames = _input_expected()
     keys = [l for l in got if l.startswith("INPUT-KEY")]
     frames = [l for l in got if l.startswith("INPUT-MT-FRAME")]
     keys_ok, frames_ok = keys == want_keys, frames == want_frames
-    res.status = "PASS" if keys_ok and frames_ok else "FAIL"
-    res.detail = (f"input_keys={len(keys)} keys_ok={int(keys_ok)} mt_frames={len(frames)} frames_ok={int(frames_ok)}"
+    res.status = "PASS" if keys_ok and frames_ok and chk.ok and gc_ok and overlap else "FAIL"
+    res.detail = (f"input_keys={len(keys)} keys_ok={int(keys_ok)} mt_frames={len(frames)} frames_ok={int(frames_ok)} "
+                  f"display_ok={int(chk.ok)} client_ok={int(gc_ok)} input_while_flipping={int(bool(overlap))} | {chk.detail}"
                   + ("" if keys_ok else f"\n  keys got {keys}\n  want {want_keys}")
                   + ("" if frames_ok else f"\n  frames got {frames}\n  want {want_frames}"))
 
