@@ -258,6 +258,13 @@ impl DeviceKind for Vkbd {
 
     fn disconnect(&mut self, plat: &mut Platform, _ctx: &mut (), fx: &mut Effects) {
         if let Some(live) = self.live.take() {
+            let st = self.stats;
+            info!(
+                sent = st.sent,
+                dropped = st.dropped,
+                filtered = st.filtered,
+                "input events of this device so far"
+            );
             if let Err(e) = plat.evtchn.unbind(live.port) {
                 warn!("unbinding {:?}: {e}", live.port);
             }
