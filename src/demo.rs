@@ -9,8 +9,6 @@ use anyhow::{Context, Result};
 use tracing::info;
 
 use crate::backend::server::{Server, ServerConfig};
-use crate::backend::xenstore::XsClient;
-use crate::backend::DomId;
 use crate::config::OutputKind;
 use crate::displif::format::PixelFormat;
 use crate::output::headless::{self, Headless};
@@ -21,6 +19,8 @@ use crate::sim::pattern;
 use crate::sim::toolstack::Toolstack;
 use crate::sim::xenstored::SimXenstored;
 use crate::sim::SimXen;
+use crate::xen::xenstore::XsClient;
+use crate::xen::DomId;
 
 /// What `displback demo` runs.
 #[derive(Debug, Clone)]
@@ -83,7 +83,7 @@ pub fn unique_id(conn: u32) -> String {
 
 /// Run the demo.
 pub fn run(opts: DemoOptions) -> Result<()> {
-    let signals = crate::backend::signals::StopSignals::install()?;
+    let signals = crate::xen::signals::StopSignals::install()?;
     let sim = SimXen::new();
     let xenstored = SimXenstored::new();
     let mut wl_stats = None;

@@ -29,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Serve every vdispl frontend of this domain (or one guest: --domid N, --domain NAME).
+    /// Serve every vdispl and vkbd frontend of this domain (or one guest: --domid N,
+    /// --domain NAME).
     Serve(ServeArgs),
     /// Run the backend on a simulated Xen with a built-in guest drawing a test pattern.
     Demo(DemoArgs),
@@ -120,6 +121,9 @@ struct ServeArgs {
     /// domid: started before the guest exists, it follows it across destroy/re-create.
     #[arg(long, value_name = "NAME")]
     domain: Option<String>,
+    /// Serve displays only, no `vkbd` input devices (config file: `input = false`).
+    #[arg(long)]
+    no_input: bool,
     /// Zero-copy policy.
     #[arg(long, value_enum)]
     zero_copy: Option<ZeroCopy>,
@@ -177,7 +181,7 @@ fn parse_mapping(s: &str) -> Result<(String, String), String> {
 }
 
 fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
-    displback::backend::frontend::parse_resolution(s).ok_or_else(|| format!("{s:?} is not WxH"))
+    displback::displif::device::parse_resolution(s).ok_or_else(|| format!("{s:?} is not WxH"))
 }
 
 fn parse_format(s: &str) -> Result<PixelFormat, String> {
@@ -428,6 +432,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         zero_copy,
         file.limits,
         announce,
+        displback::input::InputConfig {
+            disabled: args.no_input || file.input == Some(false),
+            sources: file.inputs.clone(),
+        },
     )
 }
 

@@ -26,7 +26,7 @@ XEN_DIR = os.path.join(os.path.dirname(HERE), "xen")
 # granted (IMP_TO_REFS; bochs VRAM cannot).
 STOCK_SCENARIOS = ["xen-boot", "xen-pvh-boots", "xen-flip", "xen-rgb565", "xen-destroy", "xen-restart", "xen-two-domus",
                    "xen-noisy-neighbour", "xen-destroy-loop", "xen-refused", "xen-bealloc", "xen-zcopy-auto-fallback",
-                   "xen-launch"]
+                   "xen-launch", "xen-input"]
 ZCOPY_SCENARIOS = ["xen-zcopy-bealloc", "xen-zcopy-destroy", "xen-zcopy-pv-fallback", "xen-drvdom-bealloc", "xen-drvdom-copy"]
 # PCI slots of the display devices (Dom0 finds its cards by them) and QMP device ids.
 VGA_PCI, VGA2_PCI, ZC_PCI = "00:02.0", "00:10.0", "00:11.0"
@@ -552,6 +552,63 @@ def _launch(r: Run, res: Result, end: str) -> None:
                   + "".join(f"\nPROBLEM: {p}" for p in problems))
 
 
+# xen-input: what input_replay (src/bin/input_replay.rs) sends, and what the guest must see.
+INPUT_KEYS = [(42, 1), (30, 1), (30, 0), (42, 0), (29, 1), (46, 1), (46, 0), (29, 0), (88, 1), (88, 0)]
+# Touchscreen frames: slot -> (x, y) in the uinput device's 0..4095, or None when lifted.
+INPUT_FRAMES = [{0: (0, 0), 1: (4095, 4095)}, {0: (2048, 1024), 1: (1024, 2048)}, {0: None, 1: None},
+                {3: (0, 4095)}, {3: (4095, 0)}, {3: None}]
+INPUT_TOUCH_MAX, INPUT_MT_W, INPUT_MT_H = 4095, 1920, 1080
+
+
+def _input_expected() -> tuple[list[str], list[str]]:
+    """The guest's INPUT-KEY and INPUT-MT-FRAME lines for the replayed script: device
+    values normalized to 0..65535, then scaled to the guest's declared size (integer
+    division at each step, as the kbdif spec leaves rounding to the backend)."""
+    def scale(v: int, size: int) -> int:
+        return (v * 65535 // INPUT_TOUCH_MAX) * size // 65535
+    keys = [f"INPUT-KEY dev=kbd code={c} value={v}" for c, v in INPUT_KEYS]
+    frames, down = [], {}
+    for f in INPUT_FRAMES:
+        for slot, pos in f.items():
+            if pos is None:
+                down.pop(slot, None)
+            else:
+                down[slot] = (scale(pos[0], INPUT_MT_W), scale(pos[1], INPUT_MT_H))
+        frames.append("INPUT-MT-FRAME contacts=" + ";".join(f"{s}:{x},{y}" for s, (x, y) in sorted(down.items())))
+    return keys, frames
+
+
+def _input(r: Run, res: Result, end: str) -> None:
+    """xen-input: the exact keys (modifiers included) and multi-touch frames (slots and
+    scaled coordinates, corners included) the DomU's xen-kbdfront delivered."""
+    sw = Stopwatch()
+    r.wait(r"\[input\].*INPUT-READY", 200, fail=end)
+    res.timings["create→ready"] = sw.lap()
+    r.wait(r"\[input\].*INPUT-DONE", 200, fail=end)
+    res.timings["replay"] = sw.lap()
+    # The display of the same guest flipped meanwhile: its held frame is checked, and
+    # the replay ran between its first flip and its hold.
+    m = r.wait(rf"\[input\].*(?:{HOLD_RX})", 200, fail=_guest_fail("input", end, "input"), what="HOLD from DomU input")
+    chk = r.check_hold("input", m, "hold")
+    res.timings["create→hold"] = sw.lap()
+    r.wait(r"\[input\].*HARNESS-DOMU EXIT", 120, fail=end)
+    gc_ok = bool(r.guest_lines("input", r"GUEST-CLIENT RESULT.*ok=1"))
+    t_flip, t_go = r.line_time(r"\[input\].*GUEST-CLIENT FLIPPING"), r.line_time(r"\[replay\] REPLAY GO")
+    t_done, t_hold = r.line_time(r"\[replay\] REPLAY DONE"), r.line_time(rf"\[input\].*(?:{HOLD_RX})")
+    overlap = None not in (t_flip, t_go, t_done, t_hold) and t_flip <= t_go and t_done <= t_hold
+    got = [re.sub(r"^.*?(INPUT-(KEY|MT-FRAME))", r"\1", l).strip()
+           for l in r.guest_lines("input", r"INPUT-(KEY|MT-FRAME)")]
+    want_keys, want_frames = _input_expected()
+    keys = [l for l in got if l.startswith("INPUT-KEY")]
+    frames = [l for l in got if l.startswith("INPUT-MT-FRAME")]
+    keys_ok, frames_ok = keys == want_keys, frames == want_frames
+    res.status = "PASS" if keys_ok and frames_ok and chk.ok and gc_ok and overlap else "FAIL"
+    res.detail = (f"input_keys={len(keys)} keys_ok={int(keys_ok)} mt_frames={len(frames)} frames_ok={int(frames_ok)} "
+                  f"display_ok={int(chk.ok)} client_ok={int(gc_ok)} input_while_flipping={int(bool(overlap))} | {chk.detail}"
+                  + ("" if keys_ok else f"\n  keys got {keys}\n  want {want_keys}")
+                  + ("" if frames_ok else f"\n  frames got {frames}\n  want {want_frames}"))
+
+
 def _scenario(r: Run, s: str, res: Result) -> None:
     end = rf"HARNESS SCENARIO {s} END"
     if s == "xen-boot":
@@ -606,6 +663,8 @@ def _scenario(r: Run, s: str, res: Result) -> None:
         _refused(r, res, end)
     elif s == "xen-launch":
         _launch(r, res, end)
+    elif s == "xen-input":
+        _input(r, res, end)
     elif s in ("xen-drvdom-bealloc", "xen-drvdom-copy"):
         _drvdom(r, res, end, bealloc=s == "xen-drvdom-bealloc")
     elif s in ("xen-bealloc", "xen-zcopy-auto-fallback") or s in ZCOPY_SCENARIOS:
@@ -653,10 +712,14 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
         for r in results.values():
             r.detail = gc
         return list(results.values())
-    domu = _initrd(workdir, "domU", {
+    domu_files = {
         "init": (0o755, _read(os.path.join(XEN_DIR, "domu-init"))),
         "bin/guest_client": (0o755, _read(gc)),
-    }, art["DOMU_INITRAMFS"])
+    }
+    ir = bins.get("input_reader", "ERROR")
+    if not ir.startswith("ERROR"):
+        domu_files["bin/input_reader"] = (0o755, _read(ir))
+    domu = _initrd(workdir, "domU", domu_files, art["DOMU_INITRAMFS"])
     params = (f"FRAMES={args.frames}\nHOLD={max(args.hold, 5)}\nSCENARIOS=\"{' '.join(names)}\"\n"
               + BOOT_PARAMS[kind])
     inject = {
@@ -677,6 +740,15 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
             be = f"ERROR: {e}"
     if be.startswith("ERROR"):
         be_note = f" (displback package not injected: {be})"
+    rp = bins.get("input_replay", "ERROR")
+    if not rp.startswith("ERROR"):
+        inject["inject/usr/local/bin/input_replay"] = (0o755, _read(rp))
+    if "xen-input" in names:
+        # evdev and uinput for xen-input, without rebuilding the cached Dom0 rootfs (its
+        # module set is DOM0_MODULES in lib/xen.sh); both have no dependencies.
+        kmods = os.path.join(os.path.dirname(art["VMLINUX"]), "lib", "modules", art["KVER"], "kernel", "drivers", "input")
+        for m in ("evdev.ko", "misc/uinput.ko"):
+            inject[f"inject/harness/kmod/{os.path.basename(m)}"] = (0o644, _read(os.path.join(kmods, m)))
     if any(n.startswith("xen-drvdom-") for n in names):
         sc = bins.get("scanout_check", "ERROR")
         if be.startswith("ERROR") or sc.startswith("ERROR"):
