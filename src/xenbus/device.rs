@@ -197,10 +197,22 @@ impl<K: DeviceKind> XenbusDevice<K> {
             .map_or(XenbusState::Unknown, |s| XenbusState::parse(&s)))
     }
 
+    /// Write our state, unless the toolstack removed our directory meanwhile: a write
+    /// would re-create it, leaving nodes behind in the backend domain's XenStore (as
+    /// Linux's `xenbus_switch_state`, checked in the same transaction as the write).
     fn write_state(&mut self, plat: &mut Platform, s: XenbusState) -> Result<(), XsError> {
         debug!("backend state {:?} -> {s:?}", self.state);
-        plat.store
-            .write(Tx::NONE, &format!("{}/state", self.be_path), s.as_str())?;
+        let dir = &self.be_path;
+        let written = plat.store.transaction(|xs, tx| {
+            if xs.read(tx, dir)?.is_none() {
+                return Ok(false);
+            }
+            xs.write(tx, &format!("{dir}/state"), s.as_str())?;
+            Ok(true)
+        })?;
+        if !written {
+            debug!("backend directory gone: state {s:?} not written");
+        }
         self.state = s;
         Ok(())
     }
