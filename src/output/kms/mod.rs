@@ -4,12 +4,26 @@
 //! Flip-complete events arrive on the card fd; a guest flip is reported done when the
 //! kernel reports the flip done.
 //!
+//! Split by concern: [`mode`] (mode choice and placement: planning, no ioctls),
+//! [`flip_queue`] (which buffer is shown, in flight, queued), `scanout` (our buffers,
+//! RAII owners), `import` (PRIME imports and be-alloc dumb buffers), [`atomic`] (the
+//! atomic commits), `legacy` (legacy modesets off the loop); this file applies plans.
+//!
 //! Paths: atomic modesetting where the driver accepts `DRM_CLIENT_CAP_ATOMIC` (modesets
 //! with `MODE_ID`/`ACTIVE`/`CRTC_ID` and the primary plane's `FB_ID`/`SRC_*`/`CRTC_*`,
 //! flips as `FB_ID` commits with `PAGE_FLIP_EVENT | NONBLOCK`; see [`atomic`]), legacy
 //! `SET_CRTC` / `PAGE_FLIP` otherwise. A connector whose atomic commit fails falls back
 //! to legacy for good; the path in use is logged once per connector.
 //! `DISPLBACK_KMS_ATOMIC=0` in the environment forces legacy.
+//!
+//! Nothing here blocks the event loop. On the atomic path every commit is `NONBLOCK`
+//! with an event, and at most one event of ours is due per CRTC: a modeset asked for
+//! while one is due (a flip in flight) is planned and `TEST_ONLY`-checked at once
+//! ([`Active::unsent`]) and submitted by [`Kms::advance`] when the event came; so is
+//! the restore of a disabled connector's CRTC. Events that complete nothing of ours (a
+//! replaced configuration's flip) are counted per CRTC ([`Kms::stray`]). Legacy
+//! `SET_CRTC` has no non-blocking form: a worker thread makes those calls in order
+//! (`legacy`), followed by a `PAGE_FLIP` whose event tells the loop the mode shows.
 //!
 //! Mode choice ([`choose_mode`]): the guest's exact size if the connector offers it,
 //! else the preferred mode (or the smallest one the image fits in). In the latter
@@ -30,8 +44,9 @@
 //! pitch, `offsets[0] = data_ofs`), and flips to it go to the CRTC directly through the
 //! same flip queue (targets from [`NBUF`] on). It needs a mode of exactly the guest
 //! image's size, or a plane that scales it (no letterboxing without a copy). be-alloc
-//! buffers are dumb buffers of this card ([`Output::create_dumb`]).
-//! [`Kms::frame_counts`] tells copies from direct scanouts.
+//! buffers are dumb buffers of this card ([`Output::create_dumb`]). A guest framebuffer
+//! taken off screen while a flip may still show it is removed once none can
+//! ([`Kms::rmfb_later`]). [`Kms::frame_counts`] tells copies from direct scanouts.
 
 pub mod atomic;
 mod flip_queue;
