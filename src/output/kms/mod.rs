@@ -4,8 +4,8 @@
 //! Flip-complete events arrive on the card fd; a guest flip is reported done when the
 //! kernel reports the flip done.
 //!
-//! Split by concern: [`mode`] (mode choice and placement: planning, no ioctls),
-//! [`flip_queue`] (which buffer is shown, in flight, queued), `scanout` (our buffers,
+//! Split by concern: `mode` (mode choice and placement: planning, no ioctls),
+//! `flip_queue` (which buffer is shown, in flight, queued), `scanout` (our buffers,
 //! RAII owners), `import` (PRIME imports and be-alloc dumb buffers), [`atomic`] (the
 //! atomic commits), `legacy` (legacy modesets off the loop); this file applies plans.
 //!
