@@ -19,9 +19,9 @@
 //! Nothing here blocks the event loop. On the atomic path every commit is `NONBLOCK`
 //! with an event, and at most one event of ours is due per CRTC: a modeset asked for
 //! while one is due (a flip in flight) is planned and `TEST_ONLY`-checked at once
-//! ([`Active::unsent`]) and submitted by [`Kms::advance`] when the event came; so is
+//! (`Active::unsent`) and submitted by `Kms::advance` when the event came; so is
 //! the restore of a disabled connector's CRTC. Events that complete nothing of ours (a
-//! replaced configuration's flip) are counted per CRTC ([`Kms::stray`]). Legacy
+//! replaced configuration's flip) are counted per CRTC (`Kms::stray`). Legacy
 //! `SET_CRTC` has no non-blocking form: a worker thread makes those calls in order
 //! (`legacy`), followed by a `PAGE_FLIP` whose event tells the loop the mode shows.
 //!
@@ -46,7 +46,7 @@
 //! image's size, or a plane that scales it (no letterboxing without a copy). be-alloc
 //! buffers are dumb buffers of this card ([`Output::create_dumb`]). A guest framebuffer
 //! taken off screen while a flip may still show it is removed once none can
-//! ([`Kms::rmfb_later`]). [`Kms::frame_counts`] tells copies from direct scanouts.
+//! (`Kms::rmfb_later`). [`Kms::frame_counts`] tells copies from direct scanouts.
 
 pub mod atomic;
 mod flip_queue;
