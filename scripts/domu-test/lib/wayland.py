@@ -6,7 +6,9 @@ and looks for the expected picture anywhere on the screen (Weston places windows
   wayland-weston         Weston (desktop-shell) + weston-image showing a known picture:
                          the self-check of the Weston piece (no displback)
   wayland-demo           `displback demo --output wayland` as Weston's client (xdg-shell)
-  wayland-demo-ivi       the same on Weston's ivi-shell (Debian's weston 10 ships ivi-shell.so)
+  (not yet: the same on ivi-shell. Debian's weston 10 ships ivi-shell.so, hmi-controller.so
+   and weston-ivi-shell-user-interface; hmi-controller lays application surfaces out itself,
+   so where and how big the surface lands needs a layout check, not written yet.)
   wayland-restart        Weston killed and restarted mid-demo: the picture must come back
 """
 
@@ -17,7 +19,8 @@ import subprocess
 from . import cpio, pattern, vm, weston
 from .common import Result, Stopwatch
 
-SCENARIOS = ["wayland-weston", "wayland-demo", "wayland-demo-ivi", "wayland-restart"]
+SCENARIOS = ["wayland-weston", "wayland-demo", "wayland-restart"]
+DEMO_RES = (320, 240)
 HOLD = 40  # seconds each step keeps its picture up while the host polls screendumps
 
 INIT = """#!/bin/sh
@@ -55,6 +58,40 @@ sed 's/^/[weston-image] /' /tmp/weston-image.log | tail -5
 weston-run stop
 [ $alive = 0 ]
 """,
+    # displback demo as a Wayland client of Weston; its DEMO HOLD line (frame, size) tells
+    # the host which picture to look for.
+    "wayland-demo": f"""
+weston-run start desktop card0 || exit 1
+displback demo --output wayland --resolution {DEMO_RES[0]}x{DEMO_RES[1]} --frames 120 --hold-secs {HOLD} \\
+    > /tmp/demo.log 2>&1 &
+d=$!
+i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+grep 'DEMO HOLD' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
+echo "HARNESS SHOWING client=displback-demo pid=$d hold={HOLD}"
+wait $d; rc=$?
+sed 's/^/[demo] /' /tmp/demo.log | grep -v 'DEMO HOLD' | tail -5
+weston-run stop
+exit $rc
+""",
+    # Weston killed (SIGTERM) 8 s into a long demo and started again: displback must
+    # reconnect and its last frame must be on the new Weston's screen.
+    "wayland-restart": f"""
+weston-run start desktop card0 || exit 1
+displback demo --output wayland --resolution {DEMO_RES[0]}x{DEMO_RES[1]} --frames 600 --hold-secs {HOLD} \\
+    > /tmp/demo.log 2>&1 &
+d=$!
+sleep 8
+echo "HARNESS RESTART weston demo_alive=$(kill -0 $d 2>/dev/null && echo 1 || echo 0)"
+weston-run stop
+weston-run start desktop card0 || exit 1
+i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done
+grep 'DEMO HOLD' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
+echo "HARNESS SHOWING client=displback-demo pid=$d hold={HOLD}"
+wait $d; rc=$?
+sed 's/^/[demo] /' /tmp/demo.log | grep -v 'DEMO HOLD' | tail -5
+weston-run stop
+exit $rc
+""",
 }
 
 
@@ -68,16 +105,28 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
             r.detail = str(e)
         return list(results.values())
     steps = [n for n in names if n in STEPS]
-    for n in names:
-        if n not in STEPS:
-            results[n].detail = "not implemented yet (needs `displback demo --output wayland`)"
+    demo = [n for n in steps if "displback demo" in STEPS[n]]
+    be = bins.get("displback", "ERROR: displback not built")
+    why = be if be.startswith("ERROR") else None
+    if not why:
+        h = subprocess.run([be, "demo", "--help"], capture_output=True, text=True, timeout=30).stdout
+        if "wayland" not in h:
+            why = "`displback demo --help` offers no `--output wayland` (src/output/wayland.rs not in this tree)"
+    if demo and why:
+        for n in demo:
+            results[n].status, results[n].detail = "FAIL", why
+        steps = [n for n in steps if n not in demo]
+    if not steps:
+        return list(results.values())
     files = {
         "init": (0o755, INIT.encode()),
         "etc/steps": (0o644, " ".join(steps).encode()),
-        "etc/weston-known.png": (0o644, weston.known_png(args.workdir)),
+        **weston.overlay_files(args.workdir),
     }
     for s in steps:
         files[f"etc/step-{s}.sh"] = (0o644, STEPS[s].encode())
+    if not why:
+        files["bin/displback"] = (0o755, open(be, "rb").read())
     initrd = os.path.join(args.workdir, "wayland.initrd")
     ov = os.path.join(args.workdir, "wayland.overlay.cpio")
     cpio.write_newc(ov, files)
@@ -102,7 +151,16 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
                 res.timings["weston-start"] = sw.lap()
                 i, m = v.wait_for(r"HARNESS SHOWING client=(\S+) .*hold=(\d+)", 120, i,
                                   fail=rf"WESTON ERROR|HARNESS STEP {s} END")
-                ok, detail = weston.poll_window(v, os.path.join(args.workdir, f"{s}.ppm"), int(m.group(2)) - 5)
+                rows = None
+                if m.group(1) == "displback-demo":
+                    hold = [l for _, l in v.lines[:i] if "DEMO HOLD" in l]
+                    if not hold:
+                        raise vm.Timeout("displback demo printed no DEMO HOLD line")
+                    h = re.search(r"frame=(\d+) conn=(\d+) width=(\d+) height=(\d+)", hold[-1])
+                    f, c, w_, h_ = (int(x) for x in h.groups())
+                    rows = [pattern.row_rgb(f, c, y, w_) for y in range(h_)]
+                ok, detail = weston.poll_window(v, os.path.join(args.workdir, f"{s}.ppm"), int(m.group(2)) - 5,
+                                                rows=rows)
                 res.timings["window"] = sw.lap()
                 i, e = v.wait_for(rf"HARNESS STEP {s} END rc=(\d+)", HOLD + 60, i)
                 res.status = "PASS" if ok and e.group(1) == "0" else "FAIL"

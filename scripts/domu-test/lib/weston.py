@@ -23,6 +23,18 @@ def known_png(workdir: str) -> bytes:
     return open(path, "rb").read()
 
 
+WESTON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weston")
+
+
+def overlay_files(workdir: str) -> dict:
+    """The per-run Weston files for an overlay cpio (in front of the cached tree)."""
+    return {
+        "usr/local/bin/weston-run": (0o755, open(os.path.join(WESTON_DIR, "weston-run"), "rb").read()),
+        "etc/weston/weston.ini": (0o644, open(os.path.join(WESTON_DIR, "weston.ini"), "rb").read()),
+        "etc/weston-known.png": (0o644, known_png(workdir)),
+    }
+
+
 def poll_window(v, ppm: str, timeout: float, device: str | None = None,
                 rows: list[bytes] | None = None, background: int | None = BACKGROUND,
                 min_background: float = 0.3) -> tuple[bool, str]:

@@ -3,15 +3,14 @@
 # clients, libdrm's modetest, xkb data, fonts and the weston.ini files, as an UNCOMPRESSED
 # cpio archive to put in front of a base initramfs (the kernel does not continue after a
 # gzip member; see initramfs.sh). Only the programs listed in weston/tree.spec and the
-# libraries they need (DT_NEEDED closure, lib/debtree.py) go in; the run-time scripts
-# (weston/weston-run) come with it. Sets WESTON_CPIO; build time in $dir/build-secs,
+# libraries they need (DT_NEEDED closure, lib/debtree.py) go in. The run-time files
+# (weston/weston-run, weston/weston.ini) are not cached: weston.py's overlay_files() puts
+# them into each run's overlay. Sets WESTON_CPIO; build time in $dir/build-secs,
 # size and package list next to it.
 
 _build_weston() { # $1 = output dir
     local out=$1 t0=$SECONDS
     python3 "$LIB_DIR/debtree.py" "$LIB_DIR/../weston/tree.spec" "$out/root" > "$out/stats" || return 1
-    install -D -m755 "$LIB_DIR/../weston/weston-run" "$out/root/usr/local/bin/weston-run"
-    install -D -m644 "$LIB_DIR/../weston/weston.ini" "$out/root/etc/weston/weston.ini"
     mkdir -p "$out/root/usr/share/fontconfig" "$out/root/var/cache/fontconfig"
     # glibc's loader finds /lib/x86_64-linux-gnu and /usr/lib/x86_64-linux-gnu by itself;
     # /lib64 is where the programs' PT_INTERP points.
@@ -28,7 +27,7 @@ prepare_weston() {
         v="$v $seeds=$(pkg_version "$seeds")"
     done
     local dir=$CACHE/weston-$(content_hash "$v" "$LIB_DIR/weston.sh" "$LIB_DIR/debtree.py" \
-        "$LIB_DIR/../weston/tree.spec" "$LIB_DIR/../weston/weston-run" "$LIB_DIR/../weston/weston.ini")
+        "$LIB_DIR/../weston/tree.spec")
     build_once "$dir" _build_weston
     WESTON_CPIO=$dir/weston.cpio
     WESTON_BUILD_SECS=$(cat "$dir/build-secs")

@@ -719,7 +719,7 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
                 "bin/guest_client": (0o755, _read(gc)),
                 "etc/prog-weston.sh": (0o644, _read(os.path.join(WESTON_DIR, "prog-weston.sh"))),
                 "etc/prog-modetest.sh": (0o644, _read(os.path.join(WESTON_DIR, "prog-modetest.sh"))),
-                "etc/weston-known.png": (0o644, weston.known_png(workdir)),
+                **weston.overlay_files(workdir),
             })
             # Uncompressed overlay and Weston tree first, then the gzip base (initramfs.sh).
             inject["inject/harness/domU-weston.cpio"] = (
