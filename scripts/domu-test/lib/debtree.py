@@ -214,10 +214,12 @@ def main() -> int:
                     raise SystemExit(f"debtree: {so} (needed by /{rel}) not found in {sorted(pool.pkgs)}")
             todo.append(found[2])
     for d in spec.get("data", []):
-        hit = pool.find(d.lstrip("/"))
-        if not hit:
+        # From every package that has it (/etc/fonts: fontconfig-config and the fonts).
+        roots = [r for r in pool.pkgs.values() if os.path.lexists(os.path.join(r, d.lstrip("/")))]
+        if not roots:
             raise SystemExit(f"debtree: data {d} is in none of the packages")
-        nbytes += copy_in(hit[1], d.lstrip("/"), out)
+        for r in roots:
+            nbytes += copy_in(r, d.lstrip("/"), out)
     with open(os.path.join(os.path.dirname(os.path.abspath(out)), "packages"), "w") as f:
         for p in sorted(pool.pkgs):
             f.write(f"{p} {os.path.basename(fetch(p))}\n")

@@ -8,9 +8,10 @@ from . import pattern, pixels
 
 # Weston's background (weston/weston.ini [shell] background-color) and the known picture
 # weston-image shows: the project's test pattern (lib/pattern.py) of frame 7, connector 2,
-# 200x120 (even sizes: weston-image centres the picture in its window).
+# 512x320. weston-image scales a picture smaller than its minimum window (measured: 200x120
+# was shown 2.1x larger); even sizes, since it centres the picture in its window.
 BACKGROUND = 0x204060
-KNOWN_W, KNOWN_H, KNOWN_FRAME, KNOWN_CONN = 200, 120, 7, 2
+KNOWN_W, KNOWN_H, KNOWN_FRAME, KNOWN_CONN = 512, 320, 7, 2
 
 
 def known_rows() -> list[bytes]:
