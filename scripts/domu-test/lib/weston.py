@@ -7,11 +7,13 @@ import time
 from . import pattern, pixels
 
 # Weston's background (weston/weston.ini [shell] background-color) and the known picture
-# weston-image shows: the project's test pattern (lib/pattern.py) of frame 7, connector 2,
-# 512x320. weston-image scales a picture smaller than its minimum window (measured: 200x120
-# was shown 2.1x larger); even sizes, since it centres the picture in its window.
+# weston-image shows: the project's test pattern (lib/pattern.py) of frame 7, connector 2.
+# weston-image opens a 500x400 window and scales the picture to fit its interior, which
+# is 424x303 with toytoolkit's frame (measured on Weston 10.0.1: a 200x120 picture was
+# shown 2.12x larger, a 512x320 one 0.83x smaller); a picture of exactly that size is
+# drawn 1:1 (scale 1.0, no translation), so every pixel can be compared.
 BACKGROUND = 0x204060
-KNOWN_W, KNOWN_H, KNOWN_FRAME, KNOWN_CONN = 512, 320, 7, 2
+KNOWN_W, KNOWN_H, KNOWN_FRAME, KNOWN_CONN = 424, 303, 7, 2
 
 
 def known_rows() -> list[bytes]:

@@ -558,7 +558,10 @@ def _modetest_guest(r: Run, res: Result, end: str) -> None:
                 what="modetest's flip report")
     problems, d = _prog_result(r, "modetest", end)
     freqs = [float(f) for f in mt.group(3).split(",") if f]
-    fails = r.guest_lines("modetest", r"\[modetest\].*(failed|error|Error)")
+    # modetest's own output (relayed as "[modetest] [modetest] ..."). Its legacy gamma call
+    # gets ENOSYS: xen-drm-front has no gamma LUT (the guest driver, not the backend).
+    fails = [l for l in r.guest_lines("modetest", r"\[modetest\] \[modetest\] .*(failed|error|Error)")
+             if "failed to set gamma: Function not implemented" not in l]
     if seen["smpte"] == 0 or seen["plain"] == 0:
         problems.append(f"not both flip buffers seen on screen: {seen}")
     if seen["other"]:
