@@ -37,28 +37,45 @@ def run(cmd: list[str], **kw) -> str:
     return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
 
 
-def candidate(pkg: str) -> str | None:
-    out = run(["apt-cache", "policy", pkg])
-    m = re.search(r"Candidate: (\S+)", out)
-    return m.group(1) if m and m.group(1) != "(none)" else None
+def candidates(pkgs: list[str]) -> dict[str, str]:
+    """Candidate versions of several packages (one `apt-cache policy` call)."""
+    out = run(["apt-cache", "policy", *pkgs])
+    vers, name = {}, None
+    for line in out.splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            name = line[:-1]
+        m = re.match(r"\s+Candidate: (\S+)", line)
+        if m and name and m.group(1) != "(none)":
+            vers[name] = m.group(1)
+    missing = [p for p in pkgs if p not in vers]
+    if missing:
+        raise SystemExit(f"debtree: no candidate version of {' '.join(missing)}")
+    return vers
 
 
-def fetch(pkg: str) -> str:
-    ver = candidate(pkg)
-    if not ver:
-        raise SystemExit(f"debtree: no candidate version of {pkg}")
+def fetch_many(pkgs: list[str]) -> dict[str, str]:
+    """Package -> .deb path in $CACHE/debs, downloading the missing ones in one call."""
     os.makedirs(DEBS, exist_ok=True)
-    prefix = f"{pkg}_{ver.replace(':', '%3a')}_"
-    for f in sorted(os.listdir(DEBS)):
-        if f.startswith(prefix) and f.endswith(".deb"):
-            return os.path.join(DEBS, f)
-    log(f"apt-get download {pkg}={ver}")
-    subprocess.run(["apt-get", "download", "-q", f"{pkg}={ver}"], cwd=DEBS, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for f in sorted(os.listdir(DEBS)):
-        if f.startswith(prefix) and f.endswith(".deb"):
-            return os.path.join(DEBS, f)
-    raise SystemExit(f"debtree: apt-get download {pkg} left no .deb")
+    vers = candidates(pkgs)
+    have = sorted(os.listdir(DEBS))
+
+    def find(p: str) -> str | None:
+        prefix = f"{p}_{vers[p].replace(':', '%3a')}_"
+        return next((os.path.join(DEBS, f) for f in have if f.startswith(prefix) and f.endswith(".deb")), None)
+
+    todo = [p for p in pkgs if not find(p)]
+    if todo:
+        log(f"apt-get download {len(todo)}: {' '.join(todo)}")
+        subprocess.run(["apt-get", "download", "-q", *[f"{p}={vers[p]}" for p in todo]], cwd=DEBS, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        have = sorted(os.listdir(DEBS))
+    out = {}
+    for p in pkgs:
+        d = find(p)
+        if not d:
+            raise SystemExit(f"debtree: apt-get download {p} left no .deb")
+        out[p] = d
+    return out
 
 
 def depends(pkg: str) -> list[str]:
@@ -95,17 +112,19 @@ class Pool:
     def __init__(self, work: str):
         self.work = work
         self.pkgs: dict[str, str] = {}  # name -> extracted dir
+        self.debs: dict[str, str] = {}  # name -> .deb
 
-    def add(self, pkg: str) -> bool:
-        if pkg in self.pkgs:
-            return False
-        d = os.path.join(self.work, pkg)
-        if not os.path.isdir(d):
-            deb = fetch(pkg)
-            subprocess.run(["dpkg-deb", "-x", deb, d + ".tmp"], check=True)
-            os.rename(d + ".tmp", d)
-        self.pkgs[pkg] = d
-        return True
+    def add(self, pkgs: list[str]) -> None:
+        new = sorted({p for p in pkgs if p not in self.pkgs})
+        if not new:
+            return
+        for p, deb in fetch_many(new).items():
+            d = os.path.join(self.work, p)
+            if not os.path.isdir(d):
+                subprocess.run(["dpkg-deb", "-x", deb, d + ".tmp"], check=True)
+                os.rename(d + ".tmp", d)
+            self.pkgs[p] = d
+            self.debs[p] = deb
 
     def find(self, rel: str) -> tuple[str, str] | None:
         """(package, host path) of the absolute in-image path `rel` (no leading /)."""
@@ -175,8 +194,7 @@ def main() -> int:
     work = os.path.join(os.path.dirname(os.path.abspath(out)), "pool")
     os.makedirs(work, exist_ok=True)
     pool = Pool(work)
-    for p in spec.get("packages", []) + spec.get("data_packages", []) + ["libc6"]:
-        pool.add(p)
+    pool.add(spec.get("packages", []) + spec.get("data_packages", []) + ["libc6"])
     expanded = set()  # packages whose Depends were added
     nbytes = 0
     # Worklist of in-image ELF paths; each resolved with its libraries.
@@ -203,11 +221,12 @@ def main() -> int:
             frontier = [owner]
             while not found:
                 # Pull in the owner's direct dependencies, then theirs, ... (breadth first).
+                deps = []
                 for p in frontier:
                     if p not in expanded:
                         expanded.add(p)
-                        for dep in depends(p):
-                            pool.add(dep)
+                        deps += depends(p)
+                pool.add(deps)
                 found = pool.soname(so, rdirs)
                 frontier = [p for p in pool.pkgs if p not in expanded]
                 if not found and not frontier:
@@ -222,7 +241,7 @@ def main() -> int:
             nbytes += copy_in(r, d.lstrip("/"), out)
     with open(os.path.join(os.path.dirname(os.path.abspath(out)), "packages"), "w") as f:
         for p in sorted(pool.pkgs):
-            f.write(f"{p} {os.path.basename(fetch(p))}\n")
+            f.write(f"{p} {os.path.basename(pool.debs[p])}\n")
     print(f"packages={len(pool.pkgs)} files={len(done)} bytes={nbytes}")
     return 0
 
