@@ -546,6 +546,8 @@ def _modetest_guest(r: Run, res: Result, end: str) -> None:
         c2 = pixels.check_rows(img, plain, "plain #777777") if not c1.ok else c1
         if c1.ok:
             seen["smpte"] += 1
+            if seen["smpte"] == 1:
+                os.replace(ppm, ppm.replace(".ppm", "-smpte.ppm"))  # kept for a post-mortem
         elif c2.ok:
             seen["plain"] += 1
         elif seen["smpte"]:  # before the first SMPTE screen: the modeset may not be shown yet
