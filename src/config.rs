@@ -16,6 +16,8 @@ pub enum OutputKind {
     Kms,
     /// No display: frames are kept in memory (and written as PNG by `demo --out`).
     Headless,
+    /// A client of the Wayland compositor (`$WAYLAND_DISPLAY`, `--wayland-display`).
+    Wayland,
 }
 
 /// Zero-copy policy: `auto` uses gntdev dma-buf where the kernel and the KMS driver
@@ -49,6 +51,8 @@ pub struct FileConfig {
     pub status_node: Option<String>,
     /// Control socket of `displback status` (same as `--control-socket`; `none`: none).
     pub control_socket: Option<PathBuf>,
+    /// The Wayland output (`[wayland]`, `[wayland.surfaces."<unique-id>"]`).
+    pub wayland: crate::output::wayland::WaylandConfig,
 }
 
 /// Errors reading the config file.
@@ -89,6 +93,12 @@ mod tests {
         assert_eq!(
             cfg.connectors.get("guest-hdmi").map(String::as_str),
             Some("HDMI-A-1")
+        );
+        let wl = &cfg.wayland;
+        assert_eq!(wl.surfaces["guest-hdmi"].ivi_id, Some(2000));
+        assert_eq!(
+            wl.surfaces["1000"].shell,
+            Some(crate::output::wayland::ShellChoice::Ivi)
         );
         // The example documents the defaults: they must not drift apart.
         assert_eq!(cfg.limits, crate::displif::budget::Limits::default());

@@ -2,7 +2,6 @@
 //! guest (behaving like Linux's xen-drm-front) drawing a moving test pattern on 1-4
 //! connectors and flipping at the output's refresh rate.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,7 @@ use crate::backend::DomId;
 use crate::config::OutputKind;
 use crate::displif::format::PixelFormat;
 use crate::output::headless::{self, Headless};
+use crate::output::wayland::Wayland;
 use crate::output::{ConnectorId, Output};
 use crate::sim::frontend::{DumbBuf, FrontendSim};
 use crate::sim::pattern;
@@ -34,8 +34,8 @@ pub struct DemoOptions {
     pub out_dir: Option<PathBuf>,
     pub hold_secs: u64,
     pub output: OutputKind,
-    pub card: Option<PathBuf>,
-    pub mapping: HashMap<String, String>,
+    /// Card, KMS mapping, Wayland display and surfaces.
+    pub output_opts: crate::output::OutputOptions,
 }
 
 const BACKEND: DomId = DomId(0);
@@ -63,16 +63,19 @@ pub fn run(opts: DemoOptions) -> Result<()> {
     let signals = crate::backend::signals::StopSignals::install()?;
     let sim = SimXen::new();
     let xenstored = SimXenstored::new();
+    let mut wl_stats = None;
     let (output, view): (Box<dyn Output + Send>, _) = match opts.output {
         OutputKind::Headless => {
             let h = Headless::new();
             let view = h.snapshot_handle();
             (Box::new(h), Some(view))
         }
-        kind => (
-            crate::output::open(kind, opts.card.as_deref(), opts.mapping.clone())?,
-            None,
-        ),
+        OutputKind::Wayland => {
+            let w = Wayland::open(None, opts.output_opts.wayland.clone())?;
+            wl_stats = Some(w.stats_handle());
+            (Box::new(w), None)
+        }
+        kind => (crate::output::open(kind, &opts.output_opts)?, None),
     };
     let mut server = Server::new(
         sim.platform(&xenstored, BACKEND)?,
@@ -147,6 +150,15 @@ pub fn run(opts: DemoOptions) -> Result<()> {
             opts.connectors,
             f64::from(frame) / secs.max(1e-9)
         );
+        if let Some(s) = &wl_stats {
+            let s = *s
+                .lock()
+                .map_err(|_| anyhow::anyhow!("stats lock poisoned"))?;
+            println!(
+                "DEMO WAYLAND connects={} disconnects={} presented={} unshown={} simulated={}",
+                s.connects, s.disconnects, s.presented, s.unshown, s.simulated
+            );
+        }
         for c in 0..opts.connectors {
             println!(
                 "DEMO HOLD frame={frame} conn={c} width={} height={}",

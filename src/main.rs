@@ -1,6 +1,5 @@
 //! `displback`: the Xen para-virtual display backend.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -60,6 +59,14 @@ struct OutputArgs {
     /// Map a guest connector unique-id to a KMS connector name: `--map guest-hdmi=HDMI-A-1`.
     #[arg(long = "map", value_parser = parse_mapping)]
     map: Vec<(String, String)>,
+    /// Wayland output: the compositor's socket, a name under $XDG_RUNTIME_DIR or an
+    /// absolute path (default: the config's `[wayland] display`, $WAYLAND_DISPLAY,
+    /// `wayland-0`).
+    #[arg(long, value_name = "NAME")]
+    wayland_display: Option<String>,
+    /// Wayland output: ask for fullscreen toplevels (xdg-shell).
+    #[arg(long)]
+    wayland_fullscreen: bool,
 }
 
 #[derive(Args, Debug)]
@@ -106,6 +113,10 @@ struct DemoArgs {
     /// Keep the last frame on screen this long before exiting.
     #[arg(long, default_value_t = 0)]
     hold_secs: u64,
+    /// TOML config file: its output, card, connectors and [wayland] tables apply (the
+    /// demo's connectors are named Virtual-1..4).
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -279,7 +290,17 @@ fn main() -> Result<()> {
         Cmd::Serve(args) => serve(args),
         Cmd::Status(args) => status(args),
         Cmd::Demo(args) => {
-            let mapping: HashMap<String, String> = args.output.map.into_iter().collect();
+            let file = match &args.config {
+                Some(p) => FileConfig::load(p)?,
+                None => FileConfig::default(),
+            };
+            let mut mapping = file.connectors.clone();
+            mapping.extend(args.output.map);
+            let mut wayland = file.wayland.clone();
+            if args.output.wayland_display.is_some() {
+                wayland.display = args.output.wayland_display;
+            }
+            wayland.fullscreen |= args.output.wayland_fullscreen;
             displback::demo::run(DemoOptions {
                 connectors: args.connectors,
                 width: args.resolution.0,
@@ -288,9 +309,16 @@ fn main() -> Result<()> {
                 frames: args.frames,
                 out_dir: args.out,
                 hold_secs: args.hold_secs,
-                output: args.output.output.unwrap_or(OutputKind::Headless),
-                card: args.output.card,
-                mapping,
+                output: args
+                    .output
+                    .output
+                    .or(file.output)
+                    .unwrap_or(OutputKind::Headless),
+                output_opts: displback::output::OutputOptions {
+                    card: args.output.card.or(file.card),
+                    mapping,
+                    wayland,
+                },
             })
         }
     }
@@ -311,10 +339,18 @@ fn serve(args: ServeArgs) -> Result<()> {
         status_node: args.status_node.or(file.status_node),
         control_socket: args.control_socket.or(file.control_socket),
     };
+    let mut wayland = file.wayland.clone();
+    if args.out.wayland_display.is_some() {
+        wayland.display = args.out.wayland_display;
+    }
+    wayland.fullscreen |= args.out.wayland_fullscreen;
     displback::serve::run(
         output,
-        card.as_deref(),
-        mapping,
+        displback::output::OutputOptions {
+            card,
+            mapping,
+            wayland,
+        },
         domid,
         zero_copy,
         file.limits,

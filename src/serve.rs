@@ -1,6 +1,5 @@
 //! `displback serve`: the backend on real Xen devices.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -133,8 +132,7 @@ pub fn control_socket_path(setting: Option<&Path>) -> Option<PathBuf> {
 /// Run the backend until SIGINT/SIGTERM.
 pub fn run(
     output: OutputKind,
-    card: Option<&Path>,
-    mapping: HashMap<String, String>,
+    opts: crate::output::OutputOptions,
     domid: Option<u16>,
     zero_copy: ZeroCopy,
     limits: Limits,
@@ -159,7 +157,7 @@ pub fn run(
         );
     }
     let gate = zero_copy_gate(zero_copy, output)?;
-    let output = crate::output::open(output, card, mapping)?;
+    let output = crate::output::open(output, &opts)?;
     let mut server = Server::new(
         plat,
         output,

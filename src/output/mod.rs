@@ -12,6 +12,7 @@ use crate::zcopy::{DmaBufFd, DumbBuffer};
 pub mod convert;
 pub mod headless;
 pub mod kms;
+pub mod wayland;
 
 /// One guest connector: (frontend domain, device id, connector index).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -222,14 +223,29 @@ pub trait Output {
     fn release_import(&mut self, _import: ImportId) {}
 }
 
-/// Open the output `kind` names (`card` and `mapping` are for KMS).
+/// What the outputs need besides their kind.
+#[derive(Clone, Debug, Default)]
+pub struct OutputOptions {
+    /// KMS: the DRM card (default: the first with connectors and CRTCs).
+    pub card: Option<std::path::PathBuf>,
+    /// KMS: guest connector unique-id → KMS connector name.
+    pub mapping: std::collections::HashMap<String, String>,
+    /// Wayland: display and surfaces (`display` already merged with `--wayland-display`).
+    pub wayland: wayland::WaylandConfig,
+}
+
+/// Open the output `kind` names.
 pub fn open(
     kind: crate::config::OutputKind,
-    card: Option<&std::path::Path>,
-    mapping: std::collections::HashMap<String, String>,
+    opts: &OutputOptions,
 ) -> anyhow::Result<Box<dyn Output + Send>> {
     Ok(match kind {
-        crate::config::OutputKind::Kms => Box::new(kms::Kms::open(card, mapping)?),
+        crate::config::OutputKind::Kms => {
+            Box::new(kms::Kms::open(opts.card.as_deref(), opts.mapping.clone())?)
+        }
         crate::config::OutputKind::Headless => Box::new(headless::Headless::new()),
+        crate::config::OutputKind::Wayland => {
+            Box::new(wayland::Wayland::open(None, opts.wayland.clone())?)
+        }
     })
 }

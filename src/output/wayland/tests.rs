@@ -1,0 +1,656 @@
+//! The Wayland output against the in-process test compositor ([`super::testcomp`]).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::testcomp::{Offer, TestCompositor};
+use super::*;
+use crate::backend::mem::{anonymous, MappedRegion};
+use crate::backend::DomId;
+
+fn cid(idx: u32) -> ConnectorId {
+    ConnectorId {
+        dom: DomId(3),
+        dev: 0,
+        idx,
+    }
+}
+
+/// A fresh socket path of this test.
+fn sock(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("displback-wl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// A 4x2 XRGB8888 guest buffer filled with `v`.
+fn filled(v: u32) -> MappedRegion {
+    let m = anonymous(32).unwrap();
+    for i in 0..8 {
+        m.write(i * 4, &v.to_le_bytes()).unwrap();
+    }
+    m
+}
+
+fn frame(mem: &MappedRegion, cookie: u64) -> FrameSource<'_> {
+    FrameSource::Mapped(Frame {
+        mem,
+        offset: 0,
+        width: 4,
+        height: 2,
+        pitch: 16,
+        format: PixelFormat::Xrgb8888,
+        fb_cookie: cookie,
+    })
+}
+
+/// Run compositor and output until `cond` holds (or panic after 5 s); returns the
+/// flips completed meanwhile.
+fn run_until(
+    out: &mut Wayland,
+    comp: &mut Option<&mut TestCompositor>,
+    what: &str,
+    mut cond: impl FnMut(&Wayland, &[FlipDone], Option<&TestCompositor>) -> bool,
+) -> Vec<FlipDone> {
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut done = Vec::new();
+    loop {
+        if let Some(c) = comp.as_deref_mut() {
+            c.pump();
+        }
+        out.dispatch(Instant::now(), &mut done);
+        if let Some(c) = comp.as_deref_mut() {
+            c.pump();
+        }
+        if cond(out, &done, comp.as_deref()) {
+            return done;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn cookies(done: &[FlipDone]) -> Vec<u64> {
+    done.iter().map(|d| d.fb_cookie).collect()
+}
+
+/// The first 4x2 pixels of a buffer's bytes as XRGB8888 words.
+fn words(bytes: &[u8], stride: usize) -> Vec<u32> {
+    let mut v = Vec::new();
+    for y in 0..2 {
+        for x in 0..4 {
+            let o = y * stride + x * 4;
+            v.push(u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()));
+        }
+    }
+    v
+}
+
+#[test]
+fn formats_are_negotiated_from_what_the_compositor_offers() {
+    let basic = [SHM_ARGB8888, SHM_XRGB8888];
+    // XRGB/ARGB guests: copied, shown as XRGB8888 (no guest alpha on a display).
+    for f in [PixelFormat::Xrgb8888, PixelFormat::Argb8888] {
+        assert_eq!(
+            choose_format(f, &basic),
+            Some(ShmChoice {
+                shm_format: SHM_XRGB8888,
+                same: true
+            })
+        );
+    }
+    // RGB565 only if offered, else converted.
+    assert_eq!(
+        choose_format(PixelFormat::Rgb565, &basic),
+        Some(ShmChoice {
+            shm_format: SHM_XRGB8888,
+            same: false
+        })
+    );
+    let rg16 = fourcc(b"RG16");
+    assert_eq!(
+        choose_format(PixelFormat::Rgb565, &[SHM_XRGB8888, rg16]),
+        Some(ShmChoice {
+            shm_format: rg16,
+            same: true
+        })
+    );
+    // ARGB4444 is shown as XRGB4444 when that is offered (alpha ignored).
+    let xr12 = fourcc(b"XR12");
+    assert_eq!(
+        choose_format(PixelFormat::Argb4444, &[xr12]),
+        Some(ShmChoice {
+            shm_format: xr12,
+            same: true
+        })
+    );
+    // No XRGB8888 (against the wl_shm spec): only exact matches.
+    assert_eq!(choose_format(PixelFormat::Yuyv, &[SHM_ARGB8888]), None);
+    assert_eq!(choose_format(PixelFormat::Xrgb8888, &[]), None);
+    // Every guest format works on a minimal compositor.
+    for f in PixelFormat::ALL {
+        assert!(choose_format(f, &basic).is_some(), "{f:?}");
+    }
+}
+
+#[test]
+fn socket_path_honours_the_environment() {
+    let rt = PathBuf::from("/run/user/0");
+    assert_eq!(
+        socket_path(Some("w-1"), Some("wayland-9"), Some(&rt)).unwrap(),
+        rt.join("w-1")
+    );
+    assert_eq!(
+        socket_path(None, Some("wayland-9"), Some(&rt)).unwrap(),
+        rt.join("wayland-9")
+    );
+    assert_eq!(
+        socket_path(None, None, Some(&rt)).unwrap(),
+        rt.join("wayland-0")
+    );
+    assert_eq!(
+        socket_path(Some("/tmp/x/wl"), None, None).unwrap(),
+        PathBuf::from("/tmp/x/wl")
+    );
+    assert!(socket_path(None, Some("wayland-1"), None).is_err());
+}
+
+#[test]
+fn fit_keeps_the_aspect() {
+    assert_eq!(fit(640, 480, 1280, 960), (1280, 960));
+    assert_eq!(fit(640, 480, 1920, 1080), (1440, 1080));
+    assert_eq!(fit(640, 480, 800, 1000), (800, 600));
+    assert_eq!(fit(640, 480, 0, 0), (640, 480));
+}
+
+#[test]
+fn config_table_parses() {
+    let cfg = crate::config::FileConfig::parse(
+        "output = \"wayland\"\n[wayland]\ndisplay = \"wayland-1\"\nfullscreen = true\n\
+         [wayland.surfaces.1000]\nshell = \"ivi\"\n[wayland.surfaces.\"dash\"]\nivi_id = 7\n\
+         shell = \"xdg\"\ntitle = \"Dash\"\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.output, Some(crate::config::OutputKind::Wayland));
+    assert_eq!(cfg.wayland.display.as_deref(), Some("wayland-1"));
+    assert!(cfg.wayland.fullscreen);
+    assert_eq!(cfg.wayland.surfaces["1000"].shell, Some(ShellChoice::Ivi));
+    assert_eq!(cfg.wayland.surfaces["dash"].ivi_id, Some(7));
+    assert!(crate::config::FileConfig::parse("[wayland]\nshel = \"ivi\"").is_err());
+    assert!(crate::config::FileConfig::parse("[wayland]\nshell = \"wl\"").is_err());
+}
+
+/// Compositor present: an xdg toplevel titled `dom<N> <unique-id>`, the picture in a
+/// wl_shm buffer, flips done only once presented and the previous buffer released.
+#[test]
+fn present_flip_waits_for_presentation_and_release() {
+    let path = sock("present");
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    comp.state.hold_releases = true;
+    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    let c = cid(0);
+    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "connect", |o, _, _| {
+        o.connected()
+    });
+    let (a, b, d) = (
+        filled(0x0011_2233),
+        filled(0x0044_5566),
+        filled(0x0077_8899),
+    );
+    out.set_config(c, Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "surface", |_, _, c| {
+        c.is_some_and(|c| c.state.surfaces.len() == 1 && c.surface().commits >= 1)
+    });
+    assert_eq!(comp.surface().title.as_deref(), Some("dom3 Virtual-1"));
+    assert!(
+        comp.surface().current.is_none(),
+        "no buffer before configure"
+    );
+    comp.configure_all(0, 0);
+    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, c| {
+        o.surface_ready(cid(0)) && c.is_some_and(|c| c.surface().current.is_some())
+    });
+    let shown = |comp: &TestCompositor| {
+        let info = comp.shown();
+        assert_eq!((info.width, info.height, info.format), (4, 2, SHM_XRGB8888));
+        words(&info.bytes(), info.stride as usize)
+    };
+    assert_eq!(shown(&comp), vec![0x0011_2233; 8]);
+
+    // A flip: committed, but not done before the presentation.
+    out.page_flip(c, &frame(&b, 2)).unwrap();
+    assert!(out.flip_busy(c));
+    // Latest wins: a second flip replaces the queued one.
+    out.page_flip(c, &frame(&d, 3)).unwrap();
+    let done = run_until(&mut out, &mut Some(&mut comp), "commit", |_, _, c| {
+        c.is_some_and(|c| c.surface().commits >= 3)
+    });
+    assert!(done.is_empty(), "{done:?}");
+    assert_eq!(shown(&comp), vec![0x0044_5566; 8]);
+    comp.present_all();
+    // Presented, but the previous buffer (the config's) is still held: not done.
+    let t = Instant::now();
+    let mut done = Vec::new();
+    while t.elapsed() < Duration::from_millis(30) {
+        comp.pump();
+        out.dispatch(Instant::now(), &mut done);
+    }
+    assert!(done.is_empty(), "done before the release: {done:?}");
+    comp.release_all();
+    let done = run_until(&mut out, &mut Some(&mut comp), "flip 2 done", |_, d, _| {
+        !d.is_empty()
+    });
+    assert_eq!(cookies(&done), vec![2]);
+    // The queued flip (3) went out once 2 was done.
+    comp.hold_releases_off();
+    let done = run_until(&mut out, &mut Some(&mut comp), "commit 3", |_, _, c| {
+        c.is_some_and(|c| c.surface().commits >= 4)
+    });
+    assert!(done.is_empty());
+    assert_eq!(shown(&comp), vec![0x0077_8899; 8]);
+    comp.present_all();
+    let done = run_until(&mut out, &mut Some(&mut comp), "flip 3 done", |_, d, _| {
+        !d.is_empty()
+    });
+    assert_eq!(cookies(&done), vec![3]);
+    assert!(!out.flip_busy(c));
+    assert_eq!(out.stats().presented, 2);
+    assert_eq!(out.stats().unshown, 0);
+}
+
+/// No compositor: connectors work and flips complete on the 60 Hz timer; once the
+/// compositor comes, the surface appears with the last picture; when it goes, flips in
+/// flight complete and the output reconnects to the next one.
+#[test]
+fn absent_then_present_then_gone_then_back() {
+    let path = sock("lifecycle");
+    let _ = std::fs::remove_file(&path);
+    let mut out = Wayland::with_socket(path.clone(), WaylandConfig::default()).unwrap();
+    let c = cid(1);
+    out.add_connector(c, "Virtual-2", 4, 2).unwrap();
+    let (a, b) = (filled(0x0000_00ff), filled(0x0000_ff00));
+    out.set_config(c, Some(&frame(&a, 1))).unwrap();
+    out.page_flip(c, &frame(&b, 2)).unwrap();
+    assert!(out.flip_busy(c));
+    let due = out.next_deadline().unwrap();
+    assert!(due <= Instant::now() + PERIOD_60HZ + Duration::from_millis(1));
+    let done = run_until(&mut out, &mut None, "simulated flip", |_, d, _| {
+        !d.is_empty()
+    });
+    assert_eq!(cookies(&done), vec![2]);
+    assert!(!out.connected());
+    assert_eq!(out.stats().simulated, 1);
+    assert_eq!(out.front_pixels(c).unwrap().1[..4], [0, 0xff, 0, 0]);
+    // Retries are spaced by the backoff.
+    let next = out.next_deadline().unwrap();
+    assert!(next > Instant::now());
+
+    // The compositor starts: connect, surface, the last picture shown.
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    run_until(&mut out, &mut Some(&mut comp), "connect", |o, _, c| {
+        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    comp.configure_all(800, 600);
+    run_until(&mut out, &mut Some(&mut comp), "picture", |_, _, c| {
+        c.is_some_and(|c| c.surface().current.is_some())
+    });
+    let info = comp.shown();
+    assert_eq!(words(&info.bytes(), info.stride as usize), vec![0xff00; 8]);
+
+    // A flip in flight when the compositor dies: completed, not lost.
+    out.page_flip(c, &frame(&a, 3)).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "commit", |_, _, c| {
+        c.is_some_and(|c| c.surface().commits >= 3)
+    });
+    drop(comp);
+    let done = run_until(&mut out, &mut None, "flip after death", |_, d, _| {
+        !d.is_empty()
+    });
+    assert_eq!(cookies(&done), vec![3]);
+    assert!(!out.connected());
+    assert_eq!(out.stats().disconnects, 1);
+    // Still flipping meanwhile.
+    out.page_flip(c, &frame(&b, 4)).unwrap();
+    let done = run_until(&mut out, &mut None, "simulated", |_, d, _| !d.is_empty());
+    assert_eq!(cookies(&done), vec![4]);
+
+    // It restarts: a new surface, showing the latest picture.
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    run_until(&mut out, &mut Some(&mut comp), "reconnect", |o, _, c| {
+        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    comp.configure_all(0, 0);
+    run_until(
+        &mut out,
+        &mut Some(&mut comp),
+        "picture again",
+        |_, _, c| c.is_some_and(|c| c.surface().current.is_some()),
+    );
+    let info = comp.shown();
+    assert_eq!(words(&info.bytes(), info.stride as usize), vec![0xff00; 8]);
+    assert_eq!(out.stats().connects, 2);
+}
+
+/// A protocol error closes the Wayland connection, never the guest's flips; the output
+/// reconnects.
+#[test]
+fn protocol_error_reconnects() {
+    let path = sock("proterr");
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    let mut out = Wayland::with_socket(path.clone(), WaylandConfig::default()).unwrap();
+    let c = cid(0);
+    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
+    let a = filled(0x123456);
+    out.set_config(c, Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
+        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    comp.configure_all(0, 0);
+    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
+        o.surface_ready(cid(0))
+    });
+    out.page_flip(c, &frame(&a, 2)).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "commit", |_, _, c| {
+        c.is_some_and(|c| c.surface().commits >= 3)
+    });
+    comp.protocol_error();
+    let done = run_until(&mut out, &mut Some(&mut comp), "flip done", |_, d, _| {
+        !d.is_empty()
+    });
+    assert_eq!(cookies(&done), vec![2]);
+    assert_eq!(out.stats().disconnects, 1);
+    run_until(&mut out, &mut Some(&mut comp), "reconnected", |o, _, _| {
+        o.stats().connects == 2
+    });
+}
+
+/// ivi-application when offered: surface id = the numeric unique-id; shown without
+/// a configure.
+#[test]
+fn ivi_surface_uses_the_numeric_unique_id() {
+    let path = sock("ivi");
+    let offer = Offer {
+        ivi: true,
+        xdg: false,
+        ..Offer::default()
+    };
+    let mut comp = TestCompositor::start(&path, offer);
+    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    out.add_connector(cid(0), "1000", 4, 2).unwrap();
+    out.add_connector(cid(1), "side", 4, 2).unwrap();
+    let a = filled(0xabcdef);
+    out.set_config(cid(0), Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "ivi surface", |_, _, c| {
+        c.is_some_and(|c| c.state.surfaces.len() == 1 && c.surface().current.is_some())
+    });
+    assert_eq!(comp.surface().ivi_id, Some(1000));
+    assert!(comp
+        .state
+        .log
+        .contains(&"ivi_application.surface_create 1000".to_string()));
+    assert_eq!(out.target(cid(0)).unwrap(), "wayland 1000 (ivi)");
+    // A non-numeric unique-id needs ivi_id in the config; without xdg it is not shown,
+    // but its flips still complete.
+    out.set_config(cid(1), Some(&frame(&a, 1))).unwrap();
+    out.page_flip(cid(1), &frame(&a, 2)).unwrap();
+    let done = run_until(&mut out, &mut Some(&mut comp), "flip", |_, d, _| {
+        d.iter().any(|d| d.conn == cid(1))
+    });
+    assert_eq!(cookies(&done), vec![2]);
+}
+
+/// Guest formats: RGB565 is converted when the compositor lacks it and copied as is when
+/// it has it; a compositor without XRGB8888 gets -EINVAL for what it cannot show.
+#[test]
+fn format_conversion_and_refusal() {
+    let m = anonymous(64).unwrap();
+    m.write(0, &[0x00, 0xf8, 0xe0, 0x07]).unwrap(); // RGB565 red, green
+    let f565 = FrameSource::Mapped(Frame {
+        mem: &m,
+        offset: 0,
+        width: 2,
+        height: 1,
+        pitch: 4,
+        format: PixelFormat::Rgb565,
+        fb_cookie: 1,
+    });
+    for (offer, want_format, want) in [
+        (
+            vec![SHM_ARGB8888, SHM_XRGB8888],
+            SHM_XRGB8888,
+            vec![0x00, 0x00, 0xff, 0x00, 0x00, 0xff, 0x00, 0x00],
+        ),
+        (
+            vec![SHM_ARGB8888, SHM_XRGB8888, fourcc(b"RG16")],
+            fourcc(b"RG16"),
+            vec![0x00, 0xf8, 0xe0, 0x07],
+        ),
+    ] {
+        let path = sock(&format!("fmt{want_format}"));
+        let mut comp = TestCompositor::start(
+            &path,
+            Offer {
+                shm_formats: offer,
+                ..Offer::default()
+            },
+        );
+        let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+        out.add_connector(cid(0), "Virtual-1", 2, 1).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "connect", |o, _, _| {
+            o.connected()
+        });
+        out.set_config(cid(0), Some(&f565)).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "surface", |_, _, c| {
+            c.is_some_and(|c| c.state.surfaces.len() == 1)
+        });
+        comp.configure_all(0, 0);
+        run_until(&mut out, &mut Some(&mut comp), "buffer", |_, _, c| {
+            c.is_some_and(|c| c.surface().current.is_some())
+        });
+        let info = comp.shown();
+        assert_eq!(info.format, want_format);
+        assert_eq!(info.bytes()[..want.len()], want[..]);
+    }
+
+    // A compositor without XRGB8888 (it must have it; this one breaks the rule).
+    let path = sock("fmtnone");
+    let mut comp = TestCompositor::start(
+        &path,
+        Offer {
+            shm_formats: vec![SHM_ARGB8888],
+            ..Offer::default()
+        },
+    );
+    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    out.add_connector(cid(0), "Virtual-1", 2, 1).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "connect", |o, _, _| {
+        o.connected()
+    });
+    let err = out.set_config(cid(0), Some(&f565)).unwrap_err();
+    assert_eq!(err.errno(), libc::EINVAL);
+}
+
+/// A surface the compositor never presents (hidden) still completes its flips.
+#[test]
+fn unshown_surface_does_not_stall_flips() {
+    let path = sock("hidden");
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    let c = cid(0);
+    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
+    let a = filled(1);
+    out.set_config(c, Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
+        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    comp.configure_all(0, 0);
+    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
+        o.surface_ready(cid(0))
+    });
+    let t = Instant::now();
+    out.page_flip(c, &frame(&a, 2)).unwrap();
+    let done = run_until(&mut out, &mut Some(&mut comp), "late flip", |_, d, _| {
+        !d.is_empty()
+    });
+    assert_eq!(cookies(&done), vec![2]);
+    assert!(t.elapsed() >= UNSHOWN_FLIP);
+    assert_eq!(out.stats().unshown, 1);
+}
+
+/// A compositor that stops answering (stopped, hung) neither stalls the guest nor gets
+/// more than two of our buffers; once it answers again it shows the latest picture.
+#[test]
+fn stalled_compositor_does_not_stall_or_flood() {
+    let path = sock("stalled");
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    comp.state.hold_releases = true;
+    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    let c = cid(0);
+    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
+    let a = filled(1);
+    out.set_config(c, Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
+        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    comp.configure_all(0, 0);
+    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
+        o.surface_ready(cid(0))
+    });
+    let bufs: Vec<MappedRegion> = (0..12u32).map(|i| filled(0x100 + i)).collect();
+    for (i, b) in bufs.iter().enumerate() {
+        let cookie = 10 + i as u64;
+        out.page_flip(c, &frame(b, cookie))
+            .unwrap_or_else(|e| panic!("flip {i} refused: {e}"));
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![cookie]);
+    }
+    // Never presented, never released: at most two buffers held at once.
+    let held = comp.state.unreleased.len() + 1;
+    assert!(held <= 2, "compositor holds {held} buffers");
+    // It wakes up: buffers come back, the latest picture goes out.
+    comp.hold_releases_off();
+    comp.release_all();
+    run_until(&mut out, &mut Some(&mut comp), "catch up", |_, _, c| {
+        c.is_some_and(|c| {
+            let i = c.shown();
+            words(&i.bytes(), i.stride as usize) == vec![0x100 + 11; 8]
+        })
+    });
+}
+
+/// Without wp_presentation the frame callback completes the flip (and not before).
+#[test]
+fn frame_callback_without_presentation() {
+    let path = sock("framecb");
+    let offer = Offer {
+        presentation: false,
+        ..Offer::default()
+    };
+    let mut comp = TestCompositor::start(&path, offer);
+    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    let c = cid(0);
+    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
+    let (a, b) = (filled(5), filled(6));
+    out.set_config(c, Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
+        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    comp.configure_all(0, 0);
+    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
+        o.surface_ready(cid(0))
+    });
+    out.page_flip(c, &frame(&b, 2)).unwrap();
+    let done = run_until(&mut out, &mut Some(&mut comp), "commit", |_, _, c| {
+        c.is_some_and(|c| c.surface().commits >= 3)
+    });
+    assert!(done.is_empty());
+    comp.present_all();
+    let t = Instant::now();
+    let done = run_until(&mut out, &mut Some(&mut comp), "frame done", |_, d, _| {
+        !d.is_empty()
+    });
+    assert_eq!(cookies(&done), vec![2]);
+    assert!(
+        t.elapsed() < UNSHOWN_FLIP,
+        "completed by the callback, not the timeout"
+    );
+    assert_eq!(out.stats().presented, 1);
+}
+
+/// Two connectors: two surfaces, a unique-id used twice is refused with EBUSY, and a
+/// disabled connector's surface is destroyed.
+#[test]
+fn surfaces_follow_connectors() {
+    let path = sock("multi");
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    out.add_connector(cid(0), "A", 4, 2).unwrap();
+    out.add_connector(cid(1), "B", 4, 2).unwrap();
+    let err = out.add_connector(cid(2), "A", 4, 2).unwrap_err();
+    assert_eq!(err.errno(), libc::EBUSY);
+    let a = filled(7);
+    out.set_config(cid(0), Some(&frame(&a, 1))).unwrap();
+    out.set_config(cid(1), Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "two surfaces", |_, _, c| {
+        c.is_some_and(|c| c.state.surfaces.len() == 2)
+    });
+    let mut titles: Vec<String> = comp
+        .state
+        .surfaces
+        .values()
+        .filter_map(|s| s.title.clone())
+        .collect();
+    titles.sort();
+    assert_eq!(titles, vec!["dom3 A", "dom3 B"]);
+    out.set_config(cid(1), None).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "one surface", |_, _, c| {
+        c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    out.remove_connector(cid(0));
+    run_until(&mut out, &mut Some(&mut comp), "no surface", |_, _, c| {
+        c.is_some_and(|c| c.state.surfaces.is_empty())
+    });
+}
+
+/// No wp_viewporter and a larger configured size (fullscreen): the frame is letterboxed
+/// in the buffer, centred, unscaled, the rest black.
+#[test]
+fn letterbox_in_the_buffer_without_viewporter() {
+    let path = sock("letterbox");
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    let cfg = WaylandConfig {
+        fullscreen: true,
+        ..WaylandConfig::default()
+    };
+    let mut out = Wayland::with_socket(path, cfg).unwrap();
+    let c = cid(0);
+    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
+    let a = filled(0x00ab_cdef);
+    out.set_config(c, Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
+        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    assert!(comp.surface().fullscreen);
+    comp.configure_all(8, 6);
+    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
+        o.surface_ready(cid(0))
+    });
+    out.page_flip(c, &frame(&a, 2)).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "letterboxed", |_, _, c| {
+        c.is_some_and(|c| c.shown().width == 8)
+    });
+    let info = comp.shown();
+    assert_eq!((info.width, info.height), (8, 6));
+    let bytes = info.bytes();
+    for y in 0..6usize {
+        for x in 0..8usize {
+            let o = y * info.stride as usize + x * 4;
+            let px = u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+            let inside = (2..6).contains(&x) && (2..4).contains(&y);
+            assert_eq!(px, if inside { 0x00ab_cdef } else { 0 }, "({x},{y})");
+        }
+    }
+}
