@@ -66,18 +66,18 @@ displback demo --output wayland --resolution {DEMO_RES[0]}x{DEMO_RES[1]} --frame
     > /tmp/demo.log 2>&1 &
 d=$!
 i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
-grep 'DEMO HOLD' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
+grep -E 'DEMO (HOLD|WAYLAND)' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
 echo "HARNESS SHOWING client=displback-demo pid=$d hold={HOLD}"
 wait $d; rc=$?
-sed 's/^/[demo] /' /tmp/demo.log | grep -v 'DEMO HOLD' | tail -5
+sed 's/^/[demo] /' /tmp/demo.log | grep -v -E 'DEMO (HOLD|WAYLAND)' | tail -5
 weston-run stop
 exit $rc
 """,
-    # Weston killed (SIGTERM) 8 s into a long demo and started again: displback must
+    # Weston stopped (SIGTERM) 8 s into a 1200-frame demo and started again: displback must
     # reconnect and its last frame must be on the new Weston's screen.
     "wayland-restart": f"""
 weston-run start desktop card0 || exit 1
-displback demo --output wayland --resolution {DEMO_RES[0]}x{DEMO_RES[1]} --frames 600 --hold-secs {HOLD} \\
+displback demo --output wayland --resolution {DEMO_RES[0]}x{DEMO_RES[1]} --frames 1200 --hold-secs {HOLD} \\
     > /tmp/demo.log 2>&1 &
 d=$!
 sleep 8
@@ -85,10 +85,10 @@ echo "HARNESS RESTART weston demo_alive=$(kill -0 $d 2>/dev/null && echo 1 || ec
 weston-run stop
 weston-run start desktop card0 || exit 1
 i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done
-grep 'DEMO HOLD' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
+grep -E 'DEMO (HOLD|WAYLAND)' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
 echo "HARNESS SHOWING client=displback-demo pid=$d hold={HOLD}"
 wait $d; rc=$?
-sed 's/^/[demo] /' /tmp/demo.log | grep -v 'DEMO HOLD' | tail -5
+sed 's/^/[demo] /' /tmp/demo.log | grep -v -E 'DEMO (HOLD|WAYLAND)' | tail -5
 weston-run stop
 exit $rc
 """,
@@ -161,6 +161,17 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
                     rows = [pattern.row_rgb(f, c, y, w_) for y in range(h_)]
                 ok, detail = weston.poll_window(v, os.path.join(args.workdir, f"{s}.ppm"), int(m.group(2)) - 5,
                                                 rows=rows)
+                if m.group(1) == "displback-demo":
+                    # displback's Wayland counters (src/demo.rs): a restart must show as a
+                    # disconnect and a second connect.
+                    wl = [l for _, l in v.lines[:i] if "DEMO WAYLAND " in l]
+                    c = dict(re.findall(r"(\w+)=(\d+)", wl[-1])) if wl else {}
+                    detail += " | DEMO WAYLAND " + (" ".join(f"{k}={x}" for k, x in c.items()) or "line missing")
+                    want = (2, 1) if s == "wayland-restart" else (1, 0)
+                    if int(c.get("connects", 0)) < want[0] or int(c.get("disconnects", -1)) < want[1] \
+                            or int(c.get("presented", 0)) == 0:
+                        ok = False
+                        detail += f" (want connects>={want[0]} disconnects>={want[1]} presented>0)"
                 res.timings["window"] = sw.lap()
                 i, e = v.wait_for(rf"HARNESS STEP {s} END rc=(\d+)", HOLD + 60, i)
                 res.status = "PASS" if ok and e.group(1) == "0" else "FAIL"
