@@ -21,7 +21,7 @@ from .common import Result, Stopwatch
 
 SCENARIOS = ["wayland-weston", "wayland-demo", "wayland-restart"]
 DEMO_RES = (320, 240)
-HOLD = 40  # seconds each step keeps its picture up while the host polls screendumps
+HOLD = 25  # seconds each step keeps its picture up while the host polls screendumps (found in 1-2)
 
 INIT = """#!/bin/sh
 export PATH=/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
