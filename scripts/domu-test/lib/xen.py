@@ -11,7 +11,7 @@ import os
 import re
 import time
 
-from . import cpio, pixels, vm, weston
+from . import cpio, pattern, pixels, vm, weston
 from .common import HOLD_RX, Result, Stopwatch, hold_info
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,9 +24,9 @@ WESTON_DIR = os.path.join(os.path.dirname(HERE), "weston")
 # granted (IMP_TO_REFS; bochs VRAM cannot).
 STOCK_SCENARIOS = ["xen-boot", "xen-pvh-boots", "xen-flip", "xen-rgb565", "xen-destroy", "xen-restart", "xen-two-domus",
                    "xen-noisy-neighbour", "xen-destroy-loop", "xen-refused", "xen-bealloc", "xen-zcopy-auto-fallback",
-                   "xen-weston-guest", "xen-modetest-guest"]
+                   "xen-weston-guest", "xen-modetest-guest", "xen-wayland"]
 # Scenarios whose DomU runs third-party programs from the Weston image (lib/weston.sh).
-THIRD_PARTY = ("xen-weston-guest", "xen-modetest-guest")
+THIRD_PARTY = ("xen-weston-guest", "xen-modetest-guest", "xen-wayland")
 ZCOPY_SCENARIOS = ["xen-zcopy-bealloc", "xen-zcopy-destroy", "xen-zcopy-pv-fallback", "xen-drvdom-bealloc", "xen-drvdom-copy"]
 # PCI slots of the display devices (Dom0 finds its cards by them) and QMP device ids.
 VGA_PCI, VGA2_PCI, ZC_PCI = "00:02.0", "00:10.0", "00:11.0"
@@ -520,6 +520,33 @@ def _weston_guest(r: Run, res: Result, end: str) -> None:
                   + "".join(f"\nPROBLEM: {p}" for p in problems))
 
 
+def _xen_wayland(r: Run, res: Result, end: str) -> None:
+    """Dom0's Weston on its bochs head, `displback serve --output wayland` as its client, a
+    guest flipping with guest_client: the guest's HOLD frame found exactly on the screen
+    (Weston places the window), flip latency next to the KMS path's (xen-flip) if it ran."""
+    sw = Stopwatch()
+    r.wait(r"HARNESS WAYLAND weston up", 120, fail=end, what="Weston in Dom0")
+    res.timings["weston"] = sw.lap()
+    m = r.wait(rf"\[wl\].*(?:{HOLD_RX})", 400, fail=_guest_fail("wl", end, "wl"), what="HOLD from DomU wl")
+    res.timings["create→hold"] = sw.lap()
+    frame, conn, w, h = hold_info(m)
+    rows = [pattern.row_rgb(frame, conn, y, w) for y in range(h)]
+    ok, detail = weston.poll_window(r.v, os.path.join(r.workdir, "xen-wayland.ppm"), 10, r.display, rows=rows)
+    res.timings["check"] = sw.lap()
+    r.wait(end, 300, what="the scenario's end")
+    wl = (_results(r, "wl") or [(0, {})])[-1][1]
+    r_begin, r.begin = r.begin, 0
+    kms = (_results(r, "flip") or [(0, {})])[-1][1]
+    r.begin = r_begin
+    problems = [] if ok else [f"screen: {detail}"]
+    if wl.get("ok") != "1":
+        problems.append(f"guest RESULT ok={wl.get('ok', 'missing')}")
+    res.status = "PASS" if not problems else "FAIL"
+    res.detail = (f"{res.status} wayland_p50_ms={wl.get('p50_ms', '?')} wayland_p99_ms={wl.get('p99_ms', '?')} "
+                  f"flips={wl.get('flips', '?')} kms_p50_ms={kms.get('p50_ms', 'not run')} "
+                  f"kms_p99_ms={kms.get('p99_ms', 'not run')}\n{detail}" + "".join(f"\nPROBLEM: {p}" for p in problems))
+
+
 PLAIN = 0x777777  # modetest's "plain" fill: every byte 0x77
 
 
@@ -631,6 +658,8 @@ def _scenario(r: Run, s: str, res: Result) -> None:
         _destroy_loop(r, res, end)
     elif s == "xen-refused":
         _refused(r, res, end)
+    elif s == "xen-wayland":
+        _xen_wayland(r, res, end)
     elif s == "xen-weston-guest":
         _weston_guest(r, res, end)
     elif s == "xen-modetest-guest":
@@ -726,6 +755,10 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
                 "etc/prog-modetest.sh": (0o644, _read(os.path.join(WESTON_DIR, "prog-modetest.sh"))),
                 **weston.overlay_files(workdir),
             })
+            if "xen-wayland" in names:
+                # Dom0's Weston: the same tree under /opt/weston (a chroot) + its run-time files.
+                inject.update(cpio.reroot_newc(_read(w["WESTON_CPIO"]), "inject/opt/weston"))
+                inject.update({f"inject/opt/weston/{k}": v for k, v in weston.overlay_files(workdir).items()})
             # Uncompressed overlay and Weston tree first, then the gzip base (initramfs.sh).
             inject["inject/harness/domU-weston.cpio"] = (
                 0o644, _read(ov) + _read(w["WESTON_CPIO"]) + _read(art["DOMU_INITRAMFS"]))
