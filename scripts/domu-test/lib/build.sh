@@ -28,6 +28,7 @@ prepare_kernel
 echo "KVER=$KVER"
 echo "VMLINUX=$VMLINUX"
 echo "BZIMAGE=$BZIMAGE"
+echo "BUSYBOX=$BUSYBOX"
 case ${1:-} in
 kms)
     echo "KMS_INITRAMFS=$(build_base_initramfs kms "bochs virtio-gpu virtio_pci")"

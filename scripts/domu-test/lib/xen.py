@@ -759,6 +759,8 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
                 # Dom0's Weston: the same tree under /opt/weston (a chroot) + its run-time files.
                 inject.update(cpio.reroot_newc(_read(w["WESTON_CPIO"]), "inject/opt/weston"))
                 inject.update({f"inject/opt/weston/{k}": v for k, v in weston.overlay_files(workdir).items()})
+                # A static busybox for the chroot's shell (Dom0's own needs libresolv).
+                inject["inject/opt/weston/bin/busybox"] = (0o755, _read(art["BUSYBOX"]))
             # Uncompressed overlay and Weston tree first, then the gzip base (initramfs.sh).
             inject["inject/harness/domU-weston.cpio"] = (
                 0o644, _read(ov) + _read(w["WESTON_CPIO"]) + _read(art["DOMU_INITRAMFS"]))
