@@ -4,10 +4,10 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use displback::backend::mem::{anonymous, MappedRegion};
 use displback::displif::format::PixelFormat;
 use displback::output::convert::Copier;
 use displback::output::Frame;
+use displback::xen::mem::{anonymous, MappedRegion};
 
 const W: u32 = 1920;
 const H: u32 = 1080;

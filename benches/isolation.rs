@@ -23,8 +23,6 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use displback::backend::server::{Server, ServerConfig, StopHandle};
-use displback::backend::xenstore::XsClient;
-use displback::backend::DomId;
 use displback::displif::format::PixelFormat;
 use displback::displif::request::Request;
 use displback::output::headless::{Headless, HeadlessView};
@@ -33,6 +31,8 @@ use displback::sim::frontend::{DumbBuf, FrontOptions, FrontendSim};
 use displback::sim::toolstack::Toolstack;
 use displback::sim::xenstored::SimXenstored;
 use displback::sim::SimXen;
+use displback::xen::xenstore::XsClient;
+use displback::xen::DomId;
 
 const BACKEND: DomId = DomId(0);
 const PERIOD: Duration = Duration::from_nanos(16_666_667);

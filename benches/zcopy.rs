@@ -16,9 +16,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use displback::backend::mem::anonymous;
-use displback::backend::DomId;
-use displback::backend::GrantRef;
+use displback::xen::mem::anonymous;
+use displback::xen::DomId;
+use displback::xen::GrantRef;
 use displback::zcopy::sim::{SimDmaBuf, SimScanout};
 use displback::zcopy::{ExportFlags, ExportedDmaBuf, ZeroCopyBuffer};
 

@@ -40,6 +40,10 @@ pub struct FileConfig {
     pub card: Option<PathBuf>,
     /// Serve one frontend domain only.
     pub domid: Option<u16>,
+    /// Serve `vkbd` input devices too (default true; `false` = `--no-input`).
+    pub input: Option<bool>,
+    /// `[[inputs]]`: evdev devices of this domain feeding guest vkbd devices.
+    pub inputs: Vec<crate::input::source::InputSourceCfg>,
     pub zero_copy: Option<ZeroCopy>,
     /// Guest connector `unique-id` → KMS connector name (`HDMI-A-1`, `DP-2`, ...).
     /// Without an entry a `unique-id` must itself be a KMS connector name.

@@ -9,8 +9,6 @@ use anyhow::{Context, Result};
 use tracing::info;
 
 use crate::backend::server::{Server, ServerConfig};
-use crate::backend::xenstore::XsClient;
-use crate::backend::DomId;
 use crate::config::OutputKind;
 use crate::displif::format::PixelFormat;
 use crate::output::headless::{self, Headless};
@@ -21,6 +19,8 @@ use crate::sim::pattern;
 use crate::sim::toolstack::Toolstack;
 use crate::sim::xenstored::SimXenstored;
 use crate::sim::SimXen;
+use crate::xen::xenstore::XsClient;
+use crate::xen::DomId;
 
 /// What `displback demo` runs.
 #[derive(Debug, Clone)]
@@ -33,6 +33,8 @@ pub struct DemoOptions {
     pub frames: u32,
     pub out_dir: Option<PathBuf>,
     pub hold_secs: u64,
+    /// Every N frames, reconfigure each connector right after its flip (0 = never).
+    pub reconfigure_every: u32,
     pub output: OutputKind,
     /// Card, KMS mapping, Wayland display and surfaces.
     pub output_opts: crate::output::OutputOptions,
@@ -53,6 +55,27 @@ pub fn draw(buf: &DumbBuf, format: PixelFormat, frame: u32, conn: u32) -> Result
     Ok(())
 }
 
+/// Reconfigure connector `conn` while the flip to `fb` may still be in flight: odd
+/// rounds disable it and enable it again showing `fb`, even rounds switch to half the
+/// resolution (the top-left quarter of `fb`) and back. Either way the flip's event
+/// still comes (reported as superseded), and the connector ends as configured before.
+fn reconfigure(
+    fe: &mut FrontendSim,
+    conn: u32,
+    fb: u64,
+    opts: &DemoOptions,
+    bpp: u32,
+    round: u32,
+) -> Result<()> {
+    if round % 2 == 1 {
+        fe.set_config(conn, 0, 0, 0, 0)?;
+    } else {
+        fe.set_config(conn, fb, opts.width / 2, opts.height / 2, bpp)?;
+    }
+    fe.set_config(conn, fb, opts.width, opts.height, bpp)?;
+    Ok(())
+}
+
 /// The guest connector names the demo uses: KMS-style, so they match QEMU's `Virtual-1`.
 pub fn unique_id(conn: u32) -> String {
     format!("Virtual-{}", conn + 1)
@@ -60,7 +83,7 @@ pub fn unique_id(conn: u32) -> String {
 
 /// Run the demo.
 pub fn run(opts: DemoOptions) -> Result<()> {
-    let signals = crate::backend::signals::StopSignals::install()?;
+    let signals = crate::xen::signals::StopSignals::install()?;
     let sim = SimXen::new();
     let xenstored = SimXenstored::new();
     let mut wl_stats = None;
@@ -120,6 +143,7 @@ pub fn run(opts: DemoOptions) -> Result<()> {
             bufs.push(pair);
         }
         let started = Instant::now();
+        let mut reconfigs = 0u32;
         let mut frame = 0u32;
         let mut in_flight: Option<usize> = None;
         while opts.frames == 0 || frame < opts.frames {
@@ -137,6 +161,12 @@ pub fn run(opts: DemoOptions) -> Result<()> {
                 fe.page_flip(c as u32, pair[back].1)?;
             }
             in_flight = Some(back);
+            if opts.reconfigure_every > 0 && frame % opts.reconfigure_every == 0 {
+                reconfigs += 1;
+                for (c, pair) in bufs.iter().enumerate() {
+                    reconfigure(&mut fe, c as u32, pair[back].1, &opts, bpp, reconfigs)?;
+                }
+            }
         }
         if let Some(prev) = in_flight {
             for (c, pair) in bufs.iter().enumerate() {
@@ -145,7 +175,7 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         }
         let secs = started.elapsed().as_secs_f64();
         println!(
-            "DEMO flips={} connectors={} seconds={secs:.2} fps={:.1}",
+            "DEMO flips={} connectors={} reconfigs={reconfigs} seconds={secs:.2} fps={:.1}",
             frame,
             opts.connectors,
             f64::from(frame) / secs.max(1e-9)

@@ -29,13 +29,53 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Serve every vdispl frontend of this domain (or one, with --domid).
+    /// Serve every vdispl and vkbd frontend of this domain (or one guest: --domid N,
+    /// --domain NAME).
     Serve(ServeArgs),
     /// Run the backend on a simulated Xen with a built-in guest drawing a test pattern.
     Demo(DemoArgs),
     /// Show what a running `displback serve` does: guests, devices, connectors, flips,
     /// refusals, budgets (read-only; asks its control socket).
     Status(StatusArgs),
+    /// Start a guest's own backend (`serve --domain NAME`, the `displback@NAME` unit when
+    /// systemd runs), wait until it serves, then `xl create` the guest.
+    Launch(LaunchArgs),
+    /// Write the man pages and shell completions (packaging; see scripts/build-deb).
+    #[command(hide = true)]
+    GenAssets(GenAssetsArgs),
+}
+
+#[derive(Args, Debug)]
+struct LaunchArgs {
+    /// The guest's xl config (its `name` keys the instance; its `vdispl` entries must name
+    /// this domain as backend).
+    guest_cfg: PathBuf,
+    /// Arguments passed on to `xl create` after the config file (`KEY=VALUE` ones also
+    /// override the config, as in xl).
+    #[arg(last = true)]
+    xl_args: Vec<String>,
+    /// TOML config for an instance started directly (not through systemd).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Start the instance directly even when systemd runs.
+    #[arg(long)]
+    no_systemd: bool,
+    /// Seconds to wait for the instance to serve.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// The `xl` program.
+    #[arg(long, default_value = "xl")]
+    xl: PathBuf,
+    /// Log file of an instance started directly (default /var/log/displback-NAME.log).
+    #[arg(long)]
+    instance_log: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct GenAssetsArgs {
+    /// Output directory: man/displback.1 (+ one page per subcommand) and
+    /// completions/{displback.bash,_displback,displback.fish}.
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -75,8 +115,15 @@ struct ServeArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Serve only this frontend domain.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "domain")]
     domid: Option<u16>,
+    /// Serve only the domain with this name (XenStore /local/domain/N/name), whatever its
+    /// domid: started before the guest exists, it follows it across destroy/re-create.
+    #[arg(long, value_name = "NAME")]
+    domain: Option<String>,
+    /// Serve displays only, no `vkbd` input devices (config file: `input = false`).
+    #[arg(long)]
+    no_input: bool,
     /// Zero-copy policy.
     #[arg(long, value_enum)]
     zero_copy: Option<ZeroCopy>,
@@ -113,6 +160,11 @@ struct DemoArgs {
     /// Keep the last frame on screen this long before exiting.
     #[arg(long, default_value_t = 0)]
     hold_secs: u64,
+    /// Every N frames, right after a flip (still in flight), reconfigure each connector:
+    /// alternately disable + re-enable it, and switch to half the resolution and back
+    /// (a test of the output's modeset paths; 0 = never).
+    #[arg(long, default_value_t = 0)]
+    reconfigure_every: u32,
     /// TOML config file: its output, card, connectors and [wayland] tables apply (the
     /// demo's connectors are named Virtual-1..4).
     #[arg(long)]
@@ -129,7 +181,7 @@ fn parse_mapping(s: &str) -> Result<(String, String), String> {
 }
 
 fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
-    displback::backend::frontend::parse_resolution(s).ok_or_else(|| format!("{s:?} is not WxH"))
+    displback::displif::device::parse_resolution(s).ok_or_else(|| format!("{s:?} is not WxH"))
 }
 
 fn parse_format(s: &str) -> Result<PixelFormat, String> {
@@ -289,6 +341,19 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Serve(args) => serve(args),
         Cmd::Status(args) => status(args),
+        Cmd::Launch(args) => {
+            let code = displback::launch::run(&displback::launch::LaunchOptions {
+                guest_cfg: args.guest_cfg,
+                xl_args: args.xl_args,
+                xl: args.xl,
+                config: args.config,
+                no_systemd: args.no_systemd,
+                timeout: std::time::Duration::from_secs(args.timeout),
+                log_file: args.instance_log,
+            })?;
+            std::process::exit(code)
+        }
+        Cmd::GenAssets(args) => gen_assets(&args.out),
         Cmd::Demo(args) => {
             let file = match &args.config {
                 Some(p) => FileConfig::load(p)?,
@@ -309,6 +374,7 @@ fn main() -> Result<()> {
                 frames: args.frames,
                 out_dir: args.out,
                 hold_secs: args.hold_secs,
+                reconfigure_every: args.reconfigure_every,
                 output: args
                     .output
                     .output
@@ -334,7 +400,17 @@ fn serve(args: ServeArgs) -> Result<()> {
     let output = args.out.output.or(file.output).unwrap_or_default();
     let card = args.out.card.or(file.card);
     let zero_copy = args.zero_copy.or(file.zero_copy).unwrap_or_default();
-    let domid = args.domid.or(file.domid);
+    // `--domain` picks the guest: a `domid` in the shared config file does not apply then.
+    let domid = match args.domain {
+        Some(_) => None,
+        None => args.domid.or(file.domid),
+    };
+    let domain = args
+        .domain
+        .as_deref()
+        .map(displback::domain_name::DomainSelector::new)
+        .transpose()
+        .context("--domain")?;
     let announce = displback::serve::Announce {
         status_node: args.status_node.or(file.status_node),
         control_socket: args.control_socket.or(file.control_socket),
@@ -352,10 +428,40 @@ fn serve(args: ServeArgs) -> Result<()> {
             wayland,
         },
         domid,
+        domain,
         zero_copy,
         file.limits,
         announce,
+        displback::input::InputConfig {
+            disabled: args.no_input || file.input == Some(false),
+            sources: file.inputs.clone(),
+        },
     )
+}
+
+/// Man pages and completions from the clap definitions. A hidden subcommand rather
+/// than a build script or a second binary: the `Cli` type lives here, and the pages then
+/// describe exactly the binary that is shipped (scripts/build-deb runs it on the host
+/// build of the same source).
+fn gen_assets(out: &std::path::Path) -> Result<()> {
+    use clap::CommandFactory;
+    let man = out.join("man");
+    let comp = out.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&comp)?;
+    let cmd = Cli::command().name("displback");
+    clap_mangen::generate_to(cmd.clone(), &man).context("writing man pages")?;
+    // Hidden subcommands get no page.
+    let _ = std::fs::remove_file(man.join("displback-gen-assets.1"));
+    for (shell, file) in [
+        (clap_complete::Shell::Bash, "displback.bash"),
+        (clap_complete::Shell::Zsh, "_displback"),
+        (clap_complete::Shell::Fish, "displback.fish"),
+    ] {
+        let mut f = std::fs::File::create(comp.join(file))?;
+        clap_complete::generate(shell, &mut cmd.clone(), "displback", &mut f);
+    }
+    Ok(())
 }
 
 fn status(args: StatusArgs) -> Result<()> {

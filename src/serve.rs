@@ -6,16 +6,16 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use tracing::{info, warn};
 
-use crate::backend::evtchn::XenEvtchn;
-use crate::backend::gntalloc::Gntalloc;
-use crate::backend::gntdev::Gntdev;
 use crate::backend::server::{Server, ServerConfig};
-use crate::backend::signals::StopSignals;
-use crate::backend::xen::{GrantAllocator, Platform};
-use crate::backend::xenstore::XsClient;
-use crate::backend::DomId;
 use crate::config::{OutputKind, ZeroCopy};
 use crate::displif::budget::Limits;
+use crate::xen::evtchn::XenEvtchn;
+use crate::xen::gntalloc::Gntalloc;
+use crate::xen::gntdev::Gntdev;
+use crate::xen::platform::{GrantAllocator, Platform};
+use crate::xen::signals::StopSignals;
+use crate::xen::xenstore::XsClient;
+use crate::xen::DomId;
 use crate::zcopy::gntdev_dmabuf::GntdevDmaBuf;
 use crate::zcopy::{Capabilities, DmaBufOps, FallbackReason, ZeroCopyGate};
 
@@ -130,13 +130,17 @@ pub fn control_socket_path(setting: Option<&Path>) -> Option<PathBuf> {
 }
 
 /// Run the backend until SIGINT/SIGTERM.
+// One argument per setting of `displback serve`, straight from main.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     output: OutputKind,
     opts: crate::output::OutputOptions,
     domid: Option<u16>,
+    domain: Option<crate::domain_name::DomainSelector>,
     zero_copy: ZeroCopy,
     limits: Limits,
     announce: Announce,
+    input: crate::input::InputConfig,
 ) -> Result<()> {
     let signals = StopSignals::install().context("installing signal handling")?;
     let mut plat = real_platform()?;
@@ -163,15 +167,33 @@ pub fn run(
         output,
         ServerConfig {
             only_domid: domid.map(DomId),
+            only_domain: domain,
             limits,
             notify,
             status_node,
             control_socket,
+            no_input: input.disabled,
         },
     )?
     .with_zero_copy(gate);
     server.stop_on_readable(signals.as_raw_fd())?;
-    server.run()?;
+    let stop_inputs = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inputs = if !input.disabled && !input.sources.is_empty() {
+        let sources = crate::input::source::Sources::new(
+            Path::new("/dev/input"),
+            input.sources,
+            server.input_handle(),
+        );
+        Some(sources.spawn(stop_inputs.clone())?)
+    } else {
+        None
+    };
+    let result = server.run();
+    stop_inputs.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(t) = inputs {
+        let _ = t.join();
+    }
+    result?;
     Ok(())
 }
 

@@ -4,13 +4,13 @@
 use std::time::{Duration, Instant};
 
 use displback::backend::server::{Server, ServerConfig};
-use displback::backend::xenstore::{Tx, XsClient};
-use displback::backend::DomId;
 use displback::output::headless::Headless;
 use displback::sim::frontend::FrontendSim;
 use displback::sim::toolstack::Toolstack;
 use displback::sim::xenstored::SimXenstored;
 use displback::sim::SimXen;
+use displback::xen::xenstore::{Tx, XsClient};
+use displback::xen::DomId;
 
 #[test]
 fn domid_filter_serves_one_guest_and_answers_promptly() {

@@ -7,12 +7,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use displback::backend::xenstore::XsClient;
-use displback::backend::DomId;
 use displback::displif::budget::Limits;
 use displback::displif::format::PixelFormat;
 use displback::displif::request::Request;
 use displback::sim::frontend::{FrontError, FrontendSim};
+use displback::xen::xenstore::XsClient;
+use displback::xen::DomId;
 
 const XR24: PixelFormat = PixelFormat::Xrgb8888;
 

@@ -10,12 +10,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use displback::backend::DomId;
 use displback::displif::budget::Limits;
 use displback::displif::format::PixelFormat;
 use displback::displif::request::Request;
 use displback::sim::frontend::FrontendSim;
 use displback::sim::{SimGuestMem, SimPages};
+use displback::xen::DomId;
 
 /// Guest 2 flips at 60 Hz until told to stop; returns (flips, worst event latency).
 /// Returns once its buffers are set up.

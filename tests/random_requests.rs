@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use displback::backend::xen::GrantMapper;
-use displback::backend::DomId;
 use displback::displif::connection::{Connection, ConnectorCfg, Limits};
 use displback::displif::format::PixelFormat;
 use displback::displif::request::{decode, Request};
 use displback::output::headless::Headless;
 use displback::output::Output;
 use displback::sim::SimXen;
+use displback::xen::platform::GrantMapper;
+use displback::xen::DomId;
 
 struct Rng(u64);
 impl Rng {

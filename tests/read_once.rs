@@ -6,8 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use displback::backend::xen::GrantMapper;
-use displback::backend::DomId;
 use displback::displif::connection::{Connection, ConnectorCfg, Limits};
 use displback::displif::request::Request;
 use displback::displif::ring::{BackRing, FrontRing};
@@ -15,6 +13,8 @@ use displback::displif::turn::serve_turn;
 use displback::displif::wire;
 use displback::output::headless::Headless;
 use displback::sim::SimXen;
+use displback::xen::platform::GrantMapper;
+use displback::xen::DomId;
 
 const BACKEND: DomId = DomId(0);
 const GUEST: DomId = DomId(1);

@@ -6,9 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use displback::backend::DomId;
 use displback::displif::format::PixelFormat;
 use displback::displif::request::Request;
+use displback::xen::DomId;
 
 const W: u32 = 1920;
 const H: u32 = 1080;
@@ -305,8 +305,7 @@ fn backend_restart_while_guest_connected() {
     rig.restart_backend_after_crash();
     // The new backend walks the device through Closed; the guest unplugs and reconnects.
     let deadline = Instant::now() + WAIT;
-    while fe.reconnects() == reconnects || fe.state() != displback::backend::XenbusState::Connected
-    {
+    while fe.reconnects() == reconnects || fe.state() != displback::xen::XenbusState::Connected {
         assert!(
             Instant::now() < deadline,
             "guest never reconnected (state {:?})",

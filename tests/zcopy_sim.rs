@@ -11,8 +11,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use displback::backend::xen::GrantMapper;
-use displback::backend::DomId;
 use displback::config::ZeroCopy;
 use displback::displif::connection::{Connection, ConnectorCfg, Limits};
 use displback::displif::format::PixelFormat;
@@ -24,6 +22,8 @@ use displback::output::{
 };
 use displback::sim::frontend::FrontendSim;
 use displback::sim::SimXen;
+use displback::xen::platform::GrantMapper;
+use displback::xen::DomId;
 use displback::zcopy::sim::{SimDumb, SimEvent, SimHolder, SimMode};
 use displback::zcopy::{Arch, Capabilities, DmaBufFd, DumbBuffer, SimDmaBuf, ZeroCopyGate};
 

@@ -11,8 +11,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use displback::backend::xen::GrantMapper;
-use displback::backend::{DomId, GrantRef};
+use displback::xen::platform::GrantMapper;
+use displback::xen::{DomId, GrantRef};
 use displback::displif::pgdir::{pages_for, read_refs, write_refs};
 use displback::sim::{SimPages, SimXen};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};

@@ -3,8 +3,8 @@
 //! Run: `cargo install cargo-fuzz && cargo +nightly fuzz run ring_requests` in fuzz/.
 #![no_main]
 
-use displback::backend::xen::GrantMapper;
-use displback::backend::DomId;
+use displback::xen::platform::GrantMapper;
+use displback::xen::DomId;
 use displback::displif::connection::{ConnectorCfg, Connection, Limits};
 use displback::displif::ring::BackRing;
 use displback::displif::turn::{serve_turn, REQUESTS_PER_TURN};

@@ -15,10 +15,10 @@ use std::io::Write;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 
-use displback::backend::frontend::{parse_resolution, parse_u32, valid_unique_id, MAX_DIMENSION};
-use displback::backend::xenstore::wire::{self, Header, HEADER_LEN, PAYLOAD_MAX};
-use displback::backend::xenstore::{Tx, XsClient, XsError};
-use displback::backend::XenbusState;
+use displback::displif::device::{parse_resolution, parse_u32, valid_unique_id, MAX_DIMENSION};
+use displback::xen::xenstore::wire::{self, Header, HEADER_LEN, PAYLOAD_MAX};
+use displback::xen::xenstore::{Tx, XsClient, XsError};
+use displback::xen::XenbusState;
 use libfuzzer_sys::fuzz_target;
 
 /// Reference for `parse_u32`: trailing NULs ignored, then 1..=10 ASCII digits that fit.
@@ -99,7 +99,7 @@ fn framed(data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn check_events(evs: &[displback::backend::xenstore::WatchEvent]) {
+fn check_events(evs: &[displback::xen::xenstore::WatchEvent]) {
     for e in evs {
         assert!(!e.path.is_empty());
         assert!(!e.path.contains('\0') && !e.token.contains('\0'), "{e:?}");

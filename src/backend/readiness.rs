@@ -20,9 +20,9 @@ use crate::status::{
     BudgetStatus, ConnectorStatus, Counts, DeviceStatus, GuestStatus, RefusalStatus, Status,
 };
 
-use super::frontend::Device;
-use super::xenstore::{Tx, XsClient};
-use super::DomId;
+use crate::displif::device::Device;
+use crate::xen::xenstore::{Tx, XsClient};
+use crate::xen::DomId;
 
 /// The server's readiness reporting (see the module docs).
 pub struct Readiness {
@@ -173,7 +173,7 @@ pub fn counts(devices: &HashMap<(DomId, u32), Device>) -> Counts {
     let mut doms: Vec<DomId> = devices.keys().map(|(d, _)| *d).collect();
     doms.sort();
     doms.dedup();
-    let live = devices.values().filter_map(|d| d.live.as_ref());
+    let live = devices.values().filter_map(|d| d.kind.live.as_ref());
     Counts {
         guests: doms.len(),
         devices: devices.len(),
@@ -206,7 +206,7 @@ pub fn snapshot(
         let mut dev = DeviceStatus {
             dev: d.dev,
             state: format!("{:?}", d.state),
-            connected: d.live.is_some(),
+            connected: d.is_connected(),
             connected_secs: d
                 .connected_since()
                 .map(|t| now.saturating_duration_since(t).as_secs_f64()),
@@ -221,7 +221,7 @@ pub fn snapshot(
             last_refusal: None,
             connectors: Vec::new(),
         };
-        if let Some(live) = &d.live {
+        if let Some(live) = &d.kind.live {
             let c = &live.connection;
             (dev.display_buffers, dev.framebuffers) = c.counts();
             let stats = c.stats();

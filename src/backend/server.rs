@@ -7,7 +7,7 @@
 //! channel and the waker, and is put on the ring by the loop, which kept serving every
 //! other ring meanwhile.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,11 +24,13 @@ use crate::displif::connection::Reply;
 use crate::output::{FlipDone, Output};
 use crate::zcopy::ZeroCopyGate;
 
-use super::frontend::{DeferredRequest, Device, DeviceError, Effects};
+use crate::displif::device::{DeferredRequest, Vdispl};
+use crate::kbdif::device::{Input, Vkbd};
+use crate::xen::xenstore::{WatchEvent, XsError};
+use crate::xen::{DomId, EvtchnPort, Platform};
+use crate::xenbus::{DeviceKind, DeviceSet, Routes};
+
 use super::readiness::{self, Readiness};
-use super::xen::Platform;
-use super::xenstore::{Tx, WatchEvent, XsError};
-use super::{DomId, EvtchnPort, XenbusState};
 
 const TOK_XS: Token = Token(0);
 const TOK_EVTCHN: Token = Token(1);
@@ -39,14 +41,16 @@ const TOK_EXTRA: Token = Token(4);
 /// The control socket (its connections' tokens are far above).
 const TOK_CONTROL: Token = Token(5);
 
-const WATCH_ROOT: &str = "displback:backends";
-const WATCH_FE: &str = "displback:fe:";
+/// `@introduceDomain`/`@releaseDomain` (with `--domain`): re-resolve the name, rescan.
+const WATCH_DOMAINS: &str = "displback:domains";
 
 /// Backend configuration.
 #[derive(Clone, Debug, Default)]
 pub struct ServerConfig {
     /// Serve this frontend domain only (`--domid`).
     pub only_domid: Option<DomId>,
+    /// Serve only the domain with this name, whatever its domid (`--domain`).
+    pub only_domain: Option<crate::domain_name::DomainSelector>,
     /// Per-guest budgets (config file `[limits]`).
     pub limits: Limits,
     /// sd_notify: READY/STATUS/STOPPING/WATCHDOG (`$NOTIFY_SOCKET`; None: no manager).
@@ -55,6 +59,35 @@ pub struct ServerConfig {
     pub status_node: Option<String>,
     /// Where `displback status` asks (None: no control socket).
     pub control_socket: Option<PathBuf>,
+    /// Do not serve `vkbd` devices (`--no-input`).
+    pub no_input: bool,
+}
+
+/// Which guest input device a batch of input is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InputTarget {
+    /// One device.
+    Device(DomId, u32),
+    /// Every device whose toolstack `unique-id` is this.
+    UniqueId(String),
+}
+
+/// Hands input to the server's vkbd devices from another thread (input sources, tests).
+#[derive(Clone)]
+pub struct InputHandle {
+    tx: Sender<(InputTarget, Vec<Input>)>,
+    waker: Arc<Waker>,
+}
+
+impl InputHandle {
+    /// Queue `input` for `target`; false once the server is gone.
+    pub fn send(&self, target: InputTarget, input: Vec<Input>) -> bool {
+        if self.tx.send((target, input)).is_err() {
+            return false;
+        }
+        let _ = self.waker.wake();
+        true
+    }
 }
 
 /// Stops a running server from another thread.
@@ -97,16 +130,18 @@ pub struct Server {
     plat: Platform,
     output: Box<dyn Output + Send>,
     cfg: ServerConfig,
-    root: String,
-    devices: HashMap<(DomId, u32), Device>,
+    /// The vdispl devices.
+    displays: DeviceSet<Vdispl>,
+    /// The vkbd devices (None: `--no-input`).
+    keyboards: Option<DeviceSet<Vkbd>>,
+    input_tx: Sender<(InputTarget, Vec<Input>)>,
+    input_rx: Receiver<(InputTarget, Vec<Input>)>,
     /// Each frontend domain's budget, shared by its devices; dropped with its last one.
     budgets: HashMap<DomId, Arc<GuestBudget>>,
     /// Rotates which device's waiting flips are handed to the output first.
     flip_round: usize,
-    /// Request-ring port → (device, connector).
-    ports: HashMap<EvtchnPort, (DomId, u32, u32)>,
-    /// Rings with requests left over after their turn.
-    ready: VecDeque<EvtchnPort>,
+    /// Bound ports → device, and the rings with work left over after their turn.
+    routes: Routes,
     poll: Poll,
     stop: Arc<AtomicBool>,
     crash: Arc<AtomicBool>,
@@ -127,7 +162,7 @@ pub enum ServerError {
     #[error("event loop: {0}")]
     Io(#[from] std::io::Error),
     #[error("event channels: {0}")]
-    Xen(#[from] super::XenError),
+    Xen(#[from] crate::xen::XenError),
 }
 
 impl Server {
@@ -137,8 +172,6 @@ impl Server {
         output: Box<dyn Output + Send>,
         cfg: ServerConfig,
     ) -> Result<Self, ServerError> {
-        let own = plat.store.get_domain_path(plat.domid.0)?;
-        let root = format!("{own}/backend/vdispl");
         let poll = Poll::new()?;
         poll.registry().register(
             &mut SourceFd(&plat.store.as_raw_fd()),
@@ -155,13 +188,22 @@ impl Server {
                 .register(&mut SourceFd(&fd), TOK_OUTPUT, Interest::READABLE)?;
         }
         let waker = Arc::new(Waker::new(poll.registry(), TOK_WAKE)?);
-        plat.store.watch(&root, WATCH_ROOT)?;
-        info!(
-            "watching {root}{}",
-            cfg.only_domid
-                .map(|d| format!(" for dom{}", d.0))
-                .unwrap_or_default()
-        );
+        if let Some(sel) = &cfg.only_domain {
+            plat.store.watch("@introduceDomain", WATCH_DOMAINS)?;
+            plat.store.watch("@releaseDomain", WATCH_DOMAINS)?;
+            info!("following the domain named {}", sel.name());
+        }
+        let displays = DeviceSet::new(&mut plat, cfg.only_domid, cfg.only_domain.clone())?;
+        let keyboards = if cfg.no_input {
+            None
+        } else {
+            Some(DeviceSet::new(
+                &mut plat,
+                cfg.only_domid,
+                cfg.only_domain.clone(),
+            )?)
+        };
+        let (input_tx, input_rx) = mpsc::channel();
         let (released_tx, released_rx) = mpsc::channel();
         let readiness = Readiness::new(
             cfg.notify.clone(),
@@ -178,12 +220,13 @@ impl Server {
             plat,
             output,
             cfg,
-            root,
-            devices: HashMap::new(),
+            displays,
+            keyboards,
+            input_tx,
+            input_rx,
             budgets: HashMap::new(),
             flip_round: 0,
-            ports: HashMap::new(),
-            ready: VecDeque::new(),
+            routes: Routes::default(),
             poll,
             stop: Arc::new(AtomicBool::new(false)),
             crash: Arc::new(AtomicBool::new(false)),
@@ -216,9 +259,22 @@ impl Server {
         Ok(())
     }
 
-    /// Number of devices currently connected (tests, status).
+    /// A handle that hands input to this server's vkbd devices.
+    pub fn input_handle(&self) -> InputHandle {
+        InputHandle {
+            tx: self.input_tx.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
+    /// Number of vkbd devices currently connected.
+    pub fn connected_inputs(&self) -> usize {
+        self.keyboards.as_ref().map_or(0, DeviceSet::connected)
+    }
+
+    /// Number of vdispl devices currently connected (tests, status).
     pub fn connected(&self) -> usize {
-        self.devices.values().filter(|d| d.live.is_some()).count()
+        self.displays.connected()
     }
 
     /// Run until stopped. Guest misbehaviour never ends this loop.
@@ -230,14 +286,18 @@ impl Server {
         // first event, fired on registration, only rescans).
         self.readiness.starting(&mut self.plat.store);
         self.rescan();
-        let counts = readiness::counts(&self.devices);
+        let counts = readiness::counts(&self.displays.devices);
         self.readiness.serving(&mut self.plat.store, counts);
         while !self.stop.load(Ordering::SeqCst) {
             self.drain_watches()?;
-            let timeout = if !self.ready.is_empty() {
+            let timeout = if !self.routes.ready.is_empty() {
                 Some(Duration::ZERO)
             } else {
-                let holds = self.devices.values().filter_map(Device::hold_deadline);
+                let holds = self
+                    .displays
+                    .next_hold_end()
+                    .into_iter()
+                    .chain(self.keyboards.as_ref().and_then(DeviceSet::next_hold_end));
                 self.output
                     .next_deadline()
                     .into_iter()
@@ -264,34 +324,36 @@ impl Server {
             fired.clear();
             self.plat.evtchn.pending(&mut fired)?;
             for port in fired.drain(..) {
-                if !self.ready.contains(&port) {
-                    self.ready.push_back(port);
-                }
+                self.routes.mark_ready(port);
             }
             while let Ok(r) = self.released_rx.try_recv() {
                 self.on_released(r);
             }
+            while let Ok((target, input)) = self.input_rx.try_recv() {
+                self.deliver_input(&target, &input);
+            }
             // One turn for each ready ring; leftovers go to the back of the queue.
-            for _ in 0..self.ready.len() {
-                let Some(port) = self.ready.pop_front() else {
+            for _ in 0..self.routes.ready.len() {
+                let Some(port) = self.routes.ready.pop_front() else {
                     break;
                 };
                 self.serve_port(port);
             }
             self.output.dispatch(Instant::now(), &mut done);
             for d in done.drain(..) {
-                if let Some(dev) = self.devices.get_mut(&(d.conn.dom, d.conn.dev)) {
+                if let Some(dev) = self.displays.devices.get_mut(&(d.conn.dom, d.conn.dev)) {
                     dev.flip_done(&mut self.plat, d.conn.idx, d.fb_cookie);
                 }
             }
             self.submit_queued_flips();
-            for dev in self.devices.values_mut() {
+            for dev in self.displays.devices.values_mut() {
                 dev.retry_events(&mut self.plat);
             }
             self.end_holds();
             let now = Instant::now();
             self.readiness.expire(self.poll.registry(), now);
-            self.readiness.tick(now, readiness::counts(&self.devices));
+            self.readiness
+                .tick(now, readiness::counts(&self.displays.devices));
         }
         if !self.crash.load(Ordering::SeqCst) {
             self.shutdown();
@@ -318,7 +380,7 @@ impl Server {
         readiness::snapshot(
             self.plat.domid,
             self.readiness.started,
-            &self.devices,
+            &self.displays.devices,
             &self.budgets,
             &*self.output,
         )
@@ -328,6 +390,7 @@ impl Server {
     /// after another, starting with a different device each time.
     fn submit_queued_flips(&mut self) {
         let mut keys: Vec<(DomId, u32)> = self
+            .displays
             .devices
             .iter()
             .filter(|(_, d)| d.has_queued_flips())
@@ -341,7 +404,7 @@ impl Server {
         let n = keys.len();
         keys.rotate_left(self.flip_round % n);
         for k in keys {
-            if let Some(dev) = self.devices.get_mut(&k) {
+            if let Some(dev) = self.displays.devices.get_mut(&k) {
                 dev.submit_queued(&mut self.plat, &mut *self.output);
             }
         }
@@ -349,15 +412,42 @@ impl Server {
 
     /// Let devices whose misbehaviour hold ended connect again.
     fn end_holds(&mut self) {
-        let now = Instant::now();
-        let ended: Vec<(DomId, u32)> = self
+        let (plat, out, routes) = (&mut self.plat, &mut *self.output, &mut self.routes);
+        let mut make = vdispl_maker(&mut self.budgets, self.cfg.limits, &self.zero_copy);
+        self.displays.end_holds(plat, out, routes, &mut make);
+        if let Some(k) = self.keyboards.as_mut() {
+            k.end_holds(plat, &mut (), routes, &mut |_, _| Vkbd::default());
+        }
+    }
+
+    /// Hand `input` to its devices. A device whose ring is broken (garbage consumer
+    /// index) is closed and held like any misbehaving guest; the others go on.
+    fn deliver_input(&mut self, target: &InputTarget, input: &[Input]) {
+        let Some(set) = self.keyboards.as_mut() else {
+            return;
+        };
+        let mut keys: Vec<(DomId, u32)> = set
             .devices
             .iter()
-            .filter(|(_, d)| d.hold_deadline().is_some_and(|t| t <= now))
+            .filter(|(k, d)| match target {
+                InputTarget::Device(dom, dev) => **k == (*dom, *dev),
+                InputTarget::UniqueId(id) => d.unique_id() == Some(id.as_str()),
+            })
             .map(|(k, _)| *k)
             .collect();
-        for k in ended {
-            self.reconcile(k);
+        keys.sort();
+        for key in keys {
+            let Some(device) = set.devices.get_mut(&key) else {
+                continue;
+            };
+            if let Err(e) = device.deliver(&mut self.plat, input) {
+                crate::warn_limited!(
+                    dom = key.0 .0,
+                    dev = key.1,
+                    "vkbd: {e}; closing the connection"
+                );
+                set.close_and_hold(&mut self.plat, &mut (), &mut self.routes, key);
+            }
         }
     }
 
@@ -377,10 +467,16 @@ impl Server {
     }
 
     fn serve_port(&mut self, port: EvtchnPort) {
-        let Some(&(dom, dev, idx)) = self.ports.get(&port) else {
+        let Some(route) = self.routes.get(port) else {
             return;
         };
-        let Some(device) = self.devices.get_mut(&(dom, dev)) else {
+        let (dom, dev, idx) = (route.dom, route.dev, route.idx);
+        if route.kind != Vdispl::TYPE {
+            // A vkbd frontend kicks after consuming: nothing waits for that (a full
+            // ring loses events instead of queueing them).
+            return;
+        }
+        let Some(device) = self.displays.devices.get_mut(&(dom, dev)) else {
             return;
         };
         match device.serve_ring(&mut self.plat, &mut *self.output, idx) {
@@ -394,7 +490,7 @@ impl Server {
                     return;
                 }
                 if turn.more {
-                    self.ready.push_back(port);
+                    self.routes.ready.push_back(port);
                 }
                 if let Some(d) = turn.deferred {
                     self.defer(dom, dev, idx, port, d);
@@ -456,238 +552,106 @@ impl Server {
     /// Put a deferred answer on its ring and serve what queued up behind it. Dropped
     /// silently if the connection closed meanwhile.
     fn on_released(&mut self, r: Released) {
-        let Some(device) = self.devices.get_mut(&(r.dom, r.dev)) else {
+        let Some(device) = self.displays.devices.get_mut(&(r.dom, r.dev)) else {
             return;
         };
         let answered =
             device.complete_deferred(&mut self.plat, r.idx, r.serial, r.id, r.operation, r.reply);
-        if answered && !self.ready.contains(&r.port) {
-            self.ready.push_back(r.port);
+        if answered {
+            self.routes.mark_ready(r.port);
         }
     }
 
     /// Close a misbehaving device's connection and hold it Closed for a while.
     fn close_and_hold(&mut self, dom: DomId, dev: u32) {
-        self.close_device(dom, dev);
-        if let Some(device) = self.devices.get_mut(&(dom, dev)) {
-            device.hold();
-        }
-    }
-
-    /// Close one device's connection, ending in Closed, and forget its ports.
-    fn close_device(&mut self, dom: DomId, dev: u32) {
-        let Some(device) = self.devices.get_mut(&(dom, dev)) else {
-            return;
-        };
-        let mut fx = Effects::default();
-        if let Err(e) = device.close(
+        self.displays.close_and_hold(
             &mut self.plat,
             &mut *self.output,
-            &mut fx,
-            XenbusState::Closed,
-        ) {
-            warn!(dom = dom.0, dev, "closing: {e}");
-        }
-        self.apply(dom, dev, fx);
-    }
-
-    fn apply(&mut self, dom: DomId, dev: u32, fx: Effects) {
-        for port in fx.unbound {
-            self.ports.remove(&port);
-            self.ready.retain(|p| *p != port);
-        }
-        for (port, idx) in fx.bound {
-            self.ports.insert(port, (dom, dev, idx));
-            // Requests may already be waiting (sent before we bound): look now.
-            self.ready.push_back(port);
-        }
-    }
-
-    /// Parse `<root>/<dom>/<dev>[/...]`.
-    fn device_of(&self, path: &str) -> Option<(DomId, Option<u32>)> {
-        let rest = path.strip_prefix(&self.root)?.strip_prefix('/')?;
-        let mut parts = rest.split('/');
-        let dom = parts.next()?.parse::<u16>().ok()?;
-        let dev = parts.next().and_then(|d| d.parse::<u32>().ok());
-        Some((DomId(dom), dev))
+            &mut self.routes,
+            (dom, dev),
+        );
     }
 
     fn on_watch(&mut self, ev: WatchEvent) {
-        debug!("watch {} ({})", ev.path, ev.token);
-        let key = if let Some(rest) = ev.token.strip_prefix(WATCH_FE) {
-            let mut it = rest.split(':');
-            match (
-                it.next().and_then(|d| d.parse().ok()),
-                it.next().and_then(|d| d.parse().ok()),
-            ) {
-                (Some(dom), Some(dev)) => Some((DomId(dom), dev)),
-                _ => None,
+        if ev.token == WATCH_DOMAINS {
+            debug!("watch {} ({})", ev.path, ev.token);
+            self.displays.resolve_domain(&mut self.plat.store);
+            if let Some(k) = self.keyboards.as_mut() {
+                k.resolve_domain(&mut self.plat.store);
             }
-        } else {
-            match self.device_of(&ev.path) {
-                Some((dom, Some(dev))) if self.devices.contains_key(&(dom, dev)) => {
-                    Some((dom, dev))
-                }
-                _ => None,
+            return self.rescan();
+        }
+        if self.displays.owns(&ev) {
+            let (plat, out, routes) = (&mut self.plat, &mut *self.output, &mut self.routes);
+            {
+                let mut make = vdispl_maker(&mut self.budgets, self.cfg.limits, &self.zero_copy);
+                self.displays.on_watch(plat, out, routes, &mut make, ev);
             }
-        };
-        match key {
-            Some(k) => self.reconcile(k),
-            None => self.rescan(),
+            self.forget_unused_budgets();
+        } else if let Some(k) = self.keyboards.as_mut().filter(|k| k.owns(&ev)) {
+            k.on_watch(
+                &mut self.plat,
+                &mut (),
+                &mut self.routes,
+                &mut |_, _| Vkbd::default(),
+                ev,
+            );
         }
     }
 
-    /// Compare the devices in XenStore with ours: add new ones, drop vanished ones.
+    /// Look at every device in XenStore (start-up).
     fn rescan(&mut self) {
-        let mut present = HashSet::new();
-        let doms = match self.plat.store.directory(Tx::NONE, &self.root) {
-            Ok(d) => d,
-            Err(e) => {
-                warn!("listing {}: {e}", self.root);
-                return;
-            }
-        };
-        for d in doms {
-            let Ok(dom) = d.parse::<u16>() else { continue };
-            let dom = DomId(dom);
-            if self.cfg.only_domid.is_some_and(|only| only != dom) {
-                continue;
-            }
-            let devs = self
-                .plat
-                .store
-                .directory(Tx::NONE, &format!("{}/{}", self.root, dom.0))
-                .unwrap_or_default();
-            for v in devs {
-                if let Ok(dev) = v.parse::<u32>() {
-                    present.insert((dom, dev));
-                }
-            }
+        let (plat, out, routes) = (&mut self.plat, &mut *self.output, &mut self.routes);
+        {
+            let mut make = vdispl_maker(&mut self.budgets, self.cfg.limits, &self.zero_copy);
+            self.displays.rescan(plat, out, routes, &mut make);
         }
-        let gone: Vec<_> = self
-            .devices
-            .keys()
-            .filter(|k| !present.contains(k))
-            .copied()
-            .collect();
-        for k in gone {
-            self.remove_device(k);
-        }
-        let mut new: Vec<_> = present
-            .into_iter()
-            .filter(|k| !self.devices.contains_key(k))
-            .collect();
-        new.sort();
-        for k in new {
-            self.add_device(k);
+        self.forget_unused_budgets();
+        if let Some(k) = self.keyboards.as_mut() {
+            k.rescan(&mut self.plat, &mut (), &mut self.routes, &mut |_, _| {
+                Vkbd::default()
+            });
         }
     }
 
-    fn add_device(&mut self, (dom, dev): (DomId, u32)) {
-        let be_path = format!("{}/{}/{}", self.root, dom.0, dev);
-        let limits = self.cfg.limits;
-        let budget = self
-            .budgets
-            .entry(dom)
-            .or_insert_with(|| GuestBudget::new(limits))
-            .clone();
-        match Device::new(
-            &mut self.plat,
-            dom,
-            dev,
-            be_path,
-            self.zero_copy.clone(),
-            budget,
-        ) {
-            Ok(device) => {
-                info!(dom = dom.0, dev, "new frontend device ({})", device.fe_path);
-                let token = format!("{WATCH_FE}{}:{}", dom.0, dev);
-                if let Err(e) = self
-                    .plat
-                    .store
-                    .watch(&format!("{}/state", device.fe_path), &token)
-                {
-                    warn!(dom = dom.0, dev, "watching the frontend: {e}");
-                }
-                self.devices.insert((dom, dev), device);
-                self.reconcile((dom, dev));
-            }
-            Err(e) => {
-                warn!(dom = dom.0, dev, "ignoring device: {e}");
-                self.forget_budget_if_unused(dom);
-            }
-        }
-    }
-
-    /// A domain without devices is gone (or lost its last display): its budget goes,
+    /// A domain without displays is gone (or lost its last display): its budget goes,
     /// releasing retained be-alloc pages.
-    fn forget_budget_if_unused(&mut self, dom: DomId) {
-        if !self.devices.keys().any(|(d, _)| *d == dom) {
-            if let Some(b) = self.budgets.remove(&dom) {
+    fn forget_unused_budgets(&mut self) {
+        let devices = &self.displays.devices;
+        self.budgets.retain(|dom, b| {
+            let keep = devices.keys().any(|(d, _)| d == dom);
+            if !keep {
                 debug!(dom = dom.0, "budget released: {b:?}");
             }
-        }
-    }
-
-    fn remove_device(&mut self, key: (DomId, u32)) {
-        let Some(mut device) = self.devices.remove(&key) else {
-            return;
-        };
-        info!(
-            dom = key.0 .0,
-            dev = key.1,
-            "backend directory removed: dropping the device"
-        );
-        let mut fx = Effects::default();
-        device.teardown(&mut self.plat, &mut *self.output, &mut fx);
-        let token = format!("{WATCH_FE}{}:{}", key.0 .0, key.1);
-        let _ = self
-            .plat
-            .store
-            .unwatch(&format!("{}/state", device.fe_path), &token);
-        self.apply(key.0, key.1, fx);
-        self.forget_budget_if_unused(key.0);
-    }
-
-    fn reconcile(&mut self, key: (DomId, u32)) {
-        let Some(device) = self.devices.get_mut(&key) else {
-            return;
-        };
-        let mut fx = Effects::default();
-        match device.reconcile(&mut self.plat, &mut *self.output, &mut fx) {
-            Ok(()) => {}
-            Err(DeviceError::Replaced) => {
-                info!(
-                    dom = key.0 .0,
-                    dev = key.1,
-                    "device re-created by the toolstack"
-                );
-                self.apply(key.0, key.1, fx);
-                self.remove_device(key);
-                self.add_device(key);
-                return;
-            }
-            Err(e) => {
-                // Most often the directory vanished under us (domain death, device
-                // removal): rescan decides.
-                debug!(dom = key.0 .0, dev = key.1, "reconcile: {e}");
-                self.apply(key.0, key.1, fx);
-                self.rescan();
-                return;
-            }
-        }
-        self.apply(key.0, key.1, fx);
+            keep
+        });
     }
 
     fn shutdown(&mut self) {
         self.readiness.stopping();
-        let keys: Vec<_> = self.devices.keys().copied().collect();
-        for (dom, dev) in keys {
-            // Leave Closed behind so frontends notice; a restarted backend picks up.
-            self.close_device(dom, dev);
+        self.displays
+            .shutdown(&mut self.plat, &mut *self.output, &mut self.routes);
+        if let Some(k) = self.keyboards.as_mut() {
+            k.shutdown(&mut self.plat, &mut (), &mut self.routes);
         }
         self.readiness
             .stopped(&mut self.plat.store, self.poll.registry());
         info!("stopped");
+    }
+}
+
+/// Makes a new vdispl device's state: its domain's budget (made with the first of the
+/// domain's devices) and the shared zero-copy decision.
+fn vdispl_maker<'a>(
+    budgets: &'a mut HashMap<DomId, Arc<GuestBudget>>,
+    limits: Limits,
+    zero_copy: &'a Arc<Mutex<ZeroCopyGate>>,
+) -> impl FnMut(DomId, u32) -> Vdispl + 'a {
+    move |dom, _dev| {
+        let budget = budgets
+            .entry(dom)
+            .or_insert_with(|| GuestBudget::new(limits))
+            .clone();
+        Vdispl::new(zero_copy.clone(), budget)
     }
 }

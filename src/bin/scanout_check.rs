@@ -65,7 +65,7 @@ fn compare(card: &Card, fb: drm::control::framebuffer::Handle, args: &Args) -> R
             .buffer_to_prime_fd(handle, flags)
             .context("PRIME export")?;
         let len = offset + pitch * h as usize;
-        let map = displback::backend::mem::shared(dmabuf.as_fd(), len).context("mmap dma-buf")?;
+        let map = displback::xen::mem::shared(dmabuf.as_fd(), len).context("mmap dma-buf")?;
         let mut row = vec![0u8; w as usize * 4];
         let mut cmp = Comparison {
             desc: desc.clone(),

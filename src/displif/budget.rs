@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Deserialize;
 
-use crate::backend::xen::{GrantAllocator, GrantedPages, PAGE_SIZE};
+use crate::xen::platform::{GrantAllocator, GrantedPages, PAGE_SIZE};
 
 /// Caps on what one guest domain may make us map or allocate (config file `[limits]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::backend::mem::MappedRegion;
-use crate::backend::xen::{GrantAllocator, GrantMapper, GrantedPages, PAGE_SIZE};
-use crate::backend::{DomId, GrantRef};
 use crate::log_limit::LogLimiter;
 use crate::output::{
     ConnectorId, FbLayout, Frame, FrameSource, ImportId, ImportedFb, ImportedFrame, Output,
 };
+use crate::xen::mem::MappedRegion;
+use crate::xen::platform::{GrantAllocator, GrantMapper, GrantedPages, PAGE_SIZE};
+use crate::xen::{DomId, GrantRef};
 use crate::zcopy::policy::ZeroCopyPolicy;
 use crate::zcopy::{BackendAllocBuffer, ZeroCopyBuffer, ZeroCopyGate, DEFAULT_RELEASE_TIMEOUT};
 

@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod connection;
+pub mod device;
 pub mod edid;
 pub mod format;
 pub mod pgdir;

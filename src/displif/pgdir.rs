@@ -10,9 +10,9 @@
 
 use std::collections::HashSet;
 
-use crate::backend::mem::MappedRegion;
-use crate::backend::xen::{GrantMapper, PAGE_SIZE};
-use crate::backend::{DomId, GrantRef, XenError};
+use crate::xen::mem::MappedRegion;
+use crate::xen::platform::{GrantMapper, PAGE_SIZE};
+use crate::xen::{DomId, GrantRef, XenError};
 
 use super::wire::pgdir;
 

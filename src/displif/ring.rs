@@ -7,7 +7,7 @@
 //! shared memory, so a guest scribbling over the header can only make us see a bogus
 //! `req_prod` or `in_cons`, which is checked.
 
-use crate::backend::mem::{full_barrier, MappedRegion};
+use crate::xen::mem::{full_barrier, MappedRegion};
 
 use super::wire::{evt_page, ring, Slot, SLOT_SIZE};
 
@@ -257,10 +257,10 @@ impl EventConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::mem::anonymous;
     use crate::displif::request::{
         decode, decode_event, encode_pg_flip_event, encode_response, Request,
     };
+    use crate::xen::mem::anonymous;
 
     /// Two views of one page, like the frontend's and the backend's mappings.
     fn shared_page() -> (MappedRegion, MappedRegion) {

@@ -1,5 +1,5 @@
 //! One turn on one request ring: the single place requests are consumed, handled and
-//! answered, used by the event loop ([`crate::backend::frontend::Device::serve_ring`]),
+//! answered, used by the event loop ([`crate::displif::device::Device::serve_ring`]),
 //! the fuzz target and the tests.
 //!
 //! A turn ends when the ring is empty (after ring.h's final check re-arms `req_event`),

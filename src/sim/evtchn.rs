@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::errno;
-use crate::backend::types::{DomId, EvtchnPort, XenError};
-use crate::backend::xen::EventChannels;
+use crate::xen::platform::EventChannels;
+use crate::xen::types::{DomId, EvtchnPort, XenError};
 
 type HandleId = u64;
 

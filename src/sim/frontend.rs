@@ -12,16 +12,16 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::mem::MappedRegion;
-use crate::backend::types::{DomId, EvtchnPort, GrantRef, XenError, XenbusState};
-use crate::backend::xen::{EventChannels, GrantAllocator, PAGE_SIZE};
-use crate::backend::xenstore::{Tx, XsClient, XsError};
 use crate::displif::request::{decode_event, decode_response, Request};
 use crate::displif::ring::{EventConsumer, FrontRing};
 use crate::displif::wire::{self, pgdir, ring, Slot};
 use crate::sim::pattern;
 use crate::sim::toolstack::{read_state, wait_readable};
 use crate::sim::{SimEvtchn, SimGntalloc, SimGuestMem, SimPages, SimXen};
+use crate::xen::mem::MappedRegion;
+use crate::xen::platform::{EventChannels, GrantAllocator, PAGE_SIZE};
+use crate::xen::types::{DomId, EvtchnPort, GrantRef, XenError, XenbusState};
+use crate::xen::xenstore::{Tx, XsClient, XsError};
 
 /// `XEN_DRM_FRONT_WAIT_BACK_MS`: how long a request waits for its response.
 pub const WAIT_BACK: Duration = Duration::from_millis(3000);
@@ -1057,12 +1057,12 @@ mod tests {
     use std::thread::JoinHandle;
 
     use super::*;
-    use crate::backend::xen::GrantMapper;
     use crate::displif::format::PixelFormat;
     use crate::displif::request::{decode, encode_pg_flip_event, encode_response};
     use crate::displif::ring::{BackRing, EventProducer};
     use crate::sim::toolstack::{backend_dir, Toolstack};
     use crate::sim::xenstored::SimXenstored;
+    use crate::xen::platform::GrantMapper;
 
     const BE: DomId = DomId(0);
     const FE: DomId = DomId(7);

@@ -18,11 +18,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::errno;
-use crate::backend::gntdev::checked_len;
-use crate::backend::ioctl::mmap_new;
-use crate::backend::mem::MappedRegion;
-use crate::backend::types::{DomId, GrantRef, XenError};
-use crate::backend::xen::{GrantAllocator, GrantMapper, GrantedPages, PAGE_SIZE};
+use crate::xen::gntdev::checked_len;
+use crate::xen::ioctl::mmap_new;
+use crate::xen::mem::MappedRegion;
+use crate::xen::platform::{GrantAllocator, GrantMapper, GrantedPages, PAGE_SIZE};
+use crate::xen::types::{DomId, GrantRef, XenError};
 
 /// The first grant ref issued by each domain (Linux reserves the first few).
 pub const FIRST_GREF: u32 = 8;
@@ -707,7 +707,7 @@ mod tests {
 
     #[test]
     fn sim_devices_fit_the_platform_seams() {
-        use crate::backend::xen::EventChannels;
+        use crate::xen::platform::EventChannels;
         let sim = SimXen::new();
         let _evtchn: Box<dyn EventChannels> = Box::new(sim.evtchn(DOM0));
         let _grants: Arc<dyn GrantMapper> = sim.grant_mapper(DOM0);

@@ -5,6 +5,7 @@ pub mod xenstored;
 
 // Simulated guest driver and toolstack.
 pub mod frontend;
+pub mod kbdfront;
 pub mod toolstack;
 
 // Simulated hypervisor: event channels and grant tables, behind one `SimXen` hub.
@@ -16,7 +17,7 @@ pub use grants::{SimGntalloc, SimGntdev, SimGuestMem, SimPages};
 
 use std::sync::Arc;
 
-use crate::backend::types::{DomId, XenError};
+use crate::xen::types::{DomId, XenError};
 
 /// An errno-style error for the simulation (same shape as the real devices' errors).
 pub(crate) fn errno(op: &'static str, code: i32) -> XenError {
@@ -82,9 +83,9 @@ impl SimXen {
         &self,
         xenstored: &xenstored::SimXenstored,
         domid: DomId,
-    ) -> Result<crate::backend::xen::Platform, crate::backend::xenstore::XsError> {
-        let store = crate::backend::xenstore::XsClient::from_stream(xenstored.connect(domid.0)?)?;
-        Ok(crate::backend::xen::Platform {
+    ) -> Result<crate::xen::platform::Platform, crate::xen::xenstore::XsError> {
+        let store = crate::xen::xenstore::XsClient::from_stream(xenstored.connect(domid.0)?)?;
+        Ok(crate::xen::platform::Platform {
             domid,
             store,
             evtchn: Box::new(

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::backend::types::{DomId, XenbusState};
-use crate::backend::xenstore::{Tx, XsClient, XsError};
 use crate::sim::SimXen;
+use crate::xen::types::{DomId, XenbusState};
+use crate::xen::xenstore::{Tx, XsClient, XsError};
 
 /// `LIBXL_INIT_TIMEOUT`: how long libxl waits for the backend to reach InitWait.
 pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -164,6 +164,66 @@ impl Toolstack {
         }
     }
 
+    /// Add a vkbd device like `xl create` with `vkb = [...]` (libxl_vkb.c): both
+    /// directories in one transaction, `params` (`unique-id`, `multi-touch-*`,
+    /// `feature-disable-*`, `width`, `height`) in the backend directory; then wait for
+    /// the backend to reach InitWait.
+    pub fn add_vkbd(
+        &mut self,
+        be: DomId,
+        fe: DomId,
+        devid: u32,
+        params: &[(&str, &str)],
+    ) -> Result<(), ToolstackError> {
+        // libxl's kind for backend-type=linux is "vinput" (the frontend's stays vkbd).
+        let bdir = format!("/local/domain/{be}/backend/vinput/{fe}/{devid}");
+        let fdir = format!("/local/domain/{fe}/device/vkbd/{devid}");
+        let (fe_owner, be_reader) = (format!("n{fe}"), format!("r{be}"));
+        let (be_owner, fe_reader) = (format!("n{be}"), format!("r{fe}"));
+        let rw_front: [&str; 2] = [&fe_owner, &be_reader];
+        let ro: [&str; 2] = [&be_owner, &fe_reader];
+        self.xs.transaction(|xs, tx| {
+            xs.rm(tx, &bdir)?;
+            xs.rm(tx, &fdir)?;
+            xs.mkdir(tx, &bdir)?;
+            xs.set_perms(tx, &bdir, &ro)?;
+            xs.write(tx, &format!("{bdir}/frontend"), &fdir)?;
+            xs.write(tx, &format!("{bdir}/frontend-id"), &fe.to_string())?;
+            xs.write(tx, &format!("{bdir}/online"), "1")?;
+            xs.write(tx, &format!("{bdir}/backend-type"), "linux")?;
+            for (k, v) in params {
+                xs.write(tx, &format!("{bdir}/{k}"), v)?;
+            }
+            xs.write(
+                tx,
+                &format!("{bdir}/state"),
+                XenbusState::Initialising.as_str(),
+            )?;
+            xs.mkdir(tx, &fdir)?;
+            xs.set_perms(tx, &fdir, &rw_front)?;
+            xs.write(tx, &format!("{fdir}/backend"), &bdir)?;
+            xs.write(tx, &format!("{fdir}/backend-id"), &be.to_string())?;
+            xs.write(
+                tx,
+                &format!("{fdir}/state"),
+                XenbusState::Initialising.as_str(),
+            )?;
+            Ok(())
+        })?;
+        let state_path = format!("{bdir}/state");
+        let timeout = self.init_timeout;
+        let state = self.wait_state(&state_path, timeout, |s| s == XenbusState::InitWait)?;
+        if state == XenbusState::InitWait {
+            Ok(())
+        } else {
+            Err(ToolstackError::InitTimeout {
+                path: bdir,
+                state,
+                timeout,
+            })
+        }
+    }
+
     /// Remove a device like `xl vdispl-detach`: backend `online=0` and Closing, wait for
     /// Closed, then remove both directories. Returns whether the backend reached Closed
     /// in time (the directories are removed either way, like libxl's forced removal).
@@ -203,6 +263,7 @@ impl Toolstack {
     ) -> Result<(), ToolstackError> {
         self.xs.transaction(|xs, tx| {
             xs.rm(tx, &format!("/local/domain/{be}/backend/vdispl/{fe}"))?;
+            xs.rm(tx, &format!("/local/domain/{be}/backend/vinput/{fe}"))?;
             xs.rm(tx, &format!("/local/domain/{fe}"))
         })?;
         sim.destroy_domain(fe);

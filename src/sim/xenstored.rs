@@ -24,7 +24,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
-use crate::backend::xenstore::wire::*;
+use crate::xen::xenstore::wire::*;
 
 /// Longest accepted path (absolute), as xenstored's limit.
 const PATH_MAX: usize = 3072;
@@ -626,7 +626,7 @@ fn shown_path(domid: u16, w: &Watch, abs: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::xenstore::{Tx, WatchEvent, XsClient};
+    use crate::xen::xenstore::{Tx, WatchEvent, XsClient};
     use std::time::{Duration, Instant};
 
     fn client(sim: &SimXenstored, domid: u16) -> XsClient {
@@ -681,7 +681,7 @@ mod tests {
         assert_eq!(sim.read("/local/domain/0/rel/x").as_deref(), Some("1"));
         // Bad paths are the daemon's EINVAL.
         let e = c.write(Tx::NONE, "/bad path", "1").unwrap_err();
-        assert!(matches!(e, crate::backend::xenstore::XsError::Daemon(ref n) if n == "EINVAL"));
+        assert!(matches!(e, crate::xen::xenstore::XsError::Daemon(ref n) if n == "EINVAL"));
         c.set_perms(Tx::NONE, "/m", &["n0", "r5"]).unwrap();
     }
 

@@ -4,9 +4,7 @@
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use displback::backend::server::{Server, ServerConfig, StopHandle};
-use displback::backend::xenstore::XsClient;
-use displback::backend::DomId;
+use displback::backend::server::{InputHandle, Server, ServerConfig, StopHandle};
 use displback::displif::budget::Limits;
 use displback::displif::format::PixelFormat;
 use displback::output::convert::convert_row;
@@ -17,6 +15,8 @@ use displback::sim::pattern;
 use displback::sim::toolstack::Toolstack;
 use displback::sim::xenstored::SimXenstored;
 use displback::sim::SimXen;
+use displback::xen::xenstore::XsClient;
+use displback::xen::DomId;
 use displback::zcopy::ZeroCopyGate;
 
 pub const BACKEND: DomId = DomId(0);
@@ -30,6 +30,8 @@ pub struct Rig {
     pub view: HeadlessView,
     pub toolstack: Toolstack,
     backend: Option<(StopHandle, JoinHandle<()>)>,
+    /// Hands input to the running backend's vkbd devices.
+    pub input: Option<InputHandle>,
     /// The configuration every backend of this rig starts with.
     pub cfg: ServerConfig,
 }
@@ -89,6 +91,7 @@ impl Rig {
             view: HeadlessView::default(),
             toolstack,
             backend: None,
+            input: None,
             cfg,
         }
     }
@@ -141,6 +144,7 @@ impl Rig {
             .unwrap()
             .with_zero_copy(gate);
         let stop = server.stop_handle();
+        self.input = Some(server.input_handle());
         let thread = std::thread::spawn(move || server.run().expect("backend failed"));
         self.backend = Some((stop, thread));
     }
@@ -190,7 +194,7 @@ impl Rig {
     pub fn read(&mut self, path: &str) -> Option<String> {
         self.toolstack
             .xs()
-            .read(displback::backend::xenstore::Tx::NONE, path)
+            .read(displback::xen::xenstore::Tx::NONE, path)
             .unwrap()
     }
 

@@ -40,7 +40,7 @@ xen)
     echo "DOM0_IMG=$DOM0_IMG"
     echo "XEN_VERSION=$XEN_VERSION"
     echo "STAGE1_INITRAMFS=$(build_base_initramfs stage1 "virtio_pci virtio_blk ext4 crc32c_generic")"
-    echo "DOMU_INITRAMFS=$(build_base_initramfs domu "drm_xen_front")"
+    echo "DOMU_INITRAMFS=$(build_base_initramfs domu "drm_xen_front evdev")"
     ;;
 weston)
     source "$HERE/weston.sh"

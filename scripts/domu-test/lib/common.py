@@ -9,6 +9,12 @@ from dataclasses import dataclass, field
 PROGRAMS = {
     "guest-client": "/bin/guest_client --frames {frames} --hold-secs {hold} --format {fmt} --wait-secs 20",
     "demo": "/bin/displback demo --output kms --frames {frames} --hold-secs {hold}{fmt_opt}",
+    # Disable/re-enable and half-resolution modesets right after flips (still in flight).
+    "demo-reconfig": "NO_COLOR=1 /bin/displback demo --output kms --frames {frames} --hold-secs {hold}{fmt_opt}"
+                     " --reconfigure-every 40",
+    # The same on the legacy path (SET_CRTC in displback's worker thread, PAGE_FLIP).
+    "demo-legacy": "NO_COLOR=1 DISPLBACK_KMS_ATOMIC=0 /bin/displback demo --output kms --frames {frames}"
+                   " --hold-secs {hold}{fmt_opt} --reconfigure-every 40",
 }
 # Serial markers the programs print when they hold a frame on screen.
 HOLD_RX = (r"(?:GUEST-CLIENT HOLD frame=(?P<frame>\d+) width=(?P<w>\d+) height=(?P<h>\d+)(?: conn=(?P<gconn>\d+))?)"

@@ -22,6 +22,8 @@ SCENARIOS = {
     "kms-demo-bochs": ("bochs", "demo", "xrgb8888"),
     "kms-demo-virtio": ("virtio", "demo", "xrgb8888"),
     "kms-demo-bochs-rgb565": ("bochs", "demo", "rgb565"),
+    "kms-demo-virtio-reconfig": ("virtio", "demo-reconfig", "xrgb8888"),
+    "kms-demo-bochs-legacy": ("bochs", "demo-legacy", "xrgb8888"),
 }
 
 INIT = """#!/bin/sh
@@ -41,12 +43,41 @@ poweroff -f
 """
 
 
+def kv(line: str) -> dict[str, str]:
+    """The key=value fields of a log line (tracing's and the programs' own; quotes of
+    string values dropped)."""
+    return {k: v.strip('"') for k, v in (t.split("=", 1) for t in line.split() if "=" in t)}
+
+
+def check_reconfig(lines, status: str, detail: str, legacy: bool) -> tuple[str, str]:
+    """The demo reconfigured (DEMO reconfigs>0) and the KMS output's exit line reports
+    how many modesets it planned behind an event and restores it deferred; with
+    `legacy`, the output said it drives the connector on the legacy path (and never
+    atomic)."""
+    demo = next((kv(l) for _, l in lines if l.startswith("DEMO flips=")), {})
+    kms = next((kv(l) for _, l in lines if "KMS frames shown" in l), {})
+    paths = {kv(l).get("path") for _, l in lines if "KMS path:" in l}
+    reconfigs = int(demo.get("reconfigs", "0"))
+    if reconfigs == 0 or "planned_modesets" not in kms:
+        return "FAIL", f"{detail} | reconfigs={reconfigs} KMS counters missing: {kms}"
+    if legacy and paths != {"legacy"}:
+        return "FAIL", f"{detail} | expected only the legacy path, log says {paths}"
+    deferred = int(kms["planned_modesets"]) + int(kms.get("deferred_restores", "0"))
+    if not legacy and deferred == 0:
+        # Reconfiguring right after flips must have met a flip in flight at least once
+        # in 7 rounds, else this scenario did not test what it is for.
+        return "FAIL", f"{detail} | no modeset or restore waited for a flip in flight: {kms}"
+    return status, (f"{detail} | reconfigs={reconfigs} planned_modesets={kms['planned_modesets']}"
+                    f" deferred_restores={kms['deferred_restores']} copied={kms.get('copied')}")
+
+
 def run_one(name: str, art: dict, bins: dict, workdir: str, accel: list[str],
             frames: int, hold: int, program: str | None, boot_timeout: float) -> Result:
     display, prog, fmt = SCENARIOS[name]
     prog = program or prog
     res = Result(name)
-    binary = {"guest-client": "guest_client", "demo": "displback"}[prog]
+    binary = {"guest-client": "guest_client", "demo": "displback",
+              "demo-reconfig": "displback", "demo-legacy": "displback"}[prog]
     path = bins.get(binary, f"ERROR: {binary} not built")
     if path.startswith("ERROR"):
         res.detail = path
@@ -92,6 +123,9 @@ def run_one(name: str, art: dict, bins: dict, workdir: str, accel: list[str],
             res.detail += " | " + " ".join(t for t in stats.split() if "=" in t and t.split("=")[0] in
                                           ("p50_us", "p99_us", "max_us", "total_ms"))
         v.wait_for(r"HARNESS-EXIT", hold + 30, i)
+        if prog in ("demo-reconfig", "demo-legacy"):
+            res.status, res.detail = check_reconfig(v.lines, res.status, res.detail,
+                                                    legacy=prog == "demo-legacy")
     except (vm.Timeout, RuntimeError, ValueError, OSError) as e:
         res.status, res.detail = "FAIL", f"{prog}: {e}\n{v.tail()}"
     finally:

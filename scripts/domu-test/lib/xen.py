@@ -4,11 +4,14 @@ kernel runs every selected scenario of that kind in order (Dom0's /harness/dom0-
 serial console, takes QMP screendumps while a guest holds a frame and checks pixels).
 
 Per-run injection (no rootfs rebuild): the stage-1 initramfs carries an uncompressed
-overlay with /inject/... (displback, the Dom0 scripts, the DomU initramfs with the
-fresh guest_client); stage 1 copies it onto the snapshot root disk."""
+overlay with /inject/... (the displback .deb built by scripts/build-deb from the fresh
+binary, the Dom0 scripts, the DomU initramfs with the fresh guest_client); stage 1 copies
+it onto the snapshot root disk and Dom0's init installs the package with `dpkg -i` (the
+installed /usr/bin/displback is what the scenarios run)."""
 
 import os
 import re
+import subprocess
 import time
 
 from . import cpio, pattern, pixels, vm, weston
@@ -24,7 +27,7 @@ WESTON_DIR = os.path.join(os.path.dirname(HERE), "weston")
 # granted (IMP_TO_REFS; bochs VRAM cannot).
 STOCK_SCENARIOS = ["xen-boot", "xen-pvh-boots", "xen-flip", "xen-rgb565", "xen-destroy", "xen-restart", "xen-two-domus",
                    "xen-noisy-neighbour", "xen-destroy-loop", "xen-refused", "xen-bealloc", "xen-zcopy-auto-fallback",
-                   "xen-weston-guest", "xen-modetest-guest", "xen-wayland"]
+                   "xen-launch", "xen-input", "xen-weston-guest", "xen-modetest-guest", "xen-wayland"]
 # Scenarios whose DomU runs third-party programs from the Weston image (lib/weston.sh).
 THIRD_PARTY = ("xen-weston-guest", "xen-modetest-guest", "xen-wayland")
 ZCOPY_SCENARIOS = ["xen-zcopy-bealloc", "xen-zcopy-destroy", "xen-zcopy-pv-fallback", "xen-drvdom-bealloc", "xen-drvdom-copy"]
@@ -55,6 +58,25 @@ DOM0_CMDLINE = "console=hvc0 earlyprintk=xen loglevel=4 root=/dev/vda"
 
 def _read(p: str) -> bytes:
     return open(p, "rb").read()
+
+
+def build_deb(binary: str, workdir: str) -> tuple[str, str]:
+    """scripts/build-deb around the fresh static binary: (path of the .deb, path of the
+    displback binary taken back out of it), or raises RuntimeError."""
+    repo = os.path.abspath(os.path.join(XEN_DIR, "..", "..", ".."))
+    out = os.path.join(workdir, "deb")
+    p = subprocess.run([os.path.join(repo, "scripts", "build-deb"), "--binary", binary, "--out", out],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0 or not p.stdout.strip():
+        raise RuntimeError(f"scripts/build-deb failed: {p.stderr.strip()[-800:]}")
+    deb = p.stdout.strip().splitlines()[-1]
+    inner = os.path.join(out, "displback-from-deb")
+    with open(inner, "wb") as f:
+        tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", deb], stdout=subprocess.PIPE, check=True).stdout
+        f.write(subprocess.run(["tar", "-xO", "./usr/bin/displback"], input=tar, stdout=subprocess.PIPE,
+                               check=True).stdout)
+    os.chmod(inner, 0o755)
+    return deb, inner
 
 
 def _initrd(workdir: str, name: str, files: dict, base: str) -> str:
@@ -390,6 +412,11 @@ def _zero_copy(r: Run, s: str, res: Result, end: str) -> None:
     refused = [l for l in log if "refused" in l]
     for step in ("card", "hold", "exited", "gone"):
         need(step in maps, f"no backend mappings reported at step '{step}'")
+    # The guest paused at CARD-READY and CLIENT-EXITED until Dom0 had taken those
+    # snapshots (gate=ok), so they show the guest connected and idle, not shutting down.
+    gates = [re.search(r"gate=(\w+)", l).group(1)
+             for l in r.marker_lines(rf"^\[{name}\] HARNESS-DOMU LINGER-DONE gate=")]
+    need(gates == ["ok", "ok"], f"guest pauses for the snapshots: {gates} (want ['ok', 'ok'])")
     card, hold, exited = maps.get("card", {}), maps.get("hold", {}), maps.get("exited", {})
     need(cm is not None, "no 'KMS frames shown' counters in the backend's log (did it exit cleanly?)")
     need(not refused, f"requests refused: {refused[:2]}")
@@ -606,6 +633,107 @@ def _modetest_guest(r: Run, res: Result, end: str) -> None:
                   + "".join(f"\nPROBLEM: {p}" for p in problems))
 
 
+def _launch(r: Run, res: Result, end: str) -> None:
+    """`displback launch` (dom0-init scenario_xen-launch): the guest `launchg` is launched,
+    shown (pixels), destroyed, launched again under the same name (a new domid) and shown
+    again; the first launch spawned the per-guest instance, the second reused it (same
+    pid), which served both domids; its status node read `ready` at each launch and
+    `dead` after SIGTERM; the guest's `name` node is Dom0's (`n0`), read-only for it."""
+    sw = Stopwatch()
+    problems: list[str] = []
+    checks = []
+    launches = []
+    for i in (1, 2):
+        m = r.wait(rf"HARNESS LAUNCH i={i} rc=0 domid=(\d+) pid=(\S+) instance=(\S+) status=(\S+) name_perms=(\S*)",
+                   120, fail=rf"{end}|\[launch\] ", what=f"launch #{i}")
+        launches.append(m.groups())
+        res.timings[f"launch{i}"] = sw.lap()
+        h = r.wait(rf"\[launchg\].*(?:{HOLD_RX})", 400, fail=_guest_fail("launchg", end), what=f"HOLD of launch #{i}")
+        res.timings[f"launch{i}→hold"] = sw.lap()
+        checks.append(r.check_hold("launchg", h, f"launch{i}"))
+        d = r.wait(rf"HARNESS LAUNCH-DESTROY i={i} rc=(\d+) pid_alive=(\d)", 120, fail=end)
+        if d.groups() != ("0", "1"):
+            problems.append(f"after destroy #{i}: xl destroy rc={d.group(1)} instance alive={d.group(2)}")
+    st = r.wait(r"HARNESS LAUNCH-STOPPED status=(\S+) alive=(\d)", 60, fail=end)
+    (d1, p1, how1, st1, perm1), (d2, p2, how2, st2, perm2) = launches
+    if (how1, how2) != ("spawned", "reused"):
+        problems.append(f"launches: {how1}, {how2} (want spawned, then reused)")
+    if p1 == "none" or p1 != p2:
+        problems.append(f"instance pid {p1} then {p2} (want one instance following the name)")
+    if d1 == d2:
+        problems.append(f"both guests got domid {d1}")
+    if (st1, st2) != ("ready", "ready"):
+        problems.append(f"status node at the launches: {st1}, {st2}")
+    for perm in (perm1, perm2):
+        if not perm.startswith("(n0,"):
+            problems.append(f"guest name node perms {perm!r}: not owned by Dom0")
+    if st.groups() != ("dead", "0"):
+        problems.append(f"after SIGTERM: status node {st.group(1)}, alive={st.group(2)}")
+    ok = all(c.ok for c in checks) and not problems
+    res.status = "PASS" if ok else "FAIL"
+    res.detail = (f"dom{d1} ({how1}, pid {p1}): {checks[0].detail}\n"
+                  f"dom{d2} ({how2}, pid {p2}): {checks[1].detail}\n"
+                  f"name node perms {perm1} {perm2}; status node ready at both launches, {st.group(1)} after SIGTERM"
+                  + "".join(f"\nPROBLEM: {p}" for p in problems))
+
+
+# xen-input: what input_replay (src/bin/input_replay.rs) sends, and what the guest must see.
+INPUT_KEYS = [(42, 1), (30, 1), (30, 0), (42, 0), (29, 1), (46, 1), (46, 0), (29, 0), (88, 1), (88, 0)]
+# Touchscreen frames: slot -> (x, y) in the uinput device's 0..4095, or None when lifted.
+INPUT_FRAMES = [{0: (0, 0), 1: (4095, 4095)}, {0: (2048, 1024), 1: (1024, 2048)}, {0: None, 1: None},
+                {3: (0, 4095)}, {3: (4095, 0)}, {3: None}]
+INPUT_TOUCH_MAX, INPUT_MT_W, INPUT_MT_H = 4095, 1920, 1080
+
+
+def _input_expected() -> tuple[list[str], list[str]]:
+    """The guest's INPUT-KEY and INPUT-MT-FRAME lines for the replayed script: device
+    values normalized to 0..65535, then scaled to the guest's declared size (integer
+    division at each step, as the kbdif spec leaves rounding to the backend)."""
+    def scale(v: int, size: int) -> int:
+        return (v * 65535 // INPUT_TOUCH_MAX) * size // 65535
+    keys = [f"INPUT-KEY dev=kbd code={c} value={v}" for c, v in INPUT_KEYS]
+    frames, down = [], {}
+    for f in INPUT_FRAMES:
+        for slot, pos in f.items():
+            if pos is None:
+                down.pop(slot, None)
+            else:
+                down[slot] = (scale(pos[0], INPUT_MT_W), scale(pos[1], INPUT_MT_H))
+        frames.append("INPUT-MT-FRAME contacts=" + ";".join(f"{s}:{x},{y}" for s, (x, y) in sorted(down.items())))
+    return keys, frames
+
+
+def _input(r: Run, res: Result, end: str) -> None:
+    """xen-input: the exact keys (modifiers included) and multi-touch frames (slots and
+    scaled coordinates, corners included) the DomU's xen-kbdfront delivered."""
+    sw = Stopwatch()
+    r.wait(r"\[input\].*INPUT-READY", 200, fail=end)
+    res.timings["create→ready"] = sw.lap()
+    r.wait(r"\[input\].*INPUT-DONE", 200, fail=end)
+    res.timings["replay"] = sw.lap()
+    # The display of the same guest flipped meanwhile: its held frame is checked, and
+    # the replay ran between its first flip and its hold.
+    m = r.wait(rf"\[input\].*(?:{HOLD_RX})", 200, fail=_guest_fail("input", end, "input"), what="HOLD from DomU input")
+    chk = r.check_hold("input", m, "hold")
+    res.timings["create→hold"] = sw.lap()
+    r.wait(r"\[input\].*HARNESS-DOMU EXIT", 120, fail=end)
+    gc_ok = bool(r.guest_lines("input", r"GUEST-CLIENT RESULT.*ok=1"))
+    t_flip, t_go = r.line_time(r"\[input\].*GUEST-CLIENT FLIPPING"), r.line_time(r"\[replay\] REPLAY GO")
+    t_done, t_hold = r.line_time(r"\[replay\] REPLAY DONE"), r.line_time(rf"\[input\].*(?:{HOLD_RX})")
+    overlap = None not in (t_flip, t_go, t_done, t_hold) and t_flip <= t_go and t_done <= t_hold
+    got = [re.sub(r"^.*?(INPUT-(KEY|MT-FRAME))", r"\1", l).strip()
+           for l in r.guest_lines("input", r"INPUT-(KEY|MT-FRAME)")]
+    want_keys, want_frames = _input_expected()
+    keys = [l for l in got if l.startswith("INPUT-KEY")]
+    frames = [l for l in got if l.startswith("INPUT-MT-FRAME")]
+    keys_ok, frames_ok = keys == want_keys, frames == want_frames
+    res.status = "PASS" if keys_ok and frames_ok and chk.ok and gc_ok and overlap else "FAIL"
+    res.detail = (f"input_keys={len(keys)} keys_ok={int(keys_ok)} mt_frames={len(frames)} frames_ok={int(frames_ok)} "
+                  f"display_ok={int(chk.ok)} client_ok={int(gc_ok)} input_while_flipping={int(bool(overlap))} | {chk.detail}"
+                  + ("" if keys_ok else f"\n  keys got {keys}\n  want {want_keys}")
+                  + ("" if frames_ok else f"\n  frames got {frames}\n  want {want_frames}"))
+
+
 def _scenario(r: Run, s: str, res: Result) -> None:
     end = rf"HARNESS SCENARIO {s} END"
     if s == "xen-boot":
@@ -664,6 +792,10 @@ def _scenario(r: Run, s: str, res: Result) -> None:
         _weston_guest(r, res, end)
     elif s == "xen-modetest-guest":
         _modetest_guest(r, res, end)
+    elif s == "xen-launch":
+        _launch(r, res, end)
+    elif s == "xen-input":
+        _input(r, res, end)
     elif s in ("xen-drvdom-bealloc", "xen-drvdom-copy"):
         _drvdom(r, res, end, bealloc=s == "xen-drvdom-bealloc")
     elif s in ("xen-bealloc", "xen-zcopy-auto-fallback") or s in ZCOPY_SCENARIOS:
@@ -711,10 +843,14 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
         for r in results.values():
             r.detail = gc
         return list(results.values())
-    domu = _initrd(workdir, "domU", {
+    domu_files = {
         "init": (0o755, _read(os.path.join(XEN_DIR, "domu-init"))),
         "bin/guest_client": (0o755, _read(gc)),
-    }, art["DOMU_INITRAMFS"])
+    }
+    ir = bins.get("input_reader", "ERROR")
+    if not ir.startswith("ERROR"):
+        domu_files["bin/input_reader"] = (0o755, _read(ir))
+    domu = _initrd(workdir, "domU", domu_files, art["DOMU_INITRAMFS"])
     params = (f"FRAMES={args.frames}\nHOLD={max(args.hold, 5)}\nSCENARIOS=\"{' '.join(names)}\"\n"
               + BOOT_PARAMS[kind])
     inject = {
@@ -726,10 +862,24 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
     }
     be = bins.get("displback", "ERROR")
     be_note = ""
+    if not be.startswith("ERROR"):
+        try:
+            deb, be = build_deb(be, workdir)
+            inject["inject/harness/displback.deb"] = (0o644, _read(deb))
+            be_note = f" (Dom0 installs {os.path.basename(deb)})"
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+            be = f"ERROR: {e}"
     if be.startswith("ERROR"):
-        be_note = f" (displback not injected: {be})"
-    else:
-        inject["inject/usr/local/bin/displback"] = (0o755, _read(be))
+        be_note = f" (displback package not injected: {be})"
+    rp = bins.get("input_replay", "ERROR")
+    if not rp.startswith("ERROR"):
+        inject["inject/usr/local/bin/input_replay"] = (0o755, _read(rp))
+    if "xen-input" in names:
+        # evdev and uinput for xen-input, without rebuilding the cached Dom0 rootfs (its
+        # module set is DOM0_MODULES in lib/xen.sh); both have no dependencies.
+        kmods = os.path.join(os.path.dirname(art["VMLINUX"]), "lib", "modules", art["KVER"], "kernel", "drivers", "input")
+        for m in ("evdev.ko", "misc/uinput.ko"):
+            inject[f"inject/harness/kmod/{os.path.basename(m)}"] = (0o644, _read(os.path.join(kmods, m)))
     if any(n.startswith("xen-drvdom-") for n in names):
         sc = bins.get("scanout_check", "ERROR")
         if be.startswith("ERROR") or sc.startswith("ERROR"):
@@ -792,6 +942,14 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
         boot["xen-banner"] = sw.lap()
         r.wait(r"HARNESS DOM0 BOOTED", 240, fail=r"Kernel panic|HARNESS-FATAL|Panic on CPU")
         boot["dom0-init"] = sw.lap()
+        pkg = r.wait(r"HARNESS PKG INSTALLED rc=(\S+) version=(\S*) bin=(\S*) files=(\d+)", 180,
+                     fail=r"Kernel panic|Panic on CPU", what="dpkg -i of the displback package")
+        boot["dpkg-i"] = sw.lap()
+        print(f"--- Dom0 installed the package: rc={pkg.group(1)} version={pkg.group(2)} "
+              f"displback={pkg.group(3)} ({pkg.group(4)} paths in `dpkg -L displback`, listed in the log)",
+              flush=True)
+        if pkg.group(1) != "0" or pkg.group(3) != "/usr/bin/displback":
+            raise RuntimeError(f"the displback package is not what Dom0 runs: {pkg.group(0)}")
         m = r.wait(r"HARNESS DOM0 READY cards=\[(.*?)\]", 120, fail=r"Kernel panic|Panic on CPU")
         boot["toolstack"] = sw.lap()
         print(f"--- Dom0 ready at {v.elapsed():.1f}s: " + " ".join(f"{k}={t:.1f}s" for k, t in boot.items())
@@ -809,7 +967,7 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
                 res.status = "FAIL"
                 mine = [l for _, l in v.lines[begin:]]
                 extra = [l.strip() for l in mine if re.search(
-                    r"HARNESS (BACKEND|XL-CREATE|TIMEOUT|GAVE-UP|GNTDEV|ZC|TWO|NN|DLOOP|MAPS|REFUSED)|GUEST-CLIENT ERROR|unable to add|panic|\[diag:"
+                    r"HARNESS (BACKEND|XL-CREATE|TIMEOUT|GAVE-UP|GNTDEV|ZC|TWO|NN|DLOOP|MAPS|REFUSED|LAUNCH)|GUEST-CLIENT ERROR|unable to add|panic|\[diag:"
                     r"|\[be-log:\S+\].*(WARN|ERROR)", l)][:10]
                 res.detail = f"{e}" + "".join(f"\n  {l}" for l in extra)
                 # resynchronise on this scenario's end marker
@@ -820,7 +978,7 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
             res.timings["scenario"] = time.monotonic() - t0
             print(f"--- {s}: {res.status} {res.timing_str()}\n    {res.detail}", flush=True)
         r.wait(r"HARNESS DOM0 DONE", 120)
-    except vm.Timeout as e:
+    except (vm.Timeout, RuntimeError) as e:
         for res in results.values():
             if res.detail == "not run":
                 res.detail = f"Xen boot/run ({kind}): {e}\n{v.tail()}"

@@ -446,15 +446,21 @@ pub fn commit_flip<D: ControlDevice>(
     Ok(())
 }
 
-/// Put back what was there before we took the CRTC (`saved_mode` from `GETCRTC`).
+/// Put back what was there before we took the CRTC (`saved_mode` from `GETCRTC`):
+/// blocking, or non-blocking with a flip-complete event (`nonblock`).
 pub fn commit_restore<D: ControlDevice>(
     card: &D,
     st: &AtomicState,
     saved_mode: Option<&Mode>,
+    nonblock: bool,
 ) -> io::Result<()> {
     let blob = saved_mode.map(|m| ModeBlob::new(card, m)).transpose()?;
     let values = st.restore_values(blob.as_ref().map_or(0, |b| b.id));
-    card.atomic_commit(AtomicCommitFlags::ALLOW_MODESET, request(&values))
+    let mut flags = AtomicCommitFlags::ALLOW_MODESET;
+    if nonblock {
+        flags |= AtomicCommitFlags::NONBLOCK | AtomicCommitFlags::PAGE_FLIP_EVENT;
+    }
+    card.atomic_commit(flags, request(&values))
 }
 
 #[cfg(test)]

@@ -176,6 +176,27 @@ fn geometry(format: PixelFormat, width: u32, height: u32, choice: ShmChoice) -> 
     })
 }
 
+/// Set the X bits of the `width` x `height` rectangle at the start of `buf` (rows `pitch`
+/// apart) for the wl_shm formats that have them. X means "ignored", but compositors
+/// compose with it (Weston's pixman renderer carries it into its framebuffer as alpha,
+/// and guests and our conversions leave it 0): a guest display is always opaque.
+pub fn force_opaque(buf: &mut [u8], pitch: usize, width: usize, height: usize, shm_format: u32) {
+    let (bpp, byte, bits) = match shm_format {
+        SHM_XRGB8888 => (4, 3, 0xff),
+        f if f == fourcc(b"XR12") => (2, 1, 0xf0),
+        f if f == fourcc(b"XR15") => (2, 1, 0x80),
+        _ => return,
+    };
+    for y in 0..height {
+        let Some(row) = buf.get_mut(y * pitch..y * pitch + width * bpp) else {
+            return;
+        };
+        for px in row.chunks_exact_mut(bpp) {
+            px[byte] |= bits;
+        }
+    }
+}
+
 /// The largest size of `bw` x `bh`'s aspect that fits in `w` x `h`.
 pub fn fit(bw: u32, bh: u32, w: i32, h: i32) -> (i32, i32) {
     if w <= 0 || h <= 0 || bw == 0 || bh == 0 {
@@ -252,6 +273,8 @@ struct Surf {
     /// Pool and buffers of store generation `.0`.
     pool: Option<(u64, WlShmPool, Vec<Option<WlBuffer>>)>,
     next_seq: u64,
+    /// Buffer size the opaque region was set for.
+    opaque: Option<(u32, u32)>,
 }
 
 impl Surf {
@@ -504,6 +527,14 @@ impl Wayland {
             // Only the frame's rectangle is written per frame: the border must be black.
             self.scratch.clear();
             self.scratch.resize(n, 0);
+            // Opaque black (a letterbox border).
+            force_opaque(
+                &mut self.scratch,
+                geo.stride as usize,
+                bw as usize,
+                bh as usize,
+                geo.shm_format,
+            );
             self.scratch_geo = Some(geo);
         }
         let pitch = geo.stride as usize;
@@ -516,6 +547,13 @@ impl Wayland {
         } else {
             self.copier.convert(frame, dst, pitch)?;
         }
+        force_opaque(
+            dst,
+            pitch,
+            frame.width as usize,
+            frame.height as usize,
+            geo.shm_format,
+        );
         store.write(slot, &self.scratch)?;
         Ok(slot)
     }
@@ -883,6 +921,17 @@ impl Wayland {
             )
         });
         surf.wl.attach(Some(buf), 0, 0);
+        if surf.opaque != Some((geo.width, geo.height)) {
+            // A guest display has no transparency: say so, so that the compositor never
+            // blends the X byte (guests often leave it 0) as alpha.
+            if let Some(comp) = &g.compositor {
+                let region = comp.create_region(&qh, ());
+                region.add(0, 0, geo.width as i32, geo.height as i32);
+                surf.wl.set_opaque_region(Some(&region));
+                region.destroy();
+                surf.opaque = Some((geo.width, geo.height));
+            }
+        }
         if surf.wl.version() >= 4 {
             surf.wl
                 .damage_buffer(0, 0, geo.width as i32, geo.height as i32);
@@ -1197,6 +1246,7 @@ fn create_surface(
         size: (0, 0),
         pool: None,
         next_seq: 1,
+        opaque: None,
     })
 }
 

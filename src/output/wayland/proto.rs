@@ -361,6 +361,7 @@ impl Dispatch<WlSurface, ()> for Session {
 }
 
 delegate_noop!(Session: WlCompositor);
+delegate_noop!(Session: wayland_client::protocol::wl_region::WlRegion);
 delegate_noop!(Session: WlShmPool);
 delegate_noop!(Session: WpViewporter);
 delegate_noop!(Session: WpViewport);

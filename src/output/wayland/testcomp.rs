@@ -24,6 +24,7 @@ use wayland_server::protocol::{
     wl_buffer::{self, WlBuffer},
     wl_callback::WlCallback,
     wl_compositor::{self, WlCompositor},
+    wl_region::{self, WlRegion},
     wl_shm::{self, WlShm},
     wl_shm_pool::{self, WlShmPool},
     wl_surface::{self, WlSurface},
@@ -108,6 +109,8 @@ pub struct Surface {
     feedback: Vec<WpPresentationFeedback>,
     pub commits: u32,
     pub acked: Option<u32>,
+    /// An opaque region was set.
+    pub opaque: bool,
 }
 
 /// The compositor's state.
@@ -262,10 +265,16 @@ impl Dispatch<WlCompositor, ()> for Comp {
         _: &DisplayHandle,
         di: &mut DataInit<'_, Self>,
     ) {
-        if let wl_compositor::Request::CreateSurface { id } = req {
-            let s = di.init(id, ());
-            st.log.push("wl_compositor.create_surface".into());
-            st.surfaces.insert(s.id(), Surface::default());
+        match req {
+            wl_compositor::Request::CreateSurface { id } => {
+                let s = di.init(id, ());
+                st.log.push("wl_compositor.create_surface".into());
+                st.surfaces.insert(s.id(), Surface::default());
+            }
+            wl_compositor::Request::CreateRegion { id } => {
+                di.init(id, ());
+            }
+            _ => {}
         }
     }
 }
@@ -288,6 +297,9 @@ impl Dispatch<WlSurface, ()> for Comp {
             wl_surface::Request::Attach { buffer, .. } => {
                 st.log.push("wl_surface.attach".into());
                 s.pending_buffer = Some(buffer);
+            }
+            wl_surface::Request::SetOpaqueRegion { region } => {
+                s.opaque = region.is_some();
             }
             wl_surface::Request::Frame { callback } => {
                 s.pending_frames.push(di.init(callback, ()));
@@ -314,6 +326,19 @@ impl Dispatch<WlSurface, ()> for Comp {
             }
             _ => {}
         }
+    }
+}
+
+impl Dispatch<WlRegion, ()> for Comp {
+    fn request(
+        _: &mut Self,
+        _: &Client,
+        _: &WlRegion,
+        _: wl_region::Request,
+        _: &(),
+        _: &DisplayHandle,
+        _: &mut DataInit<'_, Self>,
+    ) {
     }
 }
 

@@ -74,13 +74,15 @@ fn cookies(done: &[FlipDone]) -> Vec<u64> {
     done.iter().map(|d| d.fb_cookie).collect()
 }
 
-/// The first 4x2 pixels of a buffer's bytes as XRGB8888 words.
+/// The first 4x2 pixels of a buffer's bytes as RGB words; each must be opaque (X = 0xff).
 fn words(bytes: &[u8], stride: usize) -> Vec<u32> {
     let mut v = Vec::new();
     for y in 0..2 {
         for x in 0..4 {
             let o = y * stride + x * 4;
-            v.push(u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()));
+            let px = u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+            assert_eq!(px >> 24, 0xff, "X byte of ({x},{y}) in {px:#010x}");
+            v.push(px & 0xff_ffff);
         }
     }
     v
@@ -217,6 +219,7 @@ fn present_flip_waits_for_presentation_and_release() {
         words(&info.bytes(), info.stride as usize)
     };
     assert_eq!(shown(&comp), vec![0x0011_2233; 8]);
+    assert!(comp.surface().opaque, "opaque region set");
 
     // A flip: committed, but not done before the presentation.
     out.page_flip(c, &frame(&b, 2)).unwrap();
@@ -281,7 +284,7 @@ fn absent_then_present_then_gone_then_back() {
     assert_eq!(cookies(&done), vec![2]);
     assert!(!out.connected());
     assert_eq!(out.stats().simulated, 1);
-    assert_eq!(out.front_pixels(c).unwrap().1[..4], [0, 0xff, 0, 0]);
+    assert_eq!(out.front_pixels(c).unwrap().1[..4], [0, 0xff, 0, 0xff]);
     // Retries are spaced by the backoff.
     let next = out.next_deadline().unwrap();
     assert!(next > Instant::now());
@@ -419,7 +422,7 @@ fn format_conversion_and_refusal() {
         (
             vec![SHM_ARGB8888, SHM_XRGB8888],
             SHM_XRGB8888,
-            vec![0x00, 0x00, 0xff, 0x00, 0x00, 0xff, 0x00, 0x00],
+            vec![0x00, 0x00, 0xff, 0xff, 0x00, 0xff, 0x00, 0xff],
         ),
         (
             vec![SHM_ARGB8888, SHM_XRGB8888, fourcc(b"RG16")],
@@ -650,7 +653,66 @@ fn letterbox_in_the_buffer_without_viewporter() {
             let o = y * info.stride as usize + x * 4;
             let px = u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
             let inside = (2..6).contains(&x) && (2..4).contains(&y);
-            assert_eq!(px, if inside { 0x00ab_cdef } else { 0 }, "({x},{y})");
+            let want = if inside { 0xffab_cdef } else { 0xff00_0000 };
+            assert_eq!(px, want, "({x},{y})");
         }
+    }
+}
+
+/// Every guest format shows the same picture as the headless output (XRGB8888 there),
+/// converted or copied as is.
+#[test]
+fn every_format_matches_the_headless_picture() {
+    use crate::output::headless::Headless;
+    let (w, h) = (64u32, 8u32);
+    for format in PixelFormat::ALL {
+        let pitch = format.min_pitch(w).unwrap();
+        let mem = anonymous((pitch * h) as usize).unwrap();
+        let mut row = vec![0u8; pitch as usize];
+        for y in 0..h {
+            crate::sim::pattern::draw_row(format, 3, 0, y, &mut row);
+            mem.write((y * pitch) as usize, &row).unwrap();
+        }
+        let f = FrameSource::Mapped(Frame {
+            mem: &mem,
+            offset: 0,
+            width: w,
+            height: h,
+            pitch,
+            format,
+            fb_cookie: 1,
+        });
+        let mut hl = Headless::new();
+        hl.add_connector(cid(0), "x", w, h).unwrap();
+        hl.set_config(cid(0), Some(&f)).unwrap();
+        let want = hl.frame(cid(0)).unwrap().pixels;
+
+        let path = sock(&format!("every{format:?}"));
+        let mut comp = TestCompositor::start(&path, Offer::default());
+        let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+        out.add_connector(cid(0), "x", w, h).unwrap();
+        out.set_config(cid(0), Some(&f)).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
+            o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+        });
+        comp.configure_all(0, 0);
+        out.page_flip(cid(0), &f).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "buffer", |_, _, c| {
+            c.is_some_and(|c| c.surface().current.is_some())
+        });
+        let info = comp.shown();
+        assert_eq!(info.format, SHM_XRGB8888, "{format:?}");
+        let bytes = info.bytes();
+        let mut got = Vec::new();
+        for y in 0..h as usize {
+            for x in 0..w as usize {
+                let o = y * info.stride as usize + x * 4;
+                let px = u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+                assert_eq!(px >> 24, 0xff, "{format:?} X byte");
+                got.push(px & 0xff_ffff);
+            }
+        }
+        let want: Vec<u32> = want.iter().map(|p| p & 0xff_ffff).collect();
+        assert_eq!(got, want, "{format:?}");
     }
 }

@@ -12,8 +12,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use super::ioctl::{ioc_none, ioctl, open_device};
+use super::platform::EventChannels;
 use super::types::{DomId, EvtchnPort, XenError};
-use super::xen::EventChannels;
 
 /// `struct ioctl_evtchn_bind_interdomain { unsigned int remote_domain, remote_port; };`
 /// (8 bytes)

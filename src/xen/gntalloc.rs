@@ -15,8 +15,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 use super::gntdev::checked_len;
 use super::ioctl::{ioc_none, ioctl, mmap_new, open_device};
 use super::mem::MappedRegion;
+use super::platform::{GrantAllocator, GrantedPages};
 use super::types::{DomId, GrantRef, XenError};
-use super::xen::{GrantAllocator, GrantedPages};
 
 /// ```c
 /// struct ioctl_gntalloc_alloc_gref {

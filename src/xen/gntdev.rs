@@ -16,8 +16,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use super::ioctl::{ioc_none, ioctl, mmap_new, open_device};
 use super::mem::MappedRegion;
+use super::platform::{GrantMapper, PAGE_SIZE};
 use super::types::{DomId, GrantRef, XenError};
-use super::xen::{GrantMapper, PAGE_SIZE};
 
 /// Refuse to map more pages than this in one request (hostile or corrupt counts).
 pub const MAX_MAP_PAGES: usize = 1 << 20;

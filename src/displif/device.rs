@@ -20,53 +20,28 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::displif::budget::GuestBudget;
 use crate::displif::connection::{Connection, ConnectorCfg, PendingRelease, Reply};
 use crate::displif::request::{encode_pg_flip_event, encode_response};
 use crate::displif::ring::{BackRing, EventProducer, RingError};
 use crate::displif::turn::serve_turn;
-use crate::log_limit::LogLimiter;
 use crate::output::{ConnectorId, Output};
+use crate::xen::xenstore::Tx;
+use crate::xen::{DomId, EvtchnPort, GrantRef, Platform};
+use crate::xenbus::{DeviceError, DeviceIds, DeviceKind, Effects, XenbusDevice};
+pub use crate::xenbus::{FIRST_HOLD, MAX_HOLD};
 use crate::zcopy::ZeroCopyGate;
-
-use super::xen::Platform;
-use super::xenstore::{Tx, XsError};
-use super::{DomId, EvtchnPort, GrantRef, XenbusState};
 
 /// Most connectors we accept on one device (Linux uses at most 4).
 pub const MAX_CONNECTORS: u32 = 16;
 /// Largest connector resolution we accept from XenStore.
 pub const MAX_DIMENSION: u32 = 8192;
 pub use crate::displif::turn::{REQUESTS_PER_TURN, TURN_BYTES, TURN_TIME};
-/// First hold of a device closed for misbehaviour (ring overflow, too many refusals)
-/// before it may connect again; doubled per repeat, up to [`MAX_HOLD`].
-pub const FIRST_HOLD: Duration = Duration::from_secs(1);
-pub const MAX_HOLD: Duration = Duration::from_secs(60);
 /// Flip events kept while a frontend's event page is full.
 const EVENT_BACKLOG: usize = 64;
-
-/// Why a device could not connect or had to close.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    #[error("xenstore: {0}")]
-    Xs(#[from] XsError),
-    #[error("{0}")]
-    Config(String),
-    #[error("{0}")]
-    Xen(#[from] super::XenError),
-    #[error("output refused connector {0}: {1}")]
-    Output(String, crate::output::OutputError),
-    #[error("{0}")]
-    Ring(#[from] RingError),
-    #[error("backend directory gone")]
-    Gone,
-    #[error("device replaced by the toolstack")]
-    Replaced,
-}
 
 /// The rings of one connector of a live connection.
 pub struct ConnectorRings {
@@ -114,42 +89,6 @@ pub struct RingTurn {
     pub deferred: Option<DeferredRequest>,
 }
 
-/// One vdispl device of one frontend domain.
-pub struct Device {
-    pub dom: DomId,
-    pub dev: u32,
-    pub be_path: String,
-    pub fe_path: String,
-    /// The state we last wrote.
-    pub state: XenbusState,
-    pub live: Option<Live>,
-    /// Removed by the toolstack: stay Closed until the directory goes away.
-    removed: bool,
-    /// The zero-copy decision, shared by all devices.
-    zero_copy: Arc<Mutex<ZeroCopyGate>>,
-    /// The domain's budget, shared by its devices.
-    budget: Arc<GuestBudget>,
-    /// Guest-triggered warnings of this device.
-    log: LogLimiter,
-    /// Closed for misbehaviour: no new connection before this.
-    hold_until: Option<Instant>,
-    /// Misbehaviour closes in a row (the hold doubles each time).
-    strikes: u32,
-    /// When the live connection was made.
-    connected_at: Option<Instant>,
-    /// `vdispl{dom, dev}`: entered by every method that logs, so log lines carry the
-    /// guest and device without hand-written fields.
-    span: tracing::Span,
-}
-
-/// What the server must do after a device changed.
-#[derive(Debug, Default)]
-pub struct Effects {
-    /// Ports bound (to register) and unbound (to forget).
-    pub bound: Vec<(EvtchnPort, u32)>,
-    pub unbound: Vec<EvtchnPort>,
-}
-
 pub fn parse_u32(s: &str) -> Option<u32> {
     let s = s.trim_end_matches('\0');
     if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
@@ -173,150 +112,78 @@ pub fn valid_unique_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
-impl Device {
-    /// A device found under our backend directory. `fe_path` comes from its `frontend` node.
-    pub fn new(
-        plat: &mut Platform,
-        dom: DomId,
-        dev: u32,
-        be_path: String,
-        zero_copy: Arc<Mutex<ZeroCopyGate>>,
-        budget: Arc<GuestBudget>,
-    ) -> Result<Self, DeviceError> {
-        let expected = format!("/local/domain/{}/device/vdispl/{}", dom.0, dev);
-        let fe_path = match plat.store.read(Tx::NONE, &format!("{be_path}/frontend"))? {
-            Some(p) if p == expected => p,
-            Some(p) => {
-                return Err(DeviceError::Config(format!(
-                    "frontend path {p:?} is not {expected}"
-                )))
-            }
-            None => expected,
-        };
-        let mut d = Device {
-            dom,
-            dev,
-            be_path,
-            fe_path,
-            state: XenbusState::Unknown,
+/// The vdispl device kind: a live connection's rings and request state.
+pub struct Vdispl {
+    pub live: Option<Live>,
+    /// The zero-copy decision, shared by all devices.
+    zero_copy: Arc<Mutex<ZeroCopyGate>>,
+    /// The domain's budget, shared by its devices.
+    budget: Arc<GuestBudget>,
+}
+
+/// One vdispl device of one frontend domain.
+pub type Device = XenbusDevice<Vdispl>;
+
+impl Vdispl {
+    /// A device's state before it connects.
+    pub fn new(zero_copy: Arc<Mutex<ZeroCopyGate>>, budget: Arc<GuestBudget>) -> Self {
+        Vdispl {
             live: None,
-            removed: false,
             zero_copy,
             budget,
-            log: LogLimiter::default(),
-            hold_until: None,
-            strikes: 0,
-            connected_at: None,
-            span: tracing::info_span!("vdispl", dom = dom.0, dev),
-        };
-        let _span = d.span.clone().entered();
-        // A previous backend may have left a live state: walk it through Closed so the
-        // frontend notices, drops its device, and reconnects to us.
-        let found = d.read_state(plat, &d.be_path.clone())?;
-        if !matches!(
-            found,
-            XenbusState::Unknown | XenbusState::Initialising | XenbusState::Closed
-        ) {
-            info!("taking over from a previous backend (state {found:?})");
-            d.write_state(plat, XenbusState::Closing)?;
-            d.write_state(plat, XenbusState::Closed)?;
         }
-        plat.store
-            .write(Tx::NONE, &format!("{}/versions", d.be_path), "1,2")?;
-        d.write_state(plat, XenbusState::Initialising)?;
-        Ok(d)
     }
 
-    fn read_state(&self, plat: &mut Platform, dir: &str) -> Result<XenbusState, XsError> {
-        Ok(plat
-            .store
-            .read(Tx::NONE, &format!("{dir}/state"))?
-            .map_or(XenbusState::Unknown, |s| XenbusState::parse(&s)))
+    /// The domain's budget.
+    pub fn budget(&self) -> &Arc<GuestBudget> {
+        &self.budget
+    }
+}
+
+impl DeviceKind for Vdispl {
+    const TYPE: &'static str = "vdispl";
+    type Ctx = dyn Output;
+
+    fn span(dom: DomId, dev: u32) -> tracing::Span {
+        tracing::info_span!("vdispl", dom = dom.0, dev)
     }
 
-    fn write_state(&mut self, plat: &mut Platform, s: XenbusState) -> Result<(), XsError> {
-        debug!("backend state {:?} -> {s:?}", self.state);
+    fn advertise(&mut self, plat: &mut Platform, ids: &DeviceIds) -> Result<(), DeviceError> {
         plat.store
-            .write(Tx::NONE, &format!("{}/state", self.be_path), s.as_str())?;
-        self.state = s;
+            .write(Tx::NONE, &format!("{}/versions", ids.be_path), "1,2")?;
         Ok(())
     }
 
-    /// Re-evaluate after any XenStore change concerning this device.
-    pub fn reconcile(
+    fn connect(
         &mut self,
         plat: &mut Platform,
-        out: &mut dyn Output,
+        out: &mut Self::Ctx,
+        ids: &DeviceIds,
         fx: &mut Effects,
     ) -> Result<(), DeviceError> {
-        let _span = self.span.clone().entered();
-        let Some(raw) = plat
-            .store
-            .read(Tx::NONE, &format!("{}/state", self.be_path))?
-        else {
-            return Err(DeviceError::Gone);
-        };
-        let actual = XenbusState::parse(&raw);
-        if self.removed && actual == XenbusState::Initialising {
-            // The toolstack removed the device and made a new one with the same id
-            // before we saw the directory go.
-            return Err(DeviceError::Replaced);
-        }
-        let online = plat
-            .store
-            .read(Tx::NONE, &format!("{}/online", self.be_path))?;
-        let removal = online.as_deref() == Some("0")
-            || (actual != self.state
-                && matches!(actual, XenbusState::Closing | XenbusState::Closed));
-        if removal && !self.removed {
-            info!("removed by the toolstack");
-            self.removed = true;
-            self.close(plat, out, fx, XenbusState::Closed)?;
-            return Ok(());
-        }
-        if self.removed || self.held() {
-            return Ok(());
-        }
-        if actual == XenbusState::Initialising && self.state != XenbusState::Initialising {
-            // Someone reset us: start over.
-            self.state = XenbusState::Initialising;
-        }
-        let fe = self.read_state(plat, &self.fe_path.clone())?;
-        use XenbusState::*;
-        match (fe, self.state) {
-            (Initialising, Connected) => {
-                info!("frontend restarted");
-                self.close(plat, out, fx, InitWait)?;
-                self.hold_if_brief();
-            }
-            (Initialising, Initialising | Closed) => self.write_state(plat, InitWait)?,
-            // A frontend still Connected to a previous backend has stale rings: it must
-            // notice our reset and come back through Initialising first.
-            (Initialised, Initialising | InitWait) => match self.bind(plat, out, fx) {
-                Ok(()) => {
-                    self.write_state(plat, Connected)?;
-                    info!("connected");
-                }
-                Err(e) => {
-                    if let Some(suppressed) = self.log.allow() {
-                        warn!(suppressed, "cannot connect: {e}");
-                    }
-                    self.close(plat, out, fx, Closed)?;
-                    // Bad ring refs or channels again and again: back off like any
-                    // other misbehaviour.
-                    self.hold();
-                }
-            },
-            (Closing | Closed | Unknown, Initialised | Connected) => {
-                info!("frontend closed ({fe:?})");
-                self.close(plat, out, fx, InitWait)?;
-                self.hold_if_brief();
-            }
-            _ => {}
-        }
-        Ok(())
+        self.bind(plat, out, ids, fx)
     }
 
+    fn disconnect(&mut self, plat: &mut Platform, out: &mut Self::Ctx, fx: &mut Effects) {
+        if let Some(mut live) = self.live.take() {
+            live.connection.close(out);
+            for r in live.rings {
+                for port in [r.req_port, r.evt_port] {
+                    if let Err(e) = plat.evtchn.unbind(port) {
+                        warn!("unbinding {port:?}: {e}");
+                    }
+                    fx.unbound.push(port);
+                }
+            }
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        self.live.is_some()
+    }
+}
+
+impl Vdispl {
     fn read_node(plat: &mut Platform, path: &str) -> Result<String, DeviceError> {
         plat.store
             .read(Tx::NONE, path)?
@@ -329,10 +196,13 @@ impl Device {
     }
 
     /// The connectors configured in the frontend directory (contiguous from 0).
-    fn read_connectors(&self, plat: &mut Platform) -> Result<Vec<ConnectorCfg>, DeviceError> {
+    fn read_connectors(
+        plat: &mut Platform,
+        dev: &DeviceIds,
+    ) -> Result<Vec<ConnectorCfg>, DeviceError> {
         let mut cfgs = Vec::new();
         for n in 0..MAX_CONNECTORS {
-            let base = format!("{}/{n}", self.fe_path);
+            let base = format!("{}/{n}", dev.fe_path);
             let Some(res) = plat.store.read(Tx::NONE, &format!("{base}/resolution"))? else {
                 break;
             };
@@ -354,7 +224,7 @@ impl Device {
         if cfgs.is_empty() {
             return Err(DeviceError::Config(format!(
                 "{}/0/resolution: no connectors",
-                self.fe_path
+                dev.fe_path
             )));
         }
         Ok(cfgs)
@@ -364,13 +234,14 @@ impl Device {
         &mut self,
         plat: &mut Platform,
         out: &mut dyn Output,
+        dev: &DeviceIds,
         fx: &mut Effects,
     ) -> Result<(), DeviceError> {
-        let cfgs = self.read_connectors(plat)?;
+        let cfgs = Self::read_connectors(plat, dev)?;
         let ids: Vec<ConnectorId> = (0..cfgs.len() as u32)
             .map(|idx| ConnectorId {
-                dom: self.dom,
-                dev: self.dev,
+                dom: dev.dom,
+                dev: dev.dev,
                 idx,
             })
             .collect();
@@ -380,7 +251,7 @@ impl Device {
         let mut added: Vec<ConnectorId> = Vec::new();
         let result = (|| {
             for (n, cfg) in cfgs.iter().enumerate() {
-                let base = format!("{}/{n}", self.fe_path);
+                let base = format!("{}/{n}", dev.fe_path);
                 let req_ref = Self::read_u32(plat, &format!("{base}/req-ring-ref"))?;
                 let req_remote = Self::read_u32(plat, &format!("{base}/req-event-channel"))?;
                 let evt_ref = Self::read_u32(plat, &format!("{base}/evt-ring-ref"))?;
@@ -388,14 +259,14 @@ impl Device {
                 if req_ref == 0 || evt_ref == 0 {
                     return Err(DeviceError::Config(format!("{base}: ring grant ref 0")));
                 }
-                let req_page = plat.grants.map(self.dom, &[GrantRef(req_ref)], true)?;
-                let evt_page = plat.grants.map(self.dom, &[GrantRef(evt_ref)], true)?;
+                let req_page = plat.grants.map(dev.dom, &[GrantRef(req_ref)], true)?;
+                let evt_page = plat.grants.map(dev.dom, &[GrantRef(evt_ref)], true)?;
                 let req_port = plat
                     .evtchn
-                    .bind_interdomain(self.dom, EvtchnPort(req_remote))?;
+                    .bind_interdomain(dev.dom, EvtchnPort(req_remote))?;
                 let evt_port = match plat
                     .evtchn
-                    .bind_interdomain(self.dom, EvtchnPort(evt_remote))
+                    .bind_interdomain(dev.dom, EvtchnPort(evt_remote))
                 {
                     Ok(p) => p,
                     Err(e) => {
@@ -412,7 +283,12 @@ impl Device {
                     deferred: false,
                 });
                 out.add_connector(ids[n], &cfg.unique_id, cfg.width, cfg.height)
-                    .map_err(|e| DeviceError::Output(cfg.unique_id.clone(), e))?;
+                    .map_err(|e| {
+                        DeviceError::Refused(format!(
+                            "output refused connector {}: {e}",
+                            cfg.unique_id
+                        ))
+                    })?;
                 added.push(ids[n]);
             }
             Ok(())
@@ -433,11 +309,11 @@ impl Device {
         // Only the toolstack's word allows backend allocation.
         let be_alloc = plat
             .store
-            .read(Tx::NONE, &format!("{}/be-alloc", self.fe_path))?
+            .read(Tx::NONE, &format!("{}/be-alloc", dev.fe_path))?
             .is_some_and(|v| v.trim_end_matches('\0') == "1");
         let connection = Connection::new(
-            self.dom,
-            self.dev,
+            dev.dom,
+            dev.dev,
             cfgs,
             plat.grants.clone(),
             plat.gntalloc.clone(),
@@ -446,7 +322,6 @@ impl Device {
         .with_budget(self.budget.clone())
         .with_be_alloc(be_alloc)
         .with_zero_copy(self.zero_copy.clone());
-        self.connected_at = Some(Instant::now());
         self.live = Some(Live {
             connection,
             rings,
@@ -455,43 +330,9 @@ impl Device {
         });
         Ok(())
     }
+}
 
-    /// Close the connection (if any) and end in `final_state`.
-    pub fn close(
-        &mut self,
-        plat: &mut Platform,
-        out: &mut dyn Output,
-        fx: &mut Effects,
-        final_state: XenbusState,
-    ) -> Result<(), DeviceError> {
-        if self.state != XenbusState::Closed {
-            self.write_state(plat, XenbusState::Closing)?;
-        }
-        self.teardown(plat, out, fx);
-        self.write_state(plat, XenbusState::Closed)?;
-        if final_state != XenbusState::Closed {
-            self.write_state(plat, final_state)?;
-        }
-        Ok(())
-    }
-
-    /// Drop the live connection without touching XenStore (domain gone).
-    pub fn teardown(&mut self, plat: &mut Platform, out: &mut dyn Output, fx: &mut Effects) {
-        let _span = self.span.clone().entered();
-        if let Some(mut live) = self.live.take() {
-            live.connection.close(out);
-            for r in live.rings {
-                for port in [r.req_port, r.evt_port] {
-                    if let Err(e) = plat.evtchn.unbind(port) {
-                        warn!("unbinding {port:?}: {e}");
-                    }
-                    fx.unbound.push(port);
-                }
-            }
-            info!("connection closed");
-        }
-    }
-
+impl XenbusDevice<Vdispl> {
     /// Serve connector `idx`'s request ring for one turn ([`serve_turn`]); a deferred
     /// request holds the ring until [`Device::complete_deferred`].
     pub fn serve_ring(
@@ -502,7 +343,7 @@ impl Device {
     ) -> Result<RingTurn, RingError> {
         let _span = self.span.clone().entered();
         let mut turn = RingTurn::default();
-        let Some(live) = self.live.as_mut() else {
+        let Some(live) = self.kind.live.as_mut() else {
             return Ok(turn);
         };
         let Some(rings) = live.rings.get_mut(idx as usize) else {
@@ -540,7 +381,7 @@ impl Device {
     /// [`Connection::submit_queued`]).
     pub fn submit_queued(&mut self, plat: &mut Platform, out: &mut dyn Output) {
         let _span = self.span.clone().entered();
-        let Some(live) = self.live.as_mut() else {
+        let Some(live) = self.kind.live.as_mut() else {
             return;
         };
         if !live.connection.has_queued_flips() {
@@ -554,62 +395,19 @@ impl Device {
 
     /// True if a flip of this device waits for its refresh.
     pub fn has_queued_flips(&self) -> bool {
-        self.live
+        self.kind
+            .live
             .as_ref()
             .is_some_and(|l| l.connection.has_queued_flips())
     }
 
     /// Flip events the connection decided on (superseded or dropped flips).
     fn send_connection_events(&mut self, plat: &mut Platform) {
-        let Some(live) = self.live.as_mut() else {
+        let Some(live) = self.kind.live.as_mut() else {
             return;
         };
         for (idx, cookie) in live.connection.take_flip_events() {
             self.flip_done(plat, idx, cookie);
-        }
-    }
-
-    /// Close for misbehaviour: the device stays Closed for a hold that doubles with each
-    /// repeat (reset after a connection that lasted [`MAX_HOLD`]), so a guest looping
-    /// through overflow-and-reconnect costs the loop little.
-    pub fn hold(&mut self) {
-        let _span = self.span.clone().entered();
-        if self.connected_at.is_some_and(|t| t.elapsed() >= MAX_HOLD) {
-            self.strikes = 0;
-        }
-        let hold = FIRST_HOLD
-            .saturating_mul(1u32 << self.strikes.min(6))
-            .min(MAX_HOLD);
-        self.strikes = self.strikes.saturating_add(1);
-        self.hold_until = Some(Instant::now() + hold);
-        info!("held closed for {hold:?} (misbehaviour #{})", self.strikes);
-    }
-
-    /// A connection the frontend dropped within a second of making it: a reconnect loop
-    /// (each cycle costs the loop a modeset and a restore), so hold it like misbehaviour.
-    fn hold_if_brief(&mut self) {
-        if self
-            .connected_at
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
-            self.hold();
-        }
-    }
-
-    /// When a hold ends, if one is running.
-    pub fn hold_deadline(&self) -> Option<Instant> {
-        self.hold_until
-    }
-
-    /// True while held; clears an expired hold.
-    pub fn held(&mut self) -> bool {
-        match self.hold_until {
-            Some(t) if Instant::now() < t => true,
-            Some(_) => {
-                self.hold_until = None;
-                false
-            }
-            None => false,
         }
     }
 
@@ -625,7 +423,7 @@ impl Device {
         reply: Reply,
     ) -> bool {
         let _span = self.span.clone().entered();
-        let Some(live) = self.live.as_mut().filter(|l| l.serial == serial) else {
+        let Some(live) = self.kind.live.as_mut().filter(|l| l.serial == serial) else {
             return false;
         };
         let Some(rings) = live.rings.get_mut(idx as usize) else {
@@ -646,6 +444,7 @@ impl Device {
     pub fn flip_done(&mut self, plat: &mut Platform, idx: u32, fb_cookie: u64) {
         let _span = self.span.clone().entered();
         let Some(rings) = self
+            .kind
             .live
             .as_mut()
             .and_then(|l| l.rings.get_mut(idx as usize))
@@ -686,23 +485,13 @@ impl Device {
 
     /// Retry events held back by a full event page (called on any activity).
     pub fn retry_events(&mut self, plat: &mut Platform) {
-        let Some(live) = self.live.as_mut() else {
+        let Some(live) = self.kind.live.as_mut() else {
             return;
         };
         for rings in live.rings.iter_mut().filter(|r| !r.backlog.is_empty()) {
             let _span = self.span.enter();
             Self::flush_events(plat, rings);
         }
-    }
-
-    /// True once the toolstack asked us to go away.
-    pub fn removed(&self) -> bool {
-        self.removed
-    }
-
-    /// When the live connection was made, if there is one (`displback status`).
-    pub fn connected_since(&self) -> Option<Instant> {
-        self.live.as_ref().and(self.connected_at)
     }
 }
 
