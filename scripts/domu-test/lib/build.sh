@@ -2,6 +2,7 @@
 # Build (or reuse from the cache) the images one harness part needs; prints KEY=VALUE lines.
 #   build.sh kms   -> kernel + busybox/module initramfs for the plain KMS VMs
 #   build.sh xen   -> kernel, Xen, Dom0 rootfs + stage-1 initramfs, DomU base initramfs
+#   build.sh weston -> Weston + modetest tree (uncompressed cpio, lib/weston.sh)
 #   build.sh dom0kernel -> the zero-copy Dom0 kernel (built from source; slow) + stage 1 without modules
 #   build.sh arm64 -> Xen 4.20 + Linux 6.12 arm64 (Debian trixie), out-of-tree modules, base initramfs images
 set -euo pipefail
@@ -27,6 +28,7 @@ prepare_kernel
 echo "KVER=$KVER"
 echo "VMLINUX=$VMLINUX"
 echo "BZIMAGE=$BZIMAGE"
+echo "BUSYBOX=$BUSYBOX"
 case ${1:-} in
 kms)
     echo "KMS_INITRAMFS=$(build_base_initramfs kms "bochs virtio-gpu virtio_pci")"
@@ -40,6 +42,12 @@ xen)
     echo "STAGE1_INITRAMFS=$(build_base_initramfs stage1 "virtio_pci virtio_blk ext4 crc32c_generic")"
     echo "DOMU_INITRAMFS=$(build_base_initramfs domu "drm_xen_front evdev")"
     ;;
+weston)
+    source "$HERE/weston.sh"
+    prepare_weston
+    echo "WESTON_CPIO=$WESTON_CPIO"
+    echo "WESTON_BUILD_SECS=$WESTON_BUILD_SECS"
+    ;;
 dom0kernel)
     source "$HERE/dom0kernel.sh"
     prepare_dom0_kernel
@@ -48,5 +56,5 @@ dom0kernel)
     echo "DOM0K_BUILD_SECS=$(cat "$DOM0K_DIR/build-secs")"
     echo "STAGE1_NOMOD_INITRAMFS=$(build_base_initramfs stage1-nomod "")"
     ;;
-*) die "usage: build.sh kms|xen|dom0kernel|arm64" ;;
+*) die "usage: build.sh kms|xen|weston|dom0kernel|arm64" ;;
 esac

@@ -83,3 +83,92 @@ def check_pattern(img: Image, frame: int, conn: int, width: int, height: int,
                 break
         return CheckResult(False, f"{mismatches} pixels differ ({where}): {'; '.join(first)}{hint}")
     return CheckResult(True, f"all {width * height} pixels exact ({where}, frame {frame}, {fmt})")
+
+
+def write_png(path: str, width: int, height: int, rows: list[bytes]) -> None:
+    """An 8-bit RGB PNG of `rows` (packed R,G,B bytes each): the known picture a
+    third-party client (weston-image) shows."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\0" + r for r in rows)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def find_image(img: Image, rows: list[bytes]) -> tuple[int, int] | None:
+    """Top-left (x, y) where the picture `rows` appears exactly (every pixel) on the
+    screen, or None."""
+    width = len(rows[0]) // 3
+    stride = img.width * 3
+    for y in range(img.height - len(rows) + 1):
+        line = img.rgb[y * stride:(y + 1) * stride]
+        start = 0
+        while True:
+            x3 = line.find(rows[0], start)
+            if x3 < 0:
+                break
+            start = x3 + 1
+            if x3 % 3:
+                continue
+            if all(img.rgb[(y + j) * stride + x3:(y + j) * stride + x3 + width * 3] == rows[j]
+                   for j in range(1, len(rows))):
+                return x3 // 3, y
+    return None
+
+
+def count_colour(img: Image, rgb: int) -> int:
+    """How many screen pixels have exactly colour 0xRRGGBB."""
+    px = bytes([(rgb >> 16) & 0xFF, (rgb >> 8) & 0xFF, rgb & 0xFF])
+    return sum(1 for i in range(0, len(img.rgb), 3) if img.rgb[i:i + 3] == px)
+
+
+def smpte_rows(width: int, height: int) -> list[bytes]:
+    """libdrm's SMPTE test pattern for 32-bit RGB formats (tests/util/pattern.c,
+    fill_smpte_rgb32, libdrm 2.4.114), as packed R,G,B rows: what `modetest` draws."""
+    top = [(192, 192, 192), (192, 192, 0), (0, 192, 192), (0, 192, 0), (192, 0, 192), (192, 0, 0), (0, 0, 192)]
+    middle = [(0, 0, 192), (19, 19, 19), (192, 0, 192), (19, 19, 19), (0, 192, 192), (19, 19, 19), (192, 192, 192)]
+    bottom = [(0, 33, 76), (255, 255, 255), (50, 0, 106), (19, 19, 19), (9, 9, 9), (19, 19, 19), (29, 29, 29),
+              (19, 19, 19)]
+    rows = []
+    top_row = bytes(c for x in range(width) for c in top[x * 7 // width])
+    mid_row = bytes(c for x in range(width) for c in middle[x * 7 // width])
+    bot = []
+    for x in range(width):
+        if x < width * 5 // 7:
+            bot.append(bottom[x * 4 // (width * 5 // 7)])
+        elif x < width * 6 // 7:
+            bot.append(bottom[(x - width * 5 // 7) * 3 // (width // 7) + 4])
+        else:
+            bot.append(bottom[7])
+    bot_row = bytes(c for px in bot for c in px)
+    for y in range(height):
+        rows.append(top_row if y < height * 6 // 9 else mid_row if y < height * 7 // 9 else bot_row)
+    return rows
+
+
+def check_rows(img: Image, rows: list[bytes], what: str) -> CheckResult:
+    """Exact check of a full picture `rows`, centred on the screen as in check_pattern."""
+    width, height = len(rows[0]) // 3, len(rows)
+    if img.width < width or img.height < height:
+        return CheckResult(False, f"screen {img.width}x{img.height} smaller than {what} {width}x{height}")
+    ox, oy = (img.width - width) // 2, (img.height - height) // 2
+    stride = img.width * 3
+    bad, first = 0, []
+    for y in range(height):
+        got = img.rgb[(oy + y) * stride + ox * 3:(oy + y) * stride + (ox + width) * 3]
+        if got == rows[y]:
+            continue
+        for x in range(width):
+            if got[3 * x:3 * x + 3] != rows[y][3 * x:3 * x + 3]:
+                bad += 1
+                if len(first) < 5:
+                    first.append(f"({x},{y}) got #{got[3 * x:3 * x + 3].hex()} want #{rows[y][3 * x:3 * x + 3].hex()}")
+    where = f"{width}x{height} at +{ox}+{oy} of {img.width}x{img.height}"
+    if bad:
+        return CheckResult(False, f"{what}: {bad} pixels differ ({where}): {'; '.join(first)}")
+    return CheckResult(True, f"{what}: all {width * height} pixels exact ({where})")

@@ -14,11 +14,12 @@ import re
 import subprocess
 import time
 
-from . import cpio, pixels, vm
+from . import cpio, pattern, pixels, vm, weston
 from .common import HOLD_RX, Result, Stopwatch, hold_info
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 XEN_DIR = os.path.join(os.path.dirname(HERE), "xen")
+WESTON_DIR = os.path.join(os.path.dirname(HERE), "weston")
 
 # Two Xen boots share this driver. "stock": Debian's kernel as Dom0, two bochs devices
 # (-vga std and a secondary-vga, for two guests at once). "zcopy": the Dom0 kernel built
@@ -26,7 +27,9 @@ XEN_DIR = os.path.join(os.path.dirname(HERE), "xen")
 # granted (IMP_TO_REFS; bochs VRAM cannot).
 STOCK_SCENARIOS = ["xen-boot", "xen-pvh-boots", "xen-flip", "xen-rgb565", "xen-destroy", "xen-restart", "xen-two-domus",
                    "xen-noisy-neighbour", "xen-destroy-loop", "xen-refused", "xen-bealloc", "xen-zcopy-auto-fallback",
-                   "xen-launch", "xen-input"]
+                   "xen-launch", "xen-input", "xen-weston-guest", "xen-modetest-guest", "xen-wayland"]
+# Scenarios whose DomU runs third-party programs from the Weston image (lib/weston.sh).
+THIRD_PARTY = ("xen-weston-guest", "xen-modetest-guest", "xen-wayland")
 ZCOPY_SCENARIOS = ["xen-zcopy-bealloc", "xen-zcopy-destroy", "xen-zcopy-pv-fallback", "xen-drvdom-bealloc", "xen-drvdom-copy"]
 # PCI slots of the display devices (Dom0 finds its cards by them) and QMP device ids.
 VGA_PCI, VGA2_PCI, ZC_PCI = "00:02.0", "00:10.0", "00:11.0"
@@ -508,6 +511,128 @@ def _drvdom(r: Run, res: Result, end: str, bealloc: bool) -> None:
                   f"mappings hold:{hold} gone:{gone}" + "".join(f"\nPROBLEM: {p}" for p in problems))
 
 
+def _prog_result(r: Run, dom: str, end: str) -> tuple[list[str], dict[str, str]]:
+    """Wait for the DomU program's end (`HARNESS-DOMU PROG name= rc= kmsg_errors=`): the
+    problems it shows and its fields."""
+    m = r.wait(rf"\[{dom}\].*HARNESS-DOMU PROG (.*)", 200, fail=end, what=f"{dom}'s program result")
+    d = dict(re.findall(r"(\w+)=(\S+)", m.group(1)))
+    problems = []
+    if d.get("rc") != "0":
+        problems.append(f"the guest program exited rc={d.get('rc')}")
+    if d.get("kmsg_errors") != "0":
+        problems.append(f"the guest kernel logged {d.get('kmsg_errors')} DRM *ERROR* lines: "
+                        + "; ".join(r.guest_lines(dom, r"\*ERROR\*")[:2]))
+    return problems, d
+
+
+def _weston_guest(r: Run, res: Result, end: str) -> None:
+    """Weston (DRM backend on xen-drm-front, pixman) in a DomU with weston-image showing a
+    known picture: found exactly on Dom0's screen, Weston's background around it."""
+    sw = Stopwatch()
+    fail = _guest_fail("weston", end, "main")
+    m = r.wait(r"\[weston\].*WESTON READY (.*)", 300, fail=fail + r"|\[weston\].*WESTON ERROR",
+               what="Weston ready in the DomU")
+    res.timings["create→weston-ready"] = sw.lap()
+    wsecs = re.search(r"secs=(\S+)", m.group(1))
+    m = r.wait(r"\[weston\].*HARNESS-DOMU SHOWING client=(\S+) .*hold=(\d+)", 120, fail=fail)
+    ok, detail = weston.poll_window(r.v, os.path.join(r.workdir, "xen-weston-guest.ppm"), int(m.group(2)) - 8,
+                                    r.display)
+    res.timings["window"] = sw.lap()
+    problems, d = _prog_result(r, "weston", end)
+    if not ok:
+        problems.insert(0, f"screen: {detail}")
+    res.status = "PASS" if not problems else "FAIL"
+    res.detail = (f"{res.status} weston_start_secs={wsecs.group(1) if wsecs else '?'} client={m.group(1)} "
+                  f"prog_rc={d.get('rc')} kmsg_errors={d.get('kmsg_errors')}\n{detail}"
+                  + "".join(f"\nPROBLEM: {p}" for p in problems))
+
+
+def _xen_wayland(r: Run, res: Result, end: str) -> None:
+    """Dom0's Weston on its bochs head, `displback serve --output wayland` as its client, a
+    guest flipping with guest_client: the guest's HOLD frame found exactly on the screen
+    (Weston places the window), flip latency next to the KMS path's (xen-flip) if it ran."""
+    sw = Stopwatch()
+    r.wait(r"HARNESS WAYLAND weston up", 120, fail=end, what="Weston in Dom0")
+    res.timings["weston"] = sw.lap()
+    m = r.wait(rf"\[wl\].*(?:{HOLD_RX})", 400, fail=_guest_fail("wl", end, "wl"), what="HOLD from DomU wl")
+    res.timings["create→hold"] = sw.lap()
+    frame, conn, w, h = hold_info(m)
+    rows = [pattern.row_rgb(frame, conn, y, w) for y in range(h)]
+    ok, detail = weston.poll_window(r.v, os.path.join(r.workdir, "xen-wayland.ppm"), 10, r.display, rows=rows)
+    res.timings["check"] = sw.lap()
+    r.wait(end, 300, what="the scenario's end")
+    wl = (_results(r, "wl") or [(0, {})])[-1][1]
+    r_begin, r.begin = r.begin, 0
+    kms = (_results(r, "flip") or [(0, {})])[-1][1]
+    r.begin = r_begin
+    problems = [] if ok else [f"screen: {detail}"]
+    if wl.get("ok") != "1":
+        problems.append(f"guest RESULT ok={wl.get('ok', 'missing')}")
+    res.status = "PASS" if not problems else "FAIL"
+    res.detail = (f"{res.status} wayland_p50_ms={wl.get('p50_ms', '?')} wayland_p99_ms={wl.get('p99_ms', '?')} "
+                  f"flips={wl.get('flips', '?')} kms_p50_ms={kms.get('p50_ms', 'not run')} "
+                  f"kms_p99_ms={kms.get('p99_ms', 'not run')}\n{detail}" + "".join(f"\nPROBLEM: {p}" for p in problems))
+
+
+PLAIN = 0x777777  # modetest's "plain" fill: every byte 0x77
+
+
+def _modetest_guest(r: Run, res: Result, end: str) -> None:
+    """libdrm's modetest in a DomU: SMPTE bars after the modeset, then -v flips between
+    the SMPTE buffer and a plain one. Every screendump (after the first exact SMPTE) must
+    be exactly one of the two; both must be seen; modetest must report flip rates."""
+    sw = Stopwatch()
+    fail = _guest_fail("modetest", end, "main")
+    m = r.wait(r"\[modetest\].*HARNESS-DOMU SHOWING client=modetest conn=(\S+) hold=(\d+)", 300, fail=fail,
+               what="modetest's modeset in the DomU")
+    res.timings["create→modeset"] = sw.lap()
+    smpte = pixels.smpte_rows(1024, 768)
+    plain = [bytes([PLAIN >> 16, (PLAIN >> 8) & 0xFF, PLAIN & 0xFF]) * 1024] * 768
+    deadline = time.monotonic() + int(m.group(2)) - 8
+    seen = {"smpte": 0, "plain": 0, "other": 0}
+    last_other = ""
+    ppm = os.path.join(r.workdir, "xen-modetest-guest.ppm")
+    while time.monotonic() < deadline and not (seen["smpte"] >= 2 and seen["plain"] >= 2 and
+                                                seen["smpte"] + seen["plain"] >= 8):
+        r.v.screendump(ppm, r.display)
+        img = pixels.read_ppm(ppm)
+        c1 = pixels.check_rows(img, smpte, "SMPTE")
+        c2 = pixels.check_rows(img, plain, "plain #777777") if not c1.ok else c1
+        if c1.ok:
+            seen["smpte"] += 1
+            if seen["smpte"] == 1:
+                os.replace(ppm, ppm.replace(".ppm", "-smpte.ppm"))  # kept for a post-mortem
+        elif c2.ok:
+            seen["plain"] += 1
+        elif seen["smpte"]:  # before the first SMPTE screen: the modeset may not be shown yet
+            seen["other"] += 1
+            last_other = c1.detail
+            os.replace(ppm, ppm.replace(".ppm", f"-other{seen['other']}.ppm"))
+        time.sleep(0.7)
+    res.timings["screens"] = sw.lap()
+    mt = r.wait(r"\[modetest\].*HARNESS-DOMU MODETEST rc=(\d+) freq_lines=(\d+) freqs=(\S*)", 120, fail=end,
+                what="modetest's flip report")
+    problems, d = _prog_result(r, "modetest", end)
+    freqs = [float(f) for f in mt.group(3).split(",") if f]
+    # modetest's own output (relayed as "[modetest] [modetest] ..."). Its legacy gamma call
+    # gets ENOSYS: xen-drm-front has no gamma LUT (the guest driver, not the backend).
+    fails = [l for l in r.guest_lines("modetest", r"\[modetest\] \[modetest\] .*(failed|error|Error)")
+             if "failed to set gamma: Function not implemented" not in l]
+    if seen["smpte"] == 0 or seen["plain"] == 0:
+        problems.append(f"not both flip buffers seen on screen: {seen}")
+    if seen["other"]:
+        problems.append(f"{seen['other']} screendumps were neither buffer: {last_other}")
+    if not freqs or min(freqs) <= 0:
+        problems.append(f"modetest reported no page-flip rate (freq lines: {mt.group(3) or 'none'})")
+    if fails:
+        problems.append(f"modetest printed errors: {fails[:2]}")
+    res.status = "PASS" if not problems else "FAIL"
+    res.detail = (f"{res.status} screens_smpte={seen['smpte']} screens_plain={seen['plain']} screens_other={seen['other']} "
+                  f"flip_hz={','.join(f'{f:.1f}' for f in freqs) or 'none'} modetest_rc={mt.group(1)} "
+                  f"kmsg_errors={d.get('kmsg_errors')} conn={m.group(1)}"
+                  + "".join(f"\nPROBLEM: {p}" for p in problems))
+
+
 def _launch(r: Run, res: Result, end: str) -> None:
     """`displback launch` (dom0-init scenario_xen-launch): the guest `launchg` is launched,
     shown (pixels), destroyed, launched again under the same name (a new domid) and shown
@@ -661,6 +786,12 @@ def _scenario(r: Run, s: str, res: Result) -> None:
         _destroy_loop(r, res, end)
     elif s == "xen-refused":
         _refused(r, res, end)
+    elif s == "xen-wayland":
+        _xen_wayland(r, res, end)
+    elif s == "xen-weston-guest":
+        _weston_guest(r, res, end)
+    elif s == "xen-modetest-guest":
+        _modetest_guest(r, res, end)
     elif s == "xen-launch":
         _launch(r, res, end)
     elif s == "xen-input":
@@ -762,6 +893,31 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
                 "bin/displback": (0o755, _read(be)),
                 "bin/scanout_check": (0o755, _read(sc)),
             }, art["STAGE1_NOMOD_INITRAMFS"])))
+    if any(n in THIRD_PARTY for n in names):
+        try:
+            w = build_images("weston", workdir)
+            art["build_secs"] += w["build_secs"]
+            ov = os.path.join(workdir, "domU-weston.overlay.cpio")
+            cpio.write_newc(ov, {
+                "init": (0o755, _read(os.path.join(XEN_DIR, "domu-init"))),
+                "bin/guest_client": (0o755, _read(gc)),
+                "etc/prog-weston.sh": (0o644, _read(os.path.join(WESTON_DIR, "prog-weston.sh"))),
+                "etc/prog-modetest.sh": (0o644, _read(os.path.join(WESTON_DIR, "prog-modetest.sh"))),
+                **weston.overlay_files(workdir),
+            })
+            if "xen-wayland" in names:
+                # Dom0's Weston: the same tree under /opt/weston (a chroot) + its run-time files.
+                inject.update(cpio.reroot_newc(_read(w["WESTON_CPIO"]), "inject/opt/weston"))
+                inject.update({f"inject/opt/weston/{k}": v for k, v in weston.overlay_files(workdir).items()})
+                # A static busybox for the chroot's shell (Dom0's own needs libresolv).
+                inject["inject/opt/weston/bin/busybox"] = (0o755, _read(art["BUSYBOX"]))
+            # Uncompressed overlay and Weston tree first, then the gzip base (initramfs.sh).
+            inject["inject/harness/domU-weston.cpio"] = (
+                0o644, _read(ov) + _read(w["WESTON_CPIO"]) + _read(art["DOMU_INITRAMFS"]))
+            print(f"=== Weston DomU image: {len(inject['inject/harness/domU-weston.cpio'][1]) / 1e6:.1f} MB "
+                  f"(weston tree cold build {w['WESTON_BUILD_SECS']} s, this run {w['build_secs']:.1f} s)", flush=True)
+        except RuntimeError as e:
+            be_note += f" (no Weston DomU image: {e})"
     stage1 = _initrd(workdir, f"stage1-{kind}", inject, stage1_base)
 
     # PVH DomUs (the be-alloc scenarios) crash early under TCG on RDTSCP ("SVM Insn len

@@ -1,0 +1,190 @@
+"""Group `wayland`: one plain VM (no Xen; Debian kernel, bochs-drm via -vga std) with
+Debian's Weston (DRM backend, pixman renderer) from the Weston image piece (lib/weston.sh),
+running its steps in order and printing HARNESS markers; the host takes QMP screendumps
+and looks for the expected picture anywhere on the screen (Weston places windows).
+
+  wayland-weston         Weston (desktop-shell) + weston-image showing a known picture:
+                         the self-check of the Weston piece (no displback)
+  wayland-demo           `displback demo --output wayland` as Weston's client (xdg-shell)
+  (not yet: the same on ivi-shell. Debian's weston 10 ships ivi-shell.so, hmi-controller.so
+   and weston-ivi-shell-user-interface; hmi-controller lays application surfaces out itself,
+   so where and how big the surface lands needs a layout check, not written yet.)
+  wayland-restart        Weston killed and restarted mid-demo: the picture must come back
+"""
+
+import os
+import re
+import subprocess
+
+from . import cpio, pattern, vm, weston
+from .common import Result, Stopwatch
+
+SCENARIOS = ["wayland-weston", "wayland-demo", "wayland-restart"]
+DEMO_RES = (320, 240)
+HOLD = 25  # seconds each step keeps its picture up while the host polls screendumps (found in 1-2)
+
+INIT = """#!/bin/sh
+export PATH=/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
+/bin/busybox mkdir -p /usr/bin /usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /run /tmp && mount -t tmpfs tmpfs /run && mount -t tmpfs tmpfs /tmp
+echo "HARNESS BOOTED uptime=$(cut -d' ' -f1 /proc/uptime)"
+for m in $(cat /etc/modules.load); do insmod $m 2>/dev/null; done
+i=0; while [ ! -e /dev/dri/card0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+echo "HARNESS DRM uptime=$(cut -d' ' -f1 /proc/uptime) cards=$(ls /dev/dri 2>/dev/null | tr '\\n' ' ')"
+export WAYLAND_DISPLAY=wayland-1 XDG_RUNTIME_DIR=/run/weston
+for s in $(cat /etc/steps); do
+    echo "HARNESS STEP $s BEGIN uptime=$(cut -d' ' -f1 /proc/uptime)"
+    sh /etc/step-$s.sh
+    echo "HARNESS STEP $s END rc=$? uptime=$(cut -d' ' -f1 /proc/uptime)"
+done
+echo "HARNESS-EXIT rc=0"
+poweroff -f
+"""
+
+STEPS = {
+    "wayland-weston": f"""
+weston-run start desktop card0 || exit 1
+weston-image /etc/weston-known.png > /tmp/weston-image.log 2>&1 &
+c=$!
+echo "HARNESS SHOWING client=weston-image pid=$c hold={HOLD}"
+sleep {HOLD}
+kill -0 $c 2>/dev/null; alive=$?
+kill $c 2>/dev/null
+sed 's/^/[weston-image] /' /tmp/weston-image.log | tail -5
+weston-run stop
+[ $alive = 0 ]
+""",
+    # displback demo as a Wayland client of Weston; its DEMO HOLD line (frame, size) tells
+    # the host which picture to look for.
+    "wayland-demo": f"""
+weston-run start desktop card0 || exit 1
+displback demo --output wayland --resolution {DEMO_RES[0]}x{DEMO_RES[1]} --frames 120 --hold-secs {HOLD} \\
+    > /tmp/demo.log 2>&1 &
+d=$!
+i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+grep -E 'DEMO (HOLD|WAYLAND)' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
+echo "HARNESS SHOWING client=displback-demo pid=$d hold={HOLD}"
+wait $d; rc=$?
+sed 's/^/[demo] /' /tmp/demo.log | grep -v -E 'DEMO (HOLD|WAYLAND)' | tail -5
+weston-run stop
+exit $rc
+""",
+    # Weston stopped (SIGTERM) 8 s into a 1200-frame demo and started again: displback must
+    # reconnect and its last frame must be on the new Weston's screen.
+    "wayland-restart": f"""
+weston-run start desktop card0 || exit 1
+displback demo --output wayland --resolution {DEMO_RES[0]}x{DEMO_RES[1]} --frames 1200 --hold-secs {HOLD} \\
+    > /tmp/demo.log 2>&1 &
+d=$!
+sleep 8
+echo "HARNESS RESTART weston demo_alive=$(kill -0 $d 2>/dev/null && echo 1 || echo 0)"
+weston-run stop
+weston-run start desktop card0 || exit 1
+i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done
+grep -E 'DEMO (HOLD|WAYLAND)' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
+echo "HARNESS SHOWING client=displback-demo pid=$d hold={HOLD}"
+wait $d; rc=$?
+sed 's/^/[demo] /' /tmp/demo.log | grep -v -E 'DEMO (HOLD|WAYLAND)' | tail -5
+weston-run stop
+exit $rc
+""",
+}
+
+
+def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) -> list[Result]:
+    results = {n: Result(n) for n in names}
+    try:
+        art = build_images("kms", args.workdir)
+        w = build_images("weston", args.workdir)
+    except RuntimeError as e:
+        for r in results.values():
+            r.detail = str(e)
+        return list(results.values())
+    steps = [n for n in names if n in STEPS]
+    demo = [n for n in steps if "displback demo" in STEPS[n]]
+    be = bins.get("displback", "ERROR: displback not built")
+    why = be if be.startswith("ERROR") else None
+    if not why:
+        h = subprocess.run([be, "demo", "--help"], capture_output=True, text=True, timeout=30).stdout
+        if "wayland" not in h:
+            why = "`displback demo --help` offers no `--output wayland` (src/output/wayland.rs not in this tree)"
+    if demo and why:
+        for n in demo:
+            results[n].status, results[n].detail = "FAIL", why
+        steps = [n for n in steps if n not in demo]
+    if not steps:
+        return list(results.values())
+    files = {
+        "init": (0o755, INIT.encode()),
+        "etc/steps": (0o644, " ".join(steps).encode()),
+        **weston.overlay_files(args.workdir),
+    }
+    for s in steps:
+        files[f"etc/step-{s}.sh"] = (0o644, STEPS[s].encode())
+    if not why:
+        files["bin/displback"] = (0o755, open(be, "rb").read())
+    initrd = os.path.join(args.workdir, "wayland.initrd")
+    ov = os.path.join(args.workdir, "wayland.overlay.cpio")
+    cpio.write_newc(ov, files)
+    with open(initrd, "wb") as out:
+        for p in (ov, w["WESTON_CPIO"], art["KMS_INITRAMFS"]):
+            out.write(open(p, "rb").read())
+    print(f"=== wayland VM: images in {art['build_secs'] + w['build_secs']:.1f}s "
+          f"(weston cpio {os.path.getsize(w['WESTON_CPIO']) / 1e6:.1f} MB, cold build {w['WESTON_BUILD_SECS']} s)",
+          flush=True)
+    qargs = [*accel, "-m", "1G", "-smp", "2", "-machine", "pc", "-display", "none", "-vga", "std",
+             "-kernel", art["VMLINUX"], "-initrd", initrd, "-append", "console=ttyS0 loglevel=4 panic=-1"]
+    v = vm.VM(qargs, args.workdir, "wayland")
+    i = 0
+    try:
+        i, _ = v.wait_for(r"HARNESS BOOTED", args.boot_timeout)
+        i, m = v.wait_for(r"HARNESS DRM .*cards=(.*)", 60, i)
+        for s in steps:
+            res, sw = results[s], Stopwatch()
+            try:
+                i, _ = v.wait_for(rf"HARNESS STEP {s} BEGIN", 120, i)
+                i, _ = v.wait_for(r"WESTON READY", 90, i, fail=rf"WESTON ERROR|HARNESS STEP {s} END")
+                res.timings["weston-start"] = sw.lap()
+                i, m = v.wait_for(r"HARNESS SHOWING client=(\S+) .*hold=(\d+)", 120, i,
+                                  fail=rf"WESTON ERROR|HARNESS STEP {s} END")
+                rows = None
+                if m.group(1) == "displback-demo":
+                    hold = [l for _, l in v.lines[:i] if "DEMO HOLD" in l]
+                    if not hold:
+                        raise vm.Timeout("displback demo printed no DEMO HOLD line")
+                    h = re.search(r"frame=(\d+) conn=(\d+) width=(\d+) height=(\d+)", hold[-1])
+                    f, c, w_, h_ = (int(x) for x in h.groups())
+                    rows = [pattern.row_rgb(f, c, y, w_) for y in range(h_)]
+                ok, detail = weston.poll_window(v, os.path.join(args.workdir, f"{s}.ppm"), int(m.group(2)) - 5,
+                                                rows=rows)
+                if m.group(1) == "displback-demo":
+                    # displback's Wayland counters (src/demo.rs): a restart must show as a
+                    # disconnect and a second connect.
+                    wl = [l for _, l in v.lines[:i] if "DEMO WAYLAND " in l]
+                    c = dict(re.findall(r"(\w+)=(\d+)", wl[-1])) if wl else {}
+                    detail += " | DEMO WAYLAND " + (" ".join(f"{k}={x}" for k, x in c.items()) or "line missing")
+                    want = (2, 1) if s == "wayland-restart" else (1, 0)
+                    if int(c.get("connects", 0)) < want[0] or int(c.get("disconnects", -1)) < want[1] \
+                            or int(c.get("presented", 0)) == 0:
+                        ok = False
+                        detail += f" (want connects>={want[0]} disconnects>={want[1]} presented>0)"
+                res.timings["window"] = sw.lap()
+                i, e = v.wait_for(rf"HARNESS STEP {s} END rc=(\d+)", HOLD + 60, i)
+                res.status = "PASS" if ok and e.group(1) == "0" else "FAIL"
+                res.detail = f"{m.group(1)}: {detail}" + ("" if e.group(1) == "0" else f" | step rc={e.group(1)}")
+            except vm.Timeout as e:
+                res.status, res.detail = "FAIL", f"{e}\n{v.tail()}"
+        v.wait_for(r"HARNESS-EXIT", 60, i)
+    except vm.Timeout as e:
+        for r in results.values():
+            if r.detail == "not run":
+                r.detail = f"wayland VM: {e}\n{v.tail()}"
+    finally:
+        v.stop(timeout=20)
+    first = results[names[0]]
+    first.timings["vm-total"] = v.elapsed()
+    return list(results.values())
