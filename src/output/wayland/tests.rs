@@ -170,13 +170,14 @@ fn fit_keeps_the_aspect() {
 fn config_table_parses() {
     let cfg = crate::config::FileConfig::parse(
         "output = \"wayland\"\n[wayland]\ndisplay = \"wayland-1\"\nfullscreen = true\n\
-         [wayland.surfaces.1000]\nshell = \"ivi\"\n[wayland.surfaces.\"dash\"]\nivi_id = 7\n\
+         seat_input = true\n[wayland.surfaces.1000]\nshell = \"ivi\"\n[wayland.surfaces.\"dash\"]\nivi_id = 7\n\
          shell = \"xdg\"\ntitle = \"Dash\"\n",
     )
     .unwrap();
     assert_eq!(cfg.output, Some(crate::config::OutputKind::Wayland));
     assert_eq!(cfg.wayland.display.as_deref(), Some("wayland-1"));
     assert!(cfg.wayland.fullscreen);
+    assert!(cfg.wayland.seat_input);
     assert_eq!(cfg.wayland.surfaces["1000"].shell, Some(ShellChoice::Ivi));
     assert_eq!(cfg.wayland.surfaces["dash"].ivi_id, Some(7));
     assert!(crate::config::FileConfig::parse("[wayland]\nshel = \"ivi\"").is_err());
