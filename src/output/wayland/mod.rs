@@ -9,6 +9,9 @@
 //!   (`wp_presentation` feedback, else the frame callback) *and* the compositor released
 //!   the previous buffer; a surface the compositor does not draw (hidden) completes its
 //!   flips after [`UNSHOWN_FLIP`] so that the guest never stalls.
+//! * Seat input (`seat_input`, [`seat`]): the compositor's pointer, keyboard and touch on
+//!   a guest's surface become [`Input`] for that guest, taken by the loop through
+//!   [`Output::take_input`].
 //! * Connection: non-blocking, read from the server loop through a stable epoll fd
 //!   ([`Output::event_fd`]) that holds the socket of the current connection. With no
 //!   compositor (not started yet, died, protocol error) the output retries with
@@ -514,6 +517,7 @@ impl Wayland {
             warn_limited!(
                 unknown = after.unknown,
                 touch_dropped = after.touch_dropped,
+                bad_code = after.bad_code,
                 "wayland seat: input dropped (not on a guest's surface, or too many contacts)"
             );
         }

@@ -24,6 +24,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::kbdif::device::{Input, NORM_MAX};
 use crate::output::ConnectorId;
 
+/// `KEY_MAX`: a key or button code above it is not a Linux one (dropped and counted, so
+/// that the held-key sets stay bounded).
+const KEY_MAX: u32 = 0x2ff;
+
 /// Wheel units of one notch (`wl_pointer.axis`).
 const AXIS_PER_NOTCH: f64 = 10.0;
 
@@ -104,6 +108,8 @@ pub struct SeatStats {
     pub unknown: u64,
     /// Touch events of ids beyond the slot limit (or of ids never down).
     pub touch_dropped: u64,
+    /// Keys and buttons with a code above `KEY_MAX`.
+    pub bad_code: u64,
 }
 
 /// Focus and contacts of the seat.
@@ -232,6 +238,9 @@ impl Seat {
                 self.pointer_pos = m.normalize(x, y);
                 let (x, y) = self.pointer_pos;
                 out.push((c, Input::Abs { x, y, wheel: 0 }));
+            }
+            SeatEv::Button { code, .. } | SeatEv::Key { code, .. } if code > KEY_MAX => {
+                self.stats.bad_code += 1;
             }
             SeatEv::Button { code, pressed } => {
                 let Some(c) = self.pointer.filter(|c| known(*c).is_some()) else {
@@ -464,9 +473,48 @@ mod tests {
             s.stats,
             SeatStats {
                 unknown: 6,
-                touch_dropped: 1
+                touch_dropped: 1,
+                bad_code: 0,
             }
         );
+        // Codes that are not Linux key codes, even on a known surface.
+        s.handle(
+            SeatEv::PointerEnter {
+                surface: Some(c(0)),
+                x: 0.0,
+                y: 0.0,
+            },
+            only0,
+            &mut out,
+        );
+        s.handle(
+            SeatEv::KeyboardEnter {
+                surface: Some(c(0)),
+            },
+            only0,
+            &mut out,
+        );
+        out.clear();
+        for code in [0x300, u32::MAX] {
+            s.handle(
+                SeatEv::Button {
+                    code,
+                    pressed: true,
+                },
+                only0,
+                &mut out,
+            );
+            s.handle(
+                SeatEv::Key {
+                    code,
+                    pressed: true,
+                },
+                only0,
+                &mut out,
+            );
+        }
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(s.stats.bad_code, 4);
     }
 
     #[test]
