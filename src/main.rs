@@ -107,6 +107,10 @@ struct OutputArgs {
     /// Wayland output: ask for fullscreen toplevels (xdg-shell).
     #[arg(long)]
     wayland_fullscreen: bool,
+    /// Wayland output (serve): the compositor's pointer, keyboard and touch on a guest's
+    /// surface go to that guest's vkbd device(s) (config `[wayland] seat_input`).
+    #[arg(long)]
+    wayland_seat_input: bool,
 }
 
 #[derive(Args, Debug)]
@@ -420,6 +424,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         wayland.display = args.out.wayland_display;
     }
     wayland.fullscreen |= args.out.wayland_fullscreen;
+    wayland.seat_input |= args.out.wayland_seat_input;
     displback::serve::run(
         output,
         displback::output::OutputOptions {

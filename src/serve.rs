@@ -161,6 +161,16 @@ pub fn run(
         );
     }
     let gate = zero_copy_gate(zero_copy, output)?;
+    if opts.wayland.seat_input && (input.disabled || output != OutputKind::Wayland) {
+        tracing::warn!(
+            "wayland seat input asked for, but {}: it has no effect",
+            if input.disabled {
+                "input is off (--no-input)"
+            } else {
+                "the output is not wayland"
+            }
+        );
+    }
     let output = crate::output::open(output, &opts)?;
     let mut server = Server::new(
         plat,

@@ -25,7 +25,7 @@ use crate::output::{FlipDone, Output};
 use crate::zcopy::ZeroCopyGate;
 
 use crate::displif::device::{DeferredRequest, Vdispl};
-use crate::kbdif::device::{Input, Vkbd};
+use crate::kbdif::device::{Input, KbdDevice, Vkbd};
 use crate::xen::xenstore::{WatchEvent, XsError};
 use crate::xen::{DomId, EvtchnPort, Platform};
 use crate::xenbus::{DeviceKind, DeviceSet, Routes};
@@ -70,6 +70,11 @@ pub enum InputTarget {
     Device(DomId, u32),
     /// Every device whose toolstack `unique-id` is this.
     UniqueId(String),
+    /// Seat input on a guest connector's surface (`[wayland] seat_input`): the vkbd
+    /// devices of domain `dom` whose `unique-id` equals the connector's, if it has any;
+    /// else every vkbd device of `dom`. A guest with several displays and touchscreens
+    /// pairs them by unique-id in xl.cfg; a guest with one vkb needs nothing.
+    Connector { dom: DomId, unique_id: String },
 }
 
 /// Hands input to the server's vkbd devices from another thread (input sources, tests).
@@ -282,6 +287,7 @@ impl Server {
         let mut events = Events::with_capacity(64);
         let mut done: Vec<FlipDone> = Vec::new();
         let mut fired: Vec<EvtchnPort> = Vec::new();
+        let mut seat_input: Vec<crate::output::SeatInput> = Vec::new();
         // The watch is armed (Server::new): scan what exists before saying we serve (its
         // first event, fired on registration, only rescans).
         self.readiness.starting(&mut self.plat.store);
@@ -340,6 +346,14 @@ impl Server {
                 self.serve_port(port);
             }
             self.output.dispatch(Instant::now(), &mut done);
+            self.output.take_input(&mut seat_input);
+            for s in seat_input.drain(..) {
+                let target = InputTarget::Connector {
+                    dom: s.conn.dom,
+                    unique_id: s.unique_id,
+                };
+                self.deliver_input(&target, &s.input);
+            }
             for d in done.drain(..) {
                 if let Some(dev) = self.displays.devices.get_mut(&(d.conn.dom, d.conn.dev)) {
                     dev.flip_done(&mut self.plat, d.conn.idx, d.fb_cookie);
@@ -426,12 +440,26 @@ impl Server {
         let Some(set) = self.keyboards.as_mut() else {
             return;
         };
+        let paired = |k: &(DomId, u32), d: &KbdDevice, dom: DomId, uid: &str| {
+            k.0 == dom && !uid.is_empty() && d.unique_id() == Some(uid)
+        };
         let mut keys: Vec<(DomId, u32)> = set
             .devices
             .iter()
             .filter(|(k, d)| match target {
                 InputTarget::Device(dom, dev) => **k == (*dom, *dev),
                 InputTarget::UniqueId(id) => d.unique_id() == Some(id.as_str()),
+                InputTarget::Connector { dom, unique_id } => {
+                    let any_paired = set
+                        .devices
+                        .iter()
+                        .any(|(k, d)| paired(k, d, *dom, unique_id));
+                    if any_paired {
+                        paired(k, d, *dom, unique_id)
+                    } else {
+                        k.0 == *dom
+                    }
+                }
             })
             .map(|(k, _)| *k)
             .collect();

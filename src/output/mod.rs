@@ -145,6 +145,16 @@ impl OutputError {
     }
 }
 
+/// Input an output received for a guest connector's picture (the Wayland seat on its
+/// surface), for the vkbd device(s) of the connector's domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeatInput {
+    pub conn: ConnectorId,
+    /// The connector's unique-id (picks the vkbd device with the same unique-id).
+    pub unique_id: String,
+    pub input: Vec<crate::kbdif::device::Input>,
+}
+
 /// The display seam: "show this framebuffer on this connector, tell me when the flip is done".
 pub trait Output {
     /// A guest connector appears (at connect time). May refuse (no such physical
@@ -185,6 +195,9 @@ pub trait Output {
     }
     /// Handle output events and due timers; append completed flips to `done`.
     fn dispatch(&mut self, now: Instant, done: &mut Vec<FlipDone>);
+    /// Move the input received since the last call (in order) to `out`. Called by the
+    /// loop after [`Output::dispatch`]; never blocks.
+    fn take_input(&mut self, _out: &mut Vec<SeatInput>) {}
     /// Where `conn` is shown, for `displback status`: the KMS connector name, `headless`.
     fn target(&self, _conn: ConnectorId) -> Option<String> {
         None

@@ -9,6 +9,9 @@
 //!   (`wp_presentation` feedback, else the frame callback) *and* the compositor released
 //!   the previous buffer; a surface the compositor does not draw (hidden) completes its
 //!   flips after [`UNSHOWN_FLIP`] so that the guest never stalls.
+//! * Seat input (`seat_input`, [`seat`]): the compositor's pointer, keyboard and touch on
+//!   a guest's surface become [`Input`] for that guest, taken by the loop through
+//!   [`Output::take_input`].
 //! * Connection: non-blocking, read from the server loop through a stable epoll fd
 //!   ([`Output::event_fd`]) that holds the socket of the current connection. With no
 //!   compositor (not started yet, died, protocol error) the output retries with
@@ -37,14 +40,17 @@ use wayland_protocols::xdg::shell::client::{xdg_surface::XdgSurface, xdg_topleve
 
 use super::convert::{row_bytes, Copier};
 use super::headless::PERIOD_60HZ;
-use super::{ConnectorId, FlipDone, Frame, FrameSource, Output, OutputError};
+use super::{ConnectorId, FlipDone, Frame, FrameSource, Output, OutputError, SeatInput};
 use crate::displif::format::{fourcc, PixelFormat};
 use crate::warn_limited;
 
 pub mod proto;
+pub mod seat;
 pub mod store;
 
+use crate::kbdif::device::{Input, MAX_CONTACTS};
 use proto::{BufData, CbData, Ev, FeedbackData, Session};
+use seat::{Mapping, Seat, SeatStats};
 use store::{Geometry, Store, SLOTS};
 
 /// A committed flip the compositor neither presents nor discards in this long (a hidden
@@ -100,6 +106,9 @@ pub struct WaylandConfig {
     pub fullscreen: bool,
     /// Per guest connector unique-id.
     pub surfaces: HashMap<String, SurfaceConfig>,
+    /// Bind the compositor's `wl_seat` and send its pointer, keyboard and touch input
+    /// on a guest's surface to that guest's vkbd device(s) (`--wayland-seat-input`).
+    pub seat_input: bool,
 }
 
 /// The socket path for a display name: absolute as is, else under `runtime_dir`.
@@ -246,6 +255,8 @@ struct Conn {
     last_tick: Option<Instant>,
     /// The slot last committed to the current surface.
     committed: Option<usize>,
+    /// Size of the guest frame last rendered (inside the buffer when letterboxed).
+    frame_size: Option<(u32, u32)>,
 }
 
 impl Conn {
@@ -275,6 +286,8 @@ struct Surf {
     next_seq: u64,
     /// Buffer size the opaque region was set for.
     opaque: Option<(u32, u32)>,
+    /// The viewport destination last set (None: the buffer's own size).
+    dest: Option<(i32, i32)>,
 }
 
 impl Surf {
@@ -355,6 +368,12 @@ pub struct Wayland {
     stats: WaylandStats,
     /// A copy of `stats` other threads can read (updated at each dispatch).
     shared: std::sync::Arc<std::sync::Mutex<WaylandStats>>,
+    /// Seat focus and contacts (`seat_input`).
+    seat: Seat,
+    /// Seat input translated, not yet labelled with its connector's unique-id.
+    seat_out: Vec<(ConnectorId, Input)>,
+    /// Seat input for [`Output::take_input`].
+    seat_ready: Vec<SeatInput>,
 }
 
 const TOK_WL: Token = Token(0);
@@ -407,6 +426,9 @@ impl Wayland {
             broken: None,
             stats: WaylandStats::default(),
             shared: Default::default(),
+            seat: Seat::new(MAX_CONTACTS as u8),
+            seat_out: Vec::new(),
+            seat_ready: Vec::new(),
         })
     }
 
@@ -418,6 +440,87 @@ impl Wayland {
     /// A handle on the counters that other threads can read (after each dispatch).
     pub fn stats_handle(&self) -> std::sync::Arc<std::sync::Mutex<WaylandStats>> {
         self.shared.clone()
+    }
+
+    /// Seat input counters (dropped events).
+    pub fn seat_stats(&self) -> SeatStats {
+        self.seat.stats
+    }
+
+    /// Where the guest image of `id` lies on its surface (None: no shown surface).
+    fn mapping(&self, id: ConnectorId) -> Option<Mapping> {
+        let Link::Up(up) = &self.link else {
+            return None;
+        };
+        let s = up.surfaces.get(&id).filter(|s| s.configured)?;
+        let c = self.conns.get(&id).filter(|c| c.enabled)?;
+        let geo = c.store.as_ref()?.geo;
+        let (fw, fh) = c.frame_size?;
+        if let Some((dw, dh)) = s.dest {
+            // Scaled by the viewport: the image fills the surface.
+            return Some(Mapping {
+                x0: 0.0,
+                y0: 0.0,
+                width: f64::from(dw),
+                height: f64::from(dh),
+            });
+        }
+        // The frame centred in the buffer (letterboxed, unscaled), as `render` puts it.
+        Some(Mapping {
+            x0: f64::from(geo.width.saturating_sub(fw) / 2),
+            y0: f64::from(geo.height.saturating_sub(fh) / 2),
+            width: f64::from(fw),
+            height: f64::from(fh),
+        })
+    }
+
+    /// Label translated seat input with its connector's unique-id (batched per connector),
+    /// while the connector is still known.
+    fn flush_seat(&mut self) {
+        for (conn, input) in self.seat_out.drain(..) {
+            match self.seat_ready.last_mut() {
+                Some(last) if last.conn == conn => last.input.push(input),
+                _ => self.seat_ready.push(SeatInput {
+                    conn,
+                    unique_id: self
+                        .conns
+                        .get(&conn)
+                        .map(|c| c.unique_id.clone())
+                        .unwrap_or_default(),
+                    input: vec![input],
+                }),
+            }
+        }
+    }
+
+    /// Translate what the seat said since the last dispatch.
+    fn handle_seat(&mut self) {
+        let evs = match &mut self.link {
+            Link::Up(up) => std::mem::take(&mut up.st.seat_events),
+            Link::Down { .. } => return,
+        };
+        if evs.is_empty() {
+            return;
+        }
+        let maps: HashMap<ConnectorId, Mapping> = self
+            .conns
+            .keys()
+            .filter_map(|id| self.mapping(*id).map(|m| (*id, m)))
+            .collect();
+        let before = self.seat.stats;
+        for ev in evs {
+            self.seat
+                .handle(ev, |c| maps.get(&c).copied(), &mut self.seat_out);
+        }
+        let after = self.seat.stats;
+        if after != before {
+            warn_limited!(
+                unknown = after.unknown,
+                touch_dropped = after.touch_dropped,
+                bad_code = after.bad_code,
+                "wayland seat: input dropped (not on a guest's surface, or too many contacts)"
+            );
+        }
     }
 
     /// True while connected to a compositor with globals bound.
@@ -555,6 +658,7 @@ impl Wayland {
             geo.shm_format,
         );
         store.write(slot, &self.scratch)?;
+        c.frame_size = Some((frame.width, frame.height));
         Ok(slot)
     }
 
@@ -700,7 +804,10 @@ impl Wayland {
         let up = Box::new(Up {
             conn,
             queue,
-            st: Session::default(),
+            st: Session {
+                seat_input: self.cfg.seat_input,
+                ..Session::default()
+            },
             ready: false,
             sync2_sent: false,
             started: now,
@@ -734,6 +841,7 @@ impl Wayland {
             }
             warn!(event = "wayland_disconnected", reason = %why, "wayland compositor connection lost; retrying");
         }
+        self.seat.forget_all(&mut self.seat_out);
         let ids: Vec<ConnectorId> = self.conns.keys().copied().collect();
         for id in ids {
             let Some(c) = self.conns.get_mut(&id) else {
@@ -943,8 +1051,10 @@ impl Wayland {
             if w > 0 && h > 0 && (w as u32, h as u32) != (geo.width, geo.height) {
                 let (dw, dh) = fit(geo.width, geo.height, w, h);
                 vp.set_destination(dw, dh);
+                surf.dest = Some((dw, dh));
             } else {
                 vp.set_destination(-1, -1);
+                surf.dest = None;
             }
         }
         let seq = surf.next_seq;
@@ -1149,6 +1259,7 @@ impl Wayland {
         if let Link::Up(up) = &mut self.link {
             if let Some(s) = up.surfaces.remove(&id) {
                 s.destroy();
+                self.seat.forget(id, &mut self.seat_out);
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.committed = None;
                     if let Some(st) = c.store.as_mut() {
@@ -1197,7 +1308,7 @@ fn create_surface(
         }
         _ => false,
     };
-    let wl = compositor.create_surface(&qh, ());
+    let wl = compositor.create_surface(&qh, id);
     let viewport = g.viewporter.as_ref().map(|v| v.get_viewport(&wl, &qh, ()));
     let role = if use_ivi {
         let (Some(ivi), Some(n)) = (&g.ivi, ivi_id) else {
@@ -1247,6 +1358,7 @@ fn create_surface(
         pool: None,
         next_seq: 1,
         opaque: None,
+        dest: None,
     })
 }
 
@@ -1279,6 +1391,7 @@ impl Output for Wayland {
                 sim: None,
                 last_tick: None,
                 committed: None,
+                frame_size: None,
             },
         );
         Ok(())
@@ -1286,6 +1399,7 @@ impl Output for Wayland {
 
     fn remove_connector(&mut self, conn: ConnectorId) {
         self.destroy_surface(conn);
+        self.flush_seat();
         self.conns.remove(&conn);
         self.immediate.retain(|d| d.conn != conn);
     }
@@ -1408,6 +1522,7 @@ impl Output for Wayland {
                         }
                     }
                     self.handle_events(now);
+                    self.handle_seat();
                 }
             }
         }
@@ -1420,6 +1535,11 @@ impl Output for Wayland {
         if let Ok(mut s) = self.shared.lock() {
             *s = self.stats;
         }
+    }
+
+    fn take_input(&mut self, out: &mut Vec<SeatInput>) {
+        self.flush_seat();
+        out.append(&mut self.seat_ready);
     }
 
     fn target(&self, conn: ConnectorId) -> Option<String> {

@@ -8,10 +8,14 @@ use wayland_client::protocol::{
     wl_buffer::{self, WlBuffer},
     wl_callback::{self, WlCallback},
     wl_compositor::WlCompositor,
+    wl_keyboard::{self, WlKeyboard},
+    wl_pointer::{self, WlPointer},
     wl_registry::{self, WlRegistry},
+    wl_seat::{self, WlSeat},
     wl_shm::{self, WlShm},
     wl_shm_pool::WlShmPool,
     wl_surface::WlSurface,
+    wl_touch::{self, WlTouch},
 };
 use wayland_client::{delegate_noop, Connection, Dispatch, Proxy, QueueHandle, WEnum};
 use wayland_protocols::wp::presentation_time::client::{
@@ -27,6 +31,7 @@ use wayland_protocols::xdg::shell::client::{
     xdg_wm_base::{self, XdgWmBase},
 };
 
+use super::seat::SeatEv;
 use crate::output::ConnectorId;
 
 /// Weston's `ivi-application` (client side), generated from our copy of its wire signature.
@@ -51,6 +56,8 @@ use ivi::ivi_surface::{self, IviSurface};
 /// Highest versions we use of each global.
 const V_COMPOSITOR: u32 = 4;
 const V_WM_BASE: u32 = 2;
+/// wl_seat 5: pointer frames exist, keys have no `repeated` state (v10).
+const V_SEAT: u32 = 5;
 
 /// Who a callback belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +114,8 @@ pub struct Globals {
     pub presentation: Option<WpPresentation>,
     pub viewporter: Option<WpViewporter>,
     pub ivi: Option<IviApplication>,
+    /// Bound only with `seat_input`.
+    pub seat: Option<WlSeat>,
 }
 
 impl Globals {
@@ -120,6 +129,7 @@ impl Globals {
             (self.presentation.is_some(), "wp_presentation"),
             (self.viewporter.is_some(), "wp_viewporter"),
             (self.ivi.is_some(), "ivi_application"),
+            (self.seat.is_some(), "wl_seat"),
         ] {
             if present {
                 v.push(name);
@@ -140,6 +150,13 @@ pub struct Session {
     /// Size from the latest `xdg_toplevel.configure`, applied at `xdg_surface.configure`.
     pub toplevel_size: HashMap<ConnectorId, (i32, i32)>,
     pub events: Vec<Ev>,
+    /// Bind the seat and record its input (`[wayland] seat_input`).
+    pub seat_input: bool,
+    pub pointer: Option<WlPointer>,
+    pub keyboard: Option<WlKeyboard>,
+    pub touch: Option<WlTouch>,
+    /// Seat input, in order.
+    pub seat_events: Vec<SeatEv>,
 }
 
 impl Dispatch<WlRegistry, ()> for Session {
@@ -175,6 +192,10 @@ impl Dispatch<WlRegistry, ()> for Session {
                 g.viewporter = Some(registry.bind(name, 1, qh, ()));
             }
             "ivi_application" if g.ivi.is_none() => g.ivi = Some(registry.bind(name, 1, qh, ())),
+            // The first seat only (compositors have one; a second would be another user).
+            "wl_seat" if st.seat_input && g.seat.is_none() => {
+                g.seat = Some(registry.bind(name, version.min(V_SEAT), qh, ()));
+            }
             _ => {}
         }
     }
@@ -347,12 +368,12 @@ impl Dispatch<IviSurface, ConnectorId> for Session {
     }
 }
 
-impl Dispatch<WlSurface, ()> for Session {
+impl Dispatch<WlSurface, ConnectorId> for Session {
     fn event(
         _: &mut Self,
         _: &WlSurface,
         _: <WlSurface as Proxy>::Event,
-        _: &(),
+        _: &ConnectorId,
         _: &Connection,
         _: &QueueHandle<Self>,
     ) {
@@ -366,3 +387,178 @@ delegate_noop!(Session: WlShmPool);
 delegate_noop!(Session: WpViewporter);
 delegate_noop!(Session: WpViewport);
 delegate_noop!(Session: IviApplication);
+
+/// The connector a surface was created for (None: not one of ours, or already dead).
+fn surface_conn(s: &WlSurface) -> Option<ConnectorId> {
+    s.data::<ConnectorId>().copied()
+}
+
+/// A Wayland fixed-point coordinate as f64 (wayland-client already converted it).
+fn coord(v: f64) -> f64 {
+    if v.is_finite() {
+        v
+    } else {
+        0.0
+    }
+}
+
+impl Dispatch<WlSeat, ()> for Session {
+    fn event(
+        st: &mut Self,
+        seat: &WlSeat,
+        event: wl_seat::Event,
+        _: &(),
+        _: &Connection,
+        qh: &QueueHandle<Self>,
+    ) {
+        let wl_seat::Event::Capabilities { capabilities } = event else {
+            return;
+        };
+        let caps = match capabilities {
+            WEnum::Value(c) => c,
+            WEnum::Unknown(u) => wl_seat::Capability::from_bits_truncate(u),
+        };
+        let v3 = seat.version() >= 3;
+        match (
+            caps.contains(wl_seat::Capability::Pointer),
+            st.pointer.take(),
+        ) {
+            (true, None) => st.pointer = Some(seat.get_pointer(qh, ())),
+            (true, Some(p)) => st.pointer = Some(p),
+            (false, Some(p)) => {
+                if v3 {
+                    p.release();
+                }
+                st.seat_events.push(SeatEv::PointerLeave);
+            }
+            (false, None) => {}
+        }
+        match (
+            caps.contains(wl_seat::Capability::Keyboard),
+            st.keyboard.take(),
+        ) {
+            (true, None) => st.keyboard = Some(seat.get_keyboard(qh, ())),
+            (true, Some(k)) => st.keyboard = Some(k),
+            (false, Some(k)) => {
+                if v3 {
+                    k.release();
+                }
+                st.seat_events.push(SeatEv::KeyboardLeave);
+            }
+            (false, None) => {}
+        }
+        match (caps.contains(wl_seat::Capability::Touch), st.touch.take()) {
+            (true, None) => st.touch = Some(seat.get_touch(qh, ())),
+            (true, Some(t)) => st.touch = Some(t),
+            (false, Some(t)) => {
+                if v3 {
+                    t.release();
+                }
+                st.seat_events.push(SeatEv::TouchCancel);
+            }
+            (false, None) => {}
+        }
+    }
+}
+
+impl Dispatch<WlPointer, ()> for Session {
+    fn event(
+        st: &mut Self,
+        _: &WlPointer,
+        event: wl_pointer::Event,
+        _: &(),
+        _: &Connection,
+        _: &QueueHandle<Self>,
+    ) {
+        let ev = match event {
+            wl_pointer::Event::Enter {
+                surface,
+                surface_x,
+                surface_y,
+                ..
+            } => SeatEv::PointerEnter {
+                surface: surface_conn(&surface),
+                x: coord(surface_x),
+                y: coord(surface_y),
+            },
+            wl_pointer::Event::Leave { .. } => SeatEv::PointerLeave,
+            wl_pointer::Event::Motion {
+                surface_x,
+                surface_y,
+                ..
+            } => SeatEv::PointerMotion {
+                x: coord(surface_x),
+                y: coord(surface_y),
+            },
+            wl_pointer::Event::Button { button, state, .. } => SeatEv::Button {
+                code: button,
+                pressed: matches!(state, WEnum::Value(wl_pointer::ButtonState::Pressed)),
+            },
+            wl_pointer::Event::Axis {
+                axis: WEnum::Value(wl_pointer::Axis::VerticalScroll),
+                value,
+                ..
+            } => SeatEv::Wheel(value),
+            _ => return,
+        };
+        st.seat_events.push(ev);
+    }
+}
+
+impl Dispatch<WlKeyboard, ()> for Session {
+    fn event(
+        st: &mut Self,
+        _: &WlKeyboard,
+        event: wl_keyboard::Event,
+        _: &(),
+        _: &Connection,
+        _: &QueueHandle<Self>,
+    ) {
+        let ev = match event {
+            // The keymap's fd is dropped (closed) here: the guest has its own keymap.
+            wl_keyboard::Event::Keymap { .. } => return,
+            wl_keyboard::Event::Enter { surface, .. } => SeatEv::KeyboardEnter {
+                surface: surface_conn(&surface),
+            },
+            wl_keyboard::Event::Leave { .. } => SeatEv::KeyboardLeave,
+            wl_keyboard::Event::Key { key, state, .. } => SeatEv::Key {
+                code: key,
+                pressed: matches!(state, WEnum::Value(wl_keyboard::KeyState::Pressed)),
+            },
+            _ => return,
+        };
+        st.seat_events.push(ev);
+    }
+}
+
+impl Dispatch<WlTouch, ()> for Session {
+    fn event(
+        st: &mut Self,
+        _: &WlTouch,
+        event: wl_touch::Event,
+        _: &(),
+        _: &Connection,
+        _: &QueueHandle<Self>,
+    ) {
+        let ev = match event {
+            wl_touch::Event::Down {
+                surface, id, x, y, ..
+            } => SeatEv::TouchDown {
+                surface: surface_conn(&surface),
+                id,
+                x: coord(x),
+                y: coord(y),
+            },
+            wl_touch::Event::Motion { id, x, y, .. } => SeatEv::TouchMotion {
+                id,
+                x: coord(x),
+                y: coord(y),
+            },
+            wl_touch::Event::Up { id, .. } => SeatEv::TouchUp { id },
+            wl_touch::Event::Frame => SeatEv::TouchFrame,
+            wl_touch::Event::Cancel => SeatEv::TouchCancel,
+            _ => return,
+        };
+        st.seat_events.push(ev);
+    }
+}

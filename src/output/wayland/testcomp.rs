@@ -24,10 +24,14 @@ use wayland_server::protocol::{
     wl_buffer::{self, WlBuffer},
     wl_callback::WlCallback,
     wl_compositor::{self, WlCompositor},
+    wl_keyboard::{self, WlKeyboard},
+    wl_pointer::{self, WlPointer},
     wl_region::{self, WlRegion},
+    wl_seat::{self, WlSeat},
     wl_shm::{self, WlShm},
     wl_shm_pool::{self, WlShmPool},
     wl_surface::{self, WlSurface},
+    wl_touch::{self, WlTouch},
 };
 use wayland_server::{
     Client, DataInit, Dispatch, Display, DisplayHandle, GlobalDispatch, New, Resource, WEnum,
@@ -58,6 +62,8 @@ pub struct Offer {
     pub presentation: bool,
     pub xdg: bool,
     pub ivi: bool,
+    /// A `wl_seat` with pointer, keyboard and touch.
+    pub seat: bool,
 }
 
 impl Default for Offer {
@@ -67,6 +73,7 @@ impl Default for Offer {
             presentation: true,
             xdg: true,
             ivi: false,
+            seat: false,
         }
     }
 }
@@ -125,6 +132,10 @@ pub struct Comp {
     /// Keep replaced buffers until [`TestCompositor::release_all`].
     pub hold_releases: bool,
     serial: u32,
+    /// The seat's devices the client asked for.
+    pub pointers: Vec<WlPointer>,
+    pub keyboards: Vec<WlKeyboard>,
+    pub touches: Vec<WlTouch>,
 }
 
 struct Cd;
@@ -156,6 +167,9 @@ impl TestCompositor {
         }
         if offer.ivi {
             dh.create_global::<Comp, IviApplication, ()>(1, ());
+        }
+        if offer.seat {
+            dh.create_global::<Comp, WlSeat, ()>(5, ());
         }
         TestCompositor {
             display,
@@ -229,6 +243,30 @@ impl TestCompositor {
         for b in self.state.unreleased.drain(..) {
             b.release();
         }
+        self.display.flush_clients().unwrap();
+    }
+
+    /// The surface of the toplevel titled `title`.
+    pub fn surface_titled(&self, title: &str) -> WlSurface {
+        let id = self
+            .state
+            .surfaces
+            .iter()
+            .find(|(_, s)| s.title.as_deref() == Some(title))
+            .map(|(id, _)| id.clone())
+            .expect("a surface with that title");
+        WlSurface::from_id(&self.display.handle(), id).unwrap()
+    }
+
+    /// Send seat events (`f` gets the pointers, keyboards, touches and a serial) and flush.
+    pub fn seat(&mut self, f: impl FnOnce(&[WlPointer], &[WlKeyboard], &[WlTouch], u32)) {
+        self.state.serial += 1;
+        f(
+            &self.state.pointers,
+            &self.state.keyboards,
+            &self.state.touches,
+            self.state.serial,
+        );
         self.display.flush_clients().unwrap();
     }
 
@@ -613,6 +651,83 @@ impl Dispatch<IviSurface, ()> for Comp {
         _: &Client,
         _: &IviSurface,
         _: ivi_surface::Request,
+        _: &(),
+        _: &DisplayHandle,
+        _: &mut DataInit<'_, Self>,
+    ) {
+    }
+}
+
+impl GlobalDispatch<WlSeat, ()> for Comp {
+    fn bind(
+        st: &mut Self,
+        _: &DisplayHandle,
+        _: &Client,
+        r: New<WlSeat>,
+        _: &(),
+        di: &mut DataInit<'_, Self>,
+    ) {
+        st.log.push("wl_seat.bind".into());
+        let seat = di.init(r, ());
+        seat.capabilities(
+            wl_seat::Capability::Pointer
+                | wl_seat::Capability::Keyboard
+                | wl_seat::Capability::Touch,
+        );
+    }
+}
+
+impl Dispatch<WlSeat, ()> for Comp {
+    fn request(
+        st: &mut Self,
+        _: &Client,
+        _: &WlSeat,
+        req: wl_seat::Request,
+        _: &(),
+        _: &DisplayHandle,
+        di: &mut DataInit<'_, Self>,
+    ) {
+        match req {
+            wl_seat::Request::GetPointer { id } => st.pointers.push(di.init(id, ())),
+            wl_seat::Request::GetKeyboard { id } => st.keyboards.push(di.init(id, ())),
+            wl_seat::Request::GetTouch { id } => st.touches.push(di.init(id, ())),
+            _ => {}
+        }
+    }
+}
+
+impl Dispatch<WlPointer, ()> for Comp {
+    fn request(
+        _: &mut Self,
+        _: &Client,
+        _: &WlPointer,
+        _: wl_pointer::Request,
+        _: &(),
+        _: &DisplayHandle,
+        _: &mut DataInit<'_, Self>,
+    ) {
+    }
+}
+
+impl Dispatch<WlKeyboard, ()> for Comp {
+    fn request(
+        _: &mut Self,
+        _: &Client,
+        _: &WlKeyboard,
+        _: wl_keyboard::Request,
+        _: &(),
+        _: &DisplayHandle,
+        _: &mut DataInit<'_, Self>,
+    ) {
+    }
+}
+
+impl Dispatch<WlTouch, ()> for Comp {
+    fn request(
+        _: &mut Self,
+        _: &Client,
+        _: &WlTouch,
+        _: wl_touch::Request,
         _: &(),
         _: &DisplayHandle,
         _: &mut DataInit<'_, Self>,

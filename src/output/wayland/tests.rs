@@ -7,6 +7,7 @@ use super::testcomp::{Offer, TestCompositor};
 use super::*;
 use crate::backend::mem::{anonymous, MappedRegion};
 use crate::backend::DomId;
+use crate::output::SeatInput;
 
 fn cid(idx: u32) -> ConnectorId {
     ConnectorId {
@@ -169,13 +170,14 @@ fn fit_keeps_the_aspect() {
 fn config_table_parses() {
     let cfg = crate::config::FileConfig::parse(
         "output = \"wayland\"\n[wayland]\ndisplay = \"wayland-1\"\nfullscreen = true\n\
-         [wayland.surfaces.1000]\nshell = \"ivi\"\n[wayland.surfaces.\"dash\"]\nivi_id = 7\n\
+         seat_input = true\n[wayland.surfaces.1000]\nshell = \"ivi\"\n[wayland.surfaces.\"dash\"]\nivi_id = 7\n\
          shell = \"xdg\"\ntitle = \"Dash\"\n",
     )
     .unwrap();
     assert_eq!(cfg.output, Some(crate::config::OutputKind::Wayland));
     assert_eq!(cfg.wayland.display.as_deref(), Some("wayland-1"));
     assert!(cfg.wayland.fullscreen);
+    assert!(cfg.wayland.seat_input);
     assert_eq!(cfg.wayland.surfaces["1000"].shell, Some(ShellChoice::Ivi));
     assert_eq!(cfg.wayland.surfaces["dash"].ivi_id, Some(7));
     assert!(crate::config::FileConfig::parse("[wayland]\nshel = \"ivi\"").is_err());
@@ -715,4 +717,218 @@ fn every_format_matches_the_headless_picture() {
         let want: Vec<u32> = want.iter().map(|p| p & 0xff_ffff).collect();
         assert_eq!(got, want, "{format:?}");
     }
+}
+
+/// Run compositor and output until `n` inputs were taken (or panic after 5 s).
+fn take_until(out: &mut Wayland, comp: &mut TestCompositor, got: &mut Vec<SeatInput>, n: usize) {
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut done = Vec::new();
+    while got.iter().map(|s| s.input.len()).sum::<usize>() < n {
+        assert!(Instant::now() < end, "timed out: {got:?}");
+        comp.pump();
+        out.dispatch(Instant::now(), &mut done);
+        out.take_input(got);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Seat input on a guest's surface: pointer, keyboard and a two-finger touch become
+/// `Input` for that surface's connector, with positions normalized to the guest image
+/// (letterboxed at (2,2) in an 8x6 buffer); leaving releases what was held; events after
+/// the connector is gone are dropped and counted.
+#[test]
+fn seat_input_goes_to_the_focused_guest() {
+    use crate::kbdif::device::{Input, NORM_MAX};
+    use wayland_server::protocol::{wl_keyboard::KeyState, wl_pointer};
+    use wayland_server::Resource;
+
+    let path = sock("seat");
+    let offer = Offer {
+        seat: true,
+        ..Offer::default()
+    };
+    let mut comp = TestCompositor::start(&path, offer);
+    let cfg = WaylandConfig {
+        seat_input: true,
+        ..WaylandConfig::default()
+    };
+    let mut out = Wayland::with_socket(path, cfg).unwrap();
+    out.add_connector(cid(0), "A", 4, 2).unwrap();
+    out.add_connector(cid(1), "B", 4, 2).unwrap();
+    let a = filled(7);
+    out.set_config(cid(0), Some(&frame(&a, 1))).unwrap();
+    out.set_config(cid(1), Some(&frame(&a, 1))).unwrap();
+    run_until(
+        &mut out,
+        &mut Some(&mut comp),
+        "surfaces and seat",
+        |o, _, c| {
+            o.connected()
+                && c.is_some_and(|c| {
+                    c.state.surfaces.len() == 2
+                        && c.state.pointers.len() == 1
+                        && c.state.keyboards.len() == 1
+                        && c.state.touches.len() == 1
+                })
+        },
+    );
+    comp.configure_all(8, 6);
+    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
+        o.surface_ready(cid(0)) && o.surface_ready(cid(1))
+    });
+    out.page_flip(cid(0), &frame(&a, 2)).unwrap();
+    out.page_flip(cid(1), &frame(&a, 2)).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "letterboxed", |_, _, c| {
+        c.is_some_and(|c| {
+            c.state.surfaces.values().all(|s| {
+                s.current
+                    .as_ref()
+                    .and_then(|b| b.data::<super::testcomp::BufInfo>().map(|i| i.width))
+                    == Some(8)
+            })
+        })
+    });
+    let b = comp.surface_titled("dom3 B");
+    comp.seat(|p, k, t, serial| {
+        let (p, k, t) = (&p[0], &k[0], &t[0]);
+        // The image's top-left pixel, then its bottom-right one.
+        p.enter(serial, &b, 2.0, 2.0);
+        p.motion(1, 5.0, 3.0);
+        p.button(serial, 2, 0x110, wl_pointer::ButtonState::Pressed);
+        p.axis(3, wl_pointer::Axis::VerticalScroll, 10.0);
+        p.frame();
+        k.enter(serial, &b, Vec::new());
+        k.key(serial, 4, 30, KeyState::Pressed);
+        // Two fingers: one in the border (clamped), one at the image's centre.
+        t.down(serial, 5, &b, 7, 0.0, 0.0);
+        t.down(serial, 5, &b, 9, 3.5, 2.5);
+        t.frame();
+        t.motion(6, 7, 5.0, 3.0);
+        t.frame();
+        t.up(serial, 7, 7);
+        t.up(serial, 7, 9);
+        t.frame();
+        p.leave(serial, &b);
+        k.leave(serial, &b);
+    });
+    let mut got: Vec<SeatInput> = Vec::new();
+    let want = vec![
+        Input::Abs {
+            x: 0,
+            y: 0,
+            wheel: 0,
+        },
+        Input::Abs {
+            x: NORM_MAX,
+            y: NORM_MAX,
+            wheel: 0,
+        },
+        Input::Key {
+            code: 0x110,
+            pressed: true,
+        },
+        Input::Abs {
+            x: NORM_MAX,
+            y: NORM_MAX,
+            wheel: -1,
+        },
+        Input::Key {
+            code: 30,
+            pressed: true,
+        },
+        Input::TouchDown {
+            slot: 0,
+            x: 0,
+            y: 0,
+        },
+        Input::TouchDown {
+            slot: 1,
+            x: NORM_MAX / 2 + 1,
+            y: NORM_MAX / 2 + 1,
+        },
+        Input::TouchFrame,
+        Input::TouchMove {
+            slot: 0,
+            x: NORM_MAX,
+            y: NORM_MAX,
+        },
+        Input::TouchFrame,
+        Input::TouchUp { slot: 0 },
+        Input::TouchUp { slot: 1 },
+        Input::TouchFrame,
+        // Pointer leave: the button goes up; the keyboard is still on B.
+        Input::Key {
+            code: 0x110,
+            pressed: false,
+        },
+        // Keyboard leave: the key goes up, and B has nothing of the seat left.
+        Input::Key {
+            code: 30,
+            pressed: false,
+        },
+        Input::ReleaseAll,
+    ];
+    take_until(&mut out, &mut comp, &mut got, want.len());
+    assert!(
+        got.iter().all(|s| s.conn == cid(1) && s.unique_id == "B"),
+        "{got:?}"
+    );
+    let inputs: Vec<Input> = got.iter().flat_map(|s| s.input.clone()).collect();
+    assert_eq!(inputs, want);
+    assert_eq!(out.seat_stats(), SeatStats::default());
+
+    // The pointer back on B, then B goes away: B gets everything released; what the
+    // compositor still sends for the gone surface is dropped and counted.
+    comp.seat(|p, _, _, serial| p[0].enter(serial, &b, 3.0, 3.0));
+    got.clear();
+    take_until(&mut out, &mut comp, &mut got, 1);
+    assert_eq!(
+        got[0].input,
+        vec![Input::Abs {
+            x: NORM_MAX / 3,
+            y: NORM_MAX,
+            wheel: 0
+        }]
+    );
+    out.remove_connector(cid(1));
+    got.clear();
+    out.take_input(&mut got);
+    assert_eq!(
+        got,
+        vec![SeatInput {
+            conn: cid(1),
+            unique_id: "B".into(),
+            input: vec![Input::ReleaseAll],
+        }]
+    );
+    comp.seat(|p, _, _, serial| {
+        p[0].motion(8, 4.0, 3.0);
+        p[0].button(serial, 9, 0x111, wl_pointer::ButtonState::Pressed);
+    });
+    run_until(&mut out, &mut Some(&mut comp), "dropped", |o, _, _| {
+        o.seat_stats().unknown == 2
+    });
+    got.clear();
+    out.take_input(&mut got);
+    assert!(got.is_empty(), "{got:?}");
+}
+
+/// Without `seat_input` the seat is not bound at all.
+#[test]
+fn seat_is_not_bound_unless_asked() {
+    let path = sock("noseat");
+    let offer = Offer {
+        seat: true,
+        ..Offer::default()
+    };
+    let mut comp = TestCompositor::start(&path, offer);
+    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    out.add_connector(cid(0), "A", 4, 2).unwrap();
+    let a = filled(7);
+    out.set_config(cid(0), Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
+        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+    });
+    assert!(comp.state.pointers.is_empty() && comp.state.keyboards.is_empty());
+    assert!(!comp.state.log.iter().any(|l| l == "wl_seat.bind"));
 }
