@@ -200,6 +200,25 @@ pub struct FrontendSim {
     request_timeout: Duration,
 }
 
+/// A frontend directory's `backend` and `backend-id` nodes, as a frontend reads them
+/// at probe time; the inner `Err` says which one is missing or bad.
+pub(crate) fn backend_of(
+    xs: &mut XsClient,
+    dir: &str,
+) -> std::result::Result<std::result::Result<(String, DomId), String>, XsError> {
+    let Some(backend_dir) = xs.read(Tx::NONE, &format!("{dir}/backend"))? else {
+        return Ok(Err(format!("{dir}/backend is missing")));
+    };
+    let backend_id = xs
+        .read(Tx::NONE, &format!("{dir}/backend-id"))?
+        .and_then(|s| s.trim().parse::<u16>().ok())
+        .map(DomId);
+    Ok(match backend_id {
+        Some(id) => Ok((backend_dir, id)),
+        None => Err(format!("{dir}/backend-id is missing or bad")),
+    })
+}
+
 impl FrontendSim {
     /// Probe device `devid` of guest `domid` like Linux's `xen_drv_probe`.
     pub fn new(sim: &SimXen, xs: XsClient, domid: DomId, devid: u32) -> Result<Self> {
@@ -215,14 +234,7 @@ impl FrontendSim {
         opts: FrontOptions,
     ) -> Result<Self> {
         let dir = format!("/local/domain/{domid}/device/vdispl/{devid}");
-        let backend_dir = xs
-            .read(Tx::NONE, &format!("{dir}/backend"))?
-            .ok_or_else(|| FrontError::Config(format!("{dir}/backend is missing")))?;
-        let backend_id = xs
-            .read(Tx::NONE, &format!("{dir}/backend-id"))?
-            .and_then(|s| s.trim().parse::<u16>().ok())
-            .map(DomId)
-            .ok_or_else(|| FrontError::Config(format!("{dir}/backend-id is missing or bad")))?;
+        let (backend_dir, backend_id) = backend_of(&mut xs, &dir)?.map_err(FrontError::Config)?;
         let mut fe = FrontendSim {
             xs,
             evtchn: sim.evtchn(domid),

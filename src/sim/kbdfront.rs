@@ -90,14 +90,8 @@ impl KbdFrontSim {
         opts: KbdFrontOptions,
     ) -> Result<Self> {
         let dir = format!("/local/domain/{domid}/device/vkbd/{devid}");
-        let backend_dir = xs
-            .read(Tx::NONE, &format!("{dir}/backend"))?
-            .ok_or_else(|| KbdFrontError::Config(format!("{dir}/backend is missing")))?;
-        let backend_id = xs
-            .read(Tx::NONE, &format!("{dir}/backend-id"))?
-            .and_then(|s| s.trim().parse::<u16>().ok())
-            .map(DomId)
-            .ok_or_else(|| KbdFrontError::Config(format!("{dir}/backend-id is bad")))?;
+        let (backend_dir, backend_id) =
+            super::frontend::backend_of(&mut xs, &dir)?.map_err(KbdFrontError::Config)?;
         let mut fe = KbdFrontSim {
             xs,
             evtchn: sim.evtchn(domid),

@@ -106,38 +106,10 @@ impl Toolstack {
     ) -> Result<(), ToolstackError> {
         let bdir = backend_dir(be, fe, devid);
         let fdir = frontend_dir(fe, devid);
-        // libxl's perms: the frontend dir is the guest's (backend may read); read-only
-        // frontend nodes and the backend dir are the backend's (guest may read).
-        let (fe_owner, be_reader) = (format!("n{fe}"), format!("r{be}"));
-        let (be_owner, fe_reader) = (format!("n{be}"), format!("r{fe}"));
-        let rw_front: [&str; 2] = [&fe_owner, &be_reader];
-        let ro: [&str; 2] = [&be_owner, &fe_reader];
-        self.xs.transaction(|xs, tx| {
-            xs.rm(tx, &bdir)?;
-            xs.rm(tx, &fdir)?;
-            xs.mkdir(tx, &bdir)?;
-            xs.set_perms(tx, &bdir, &ro)?;
-            xs.write(tx, &format!("{bdir}/frontend"), &fdir)?;
-            xs.write(tx, &format!("{bdir}/frontend-id"), &fe.to_string())?;
-            xs.write(tx, &format!("{bdir}/online"), "1")?;
-            xs.write(
-                tx,
-                &format!("{bdir}/state"),
-                XenbusState::Initialising.as_str(),
-            )?;
-
-            xs.mkdir(tx, &fdir)?;
-            xs.set_perms(tx, &fdir, &rw_front)?;
-            xs.write(tx, &format!("{fdir}/backend"), &bdir)?;
-            xs.write(tx, &format!("{fdir}/backend-id"), &be.to_string())?;
-            xs.write(
-                tx,
-                &format!("{fdir}/state"),
-                XenbusState::Initialising.as_str(),
-            )?;
+        self.add_device(be, fe, bdir, &fdir, &[], |xs, tx, ro| {
             let ro_write = |xs: &mut XsClient, path: String, value: &str| {
                 xs.write(tx, &path, value)?;
-                xs.set_perms(tx, &path, &ro)
+                xs.set_perms(tx, &path, ro)
             };
             ro_write(
                 xs,
@@ -149,19 +121,7 @@ impl Toolstack {
                 ro_write(xs, format!("{fdir}/{n}/unique-id"), id)?;
             }
             Ok(())
-        })?;
-        let state_path = format!("{bdir}/state");
-        let timeout = self.init_timeout;
-        let state = self.wait_state(&state_path, timeout, |s| s == XenbusState::InitWait)?;
-        if state == XenbusState::InitWait {
-            Ok(())
-        } else {
-            Err(ToolstackError::InitTimeout {
-                path: bdir,
-                state,
-                timeout,
-            })
-        }
+        })
     }
 
     /// Add a vkbd device like `xl create` with `vkb = [...]` (libxl_vkb.c): both
@@ -178,20 +138,38 @@ impl Toolstack {
         // libxl's kind for backend-type=linux is "vinput" (the frontend's stays vkbd).
         let bdir = format!("/local/domain/{be}/backend/vinput/{fe}/{devid}");
         let fdir = format!("/local/domain/{fe}/device/vkbd/{devid}");
+        let mut extra = vec![("backend-type", "linux")];
+        extra.extend_from_slice(params);
+        self.add_device(be, fe, bdir, &fdir, &extra, |_, _, _| Ok(()))
+    }
+
+    /// Both directories of a device in one transaction, as libxl writes them (its
+    /// perms: the frontend dir is the guest's, the backend may read it; the backend dir
+    /// is the backend's, the guest may read it): `backend_extra` nodes in the backend
+    /// directory, then `frontend_nodes` (given the read-only perms) in the frontend
+    /// directory; then wait for the backend to reach InitWait.
+    fn add_device(
+        &mut self,
+        be: DomId,
+        fe: DomId,
+        bdir: String,
+        fdir: &str,
+        backend_extra: &[(&str, &str)],
+        mut frontend_nodes: impl FnMut(&mut XsClient, Tx, &[&str]) -> Result<(), XsError>,
+    ) -> Result<(), ToolstackError> {
         let (fe_owner, be_reader) = (format!("n{fe}"), format!("r{be}"));
         let (be_owner, fe_reader) = (format!("n{be}"), format!("r{fe}"));
         let rw_front: [&str; 2] = [&fe_owner, &be_reader];
         let ro: [&str; 2] = [&be_owner, &fe_reader];
         self.xs.transaction(|xs, tx| {
             xs.rm(tx, &bdir)?;
-            xs.rm(tx, &fdir)?;
+            xs.rm(tx, fdir)?;
             xs.mkdir(tx, &bdir)?;
             xs.set_perms(tx, &bdir, &ro)?;
-            xs.write(tx, &format!("{bdir}/frontend"), &fdir)?;
+            xs.write(tx, &format!("{bdir}/frontend"), fdir)?;
             xs.write(tx, &format!("{bdir}/frontend-id"), &fe.to_string())?;
             xs.write(tx, &format!("{bdir}/online"), "1")?;
-            xs.write(tx, &format!("{bdir}/backend-type"), "linux")?;
-            for (k, v) in params {
+            for (k, v) in backend_extra {
                 xs.write(tx, &format!("{bdir}/{k}"), v)?;
             }
             xs.write(
@@ -199,8 +177,8 @@ impl Toolstack {
                 &format!("{bdir}/state"),
                 XenbusState::Initialising.as_str(),
             )?;
-            xs.mkdir(tx, &fdir)?;
-            xs.set_perms(tx, &fdir, &rw_front)?;
+            xs.mkdir(tx, fdir)?;
+            xs.set_perms(tx, fdir, &rw_front)?;
             xs.write(tx, &format!("{fdir}/backend"), &bdir)?;
             xs.write(tx, &format!("{fdir}/backend-id"), &be.to_string())?;
             xs.write(
@@ -208,7 +186,7 @@ impl Toolstack {
                 &format!("{fdir}/state"),
                 XenbusState::Initialising.as_str(),
             )?;
-            Ok(())
+            frontend_nodes(xs, tx, &ro)
         })?;
         let state_path = format!("{bdir}/state");
         let timeout = self.init_timeout;
