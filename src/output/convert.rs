@@ -271,6 +271,9 @@ fn check_dst(dst: &[u8], dst_pitch: usize, row: usize, height: usize) -> Result<
     Ok(())
 }
 
+/// Copies of at least this many bytes use non-temporal stores.
+pub const STREAM_MIN: usize = 256 * 1024;
+
 /// Copy `height` rows of `row` bytes from `mem` (starting at `offset`, `src_pitch`
 /// apart) into `dst` (`dst_pitch` apart). One read when both pitches equal `row`.
 pub fn copy_rows(
@@ -292,9 +295,19 @@ pub fn copy_rows(
             row,
         });
     }
+    // A frame-sized copy goes to memory the CPU will not read back soon (a scan-out
+    // buffer, an image): non-temporal stores (`MappedRegion::read_stream`).
+    let stream = row.saturating_mul(height) >= STREAM_MIN;
+    let read = |o: usize, d: &mut [u8]| {
+        if stream {
+            mem.read_stream(o, d)
+        } else {
+            mem.read(o, d)
+        }
+    };
     if height <= 1 || (src_pitch == row && dst_pitch == row) {
         let len = row.checked_mul(height).ok_or(CopyError::Overflow)?;
-        mem.read(offset, &mut dst[..len])?;
+        read(offset, &mut dst[..len])?;
         return Ok(());
     }
     let src_span = span(src_pitch, height, row).ok_or(CopyError::Overflow)?;
@@ -307,7 +320,7 @@ pub fn copy_rows(
         }));
     }
     for (y, d) in dst.chunks_mut(dst_pitch).take(height).enumerate() {
-        mem.read(offset + y * src_pitch, &mut d[..row])?;
+        read(offset + y * src_pitch, &mut d[..row])?;
     }
     Ok(())
 }

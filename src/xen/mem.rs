@@ -107,6 +107,21 @@ impl MappedRegion {
         Ok(())
     }
 
+    /// [`MappedRegion::read`] for destinations the CPU will not read back soon (a
+    /// scan-out buffer, a frame image): on x86_64 the bulk is written with
+    /// non-temporal stores, which skip reading the destination's cache lines first and
+    /// leave the cache to others (~1.5x faster than memcpy for a 1280x720 frame here:
+    /// `benches/copy.rs`). Each source byte is still read exactly once.
+    pub fn read_stream(&self, offset: usize, dst: &mut [u8]) -> Result<(), OutOfBounds> {
+        self.check(offset, dst.len())?;
+        self.copies_out.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: bounds checked above: `offset..offset + dst.len()` lies in the
+        // mapping, which stays mapped for our lifetime; `dst` is private memory that
+        // cannot overlap it.
+        unsafe { stream_copy(self.ptr.as_ptr().add(offset), dst) };
+        Ok(())
+    }
+
     /// Copy `src` into the mapping at `offset`.
     pub fn write(&self, offset: usize, src: &[u8]) -> Result<(), OutOfBounds> {
         self.check(offset, src.len())?;
@@ -159,6 +174,55 @@ impl Drop for MappedRegion {
     }
 }
 
+/// Copy `dst.len()` bytes from `src` into `dst`, the bulk with non-temporal stores on
+/// x86_64 (a plain copy elsewhere), fenced so the stores are visible before anything
+/// after them.
+///
+/// # Safety
+/// `src..src + dst.len()` must be readable and must not overlap `dst`.
+unsafe fn stream_copy(src: *const u8, dst: &mut [u8]) {
+    let len = dst.len();
+    let d = dst.as_mut_ptr();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        // Plain copy up to the first 16-byte aligned destination byte.
+        let head = d.align_offset(16).min(len);
+        // SAFETY: `head <= len`: within both ranges (the caller's contract).
+        unsafe { std::ptr::copy_nonoverlapping(src, d, head) };
+        let mut i = head;
+        while i + 64 <= len {
+            // SAFETY: `i + 64 <= len` keeps all four 16-byte loads and stores within
+            // both ranges; `d + i` is 16-byte aligned (`head` aligned it, steps are 64),
+            // as `_mm_stream_si128` requires; loads may be unaligned (`loadu`). SSE2 is
+            // part of the x86_64 baseline.
+            unsafe {
+                let a = _mm_loadu_si128(src.add(i).cast::<__m128i>());
+                let b = _mm_loadu_si128(src.add(i + 16).cast::<__m128i>());
+                let c = _mm_loadu_si128(src.add(i + 32).cast::<__m128i>());
+                let e = _mm_loadu_si128(src.add(i + 48).cast::<__m128i>());
+                _mm_stream_si128(d.add(i).cast::<__m128i>(), a);
+                _mm_stream_si128(d.add(i + 16).cast::<__m128i>(), b);
+                _mm_stream_si128(d.add(i + 32).cast::<__m128i>(), c);
+                _mm_stream_si128(d.add(i + 48).cast::<__m128i>(), e);
+            }
+            i += 64;
+        }
+        // SAFETY: a store fence has no memory-safety preconditions (SSE, baseline).
+        #[allow(unused_unsafe)]
+        unsafe {
+            _mm_sfence()
+        };
+        // SAFETY: `i <= len`: the tail lies within both ranges.
+        unsafe { std::ptr::copy_nonoverlapping(src.add(i), d.add(i), len - i) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    // SAFETY: the caller's contract.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, d, len)
+    };
+}
+
 /// Anonymous private memory, page aligned; for tests and local buffers.
 pub fn anonymous(len: usize) -> std::io::Result<MappedRegion> {
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
@@ -195,6 +259,40 @@ fn map_new_region(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_stream_copies_exactly_like_read() {
+        let m = anonymous(3 * 4096).unwrap();
+        let pattern: Vec<u8> = (0..3 * 4096).map(|i| (i * 7 + i / 251) as u8).collect();
+        m.write(0, &pattern).unwrap();
+        // Every source offset and destination misalignment mod 16, lengths around the
+        // 64-byte blocks and the head/tail splits; guard bytes around the destination.
+        for len in [0usize, 1, 15, 16, 17, 63, 64, 65, 127, 200, 4096, 8191] {
+            for off in [0usize, 1, 5, 16, 4095] {
+                if off + len > m.len() {
+                    continue;
+                }
+                for mis in 0..16 {
+                    let mut buf = vec![0xeeu8; len + 32];
+                    m.read_stream(off, &mut buf[mis..mis + len]).unwrap();
+                    assert_eq!(
+                        &buf[mis..mis + len],
+                        &pattern[off..off + len],
+                        "{len} {off} {mis}"
+                    );
+                    assert!(
+                        buf[..mis].iter().all(|&b| b == 0xee),
+                        "before {len} {off} {mis}"
+                    );
+                    assert!(
+                        buf[mis + len..].iter().all(|&b| b == 0xee),
+                        "after {len} {off} {mis}"
+                    );
+                }
+            }
+        }
+        assert!(m.read_stream(3 * 4096 - 4, &mut [0u8; 5]).is_err());
+    }
 
     #[test]
     fn bounds_are_checked_without_overflow() {
