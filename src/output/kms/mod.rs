@@ -518,29 +518,17 @@ impl Kms {
             // covers that. While a flip in flight may still show it, removing it would
             // make the kernel disable the plane (blocking): that waits in
             // [`Kms::rmfb_later`].
-            let Some(b) = a.flips.push_show(b) else {
-                remove_now = false;
-                continue;
-            };
-            a.last_submit = Some(Instant::now());
-            match a.submit_flip(&self.card, b) {
-                Ok(fell_back) => {
-                    if fell_back {
-                        kc.fell_back(conn);
-                    }
-                }
+            match self.queue_flip(conn, b, None) {
+                Ok(true) => {}
+                Ok(false) => remove_now = false,
                 Err(e) => {
-                    a.flips.submit_failed();
                     crate::warn_limited!(?conn, "taking a guest buffer off screen: {e}; disabling");
                     self.deactivate(conn, true);
                 }
             }
         }
         // A replaced configuration's flip in flight may name it too.
-        if named
-            .iter()
-            .any(|(_, c, _)| self.stray.get(c).is_some_and(|(n, _)| *n > 0))
-        {
+        if named.iter().any(|(_, c, _)| self.stray_due(*c)) {
             remove_now = false;
         }
         if !remove_now {
@@ -757,10 +745,15 @@ impl Kms {
         e.0 += 1;
     }
 
+    /// True while an event that completes nothing of ours is still due on `crtc`.
+    fn stray_due(&self, crtc: crtc::Handle) -> bool {
+        self.stray.get(&crtc).is_some_and(|(n, _)| *n > 0)
+    }
+
     /// True while an event of ours is due on `crtc`: nothing new may be committed to it
     /// yet (a non-blocking commit would meet EBUSY, a blocking one would wait).
     fn crtc_busy(&self, crtc: crtc::Handle) -> bool {
-        self.stray.get(&crtc).is_some_and(|(n, _)| *n > 0)
+        self.stray_due(crtc)
             || self
                 .conns
                 .values()
@@ -830,7 +823,7 @@ impl Kms {
         }
         for late in std::mem::take(&mut self.rmfb_later) {
             let in_use = late.waits.iter().any(|&(conn, crtc, t)| {
-                self.stray.get(&crtc).is_some_and(|(n, _)| *n > 0)
+                self.stray_due(crtc)
                     || self.restores.iter().any(|r| r.conn == conn)
                     || self
                         .conns
@@ -1026,14 +1019,15 @@ impl Kms {
     }
 
     /// Queue flip target `b` on `conn` (a guest flip with its `cookie`, or a same-mode
-    /// SET_CONFIG with none; latest wins) and submit it now, non-blocking with an
-    /// event, if nothing is in flight.
+    /// SET_CONFIG or a black frame with none; latest wins) and submit it now,
+    /// non-blocking with an event, if nothing is in flight. Returns whether it was
+    /// submitted now (`false`: it waits behind the flip in flight).
     fn queue_flip(
         &mut self,
         conn: ConnectorId,
         b: usize,
         cookie: Option<u64>,
-    ) -> Result<(), OutputError> {
+    ) -> Result<bool, OutputError> {
         let Some(kc) = self.conns.get_mut(&conn) else {
             return Err(OutputError::NotConfigured);
         };
@@ -1045,15 +1039,15 @@ impl Kms {
             None => a.flips.push_show(b),
         };
         let Some(b) = now else {
-            return Ok(());
+            return Ok(false);
         };
         a.last_submit = Some(Instant::now());
         a.paced.set(false);
         match a.submit_flip(&self.card, b) {
-            Ok(false) => Ok(()),
+            Ok(false) => Ok(true),
             Ok(true) => {
                 kc.fell_back(conn);
-                Ok(())
+                Ok(true)
             }
             Err(e) => {
                 crate::warn_limited!(?conn, connector = %kc.name, "page flip failed: {e}");
@@ -1120,7 +1114,7 @@ impl Kms {
             }
             // Latest wins, like a flip: submitted now (non-blocking, with an event) if
             // nothing is in flight, else once the flip in flight completes.
-            return self.queue_flip(conn, b, None);
+            return self.queue_flip(conn, b, None).map(drop);
         }
 
         tracing::info!(
@@ -1155,7 +1149,7 @@ impl Kms {
         };
         // An event of ours still due on the CRTC: the new mode is only planned now and
         // goes out when it came (never a blocking commit on the shared loop).
-        let busy = self.stray.get(&crtc).is_some_and(|(n, _)| *n > 0)
+        let busy = self.stray_due(crtc)
             || old
                 .as_ref()
                 .is_some_and(|o| o.flips.busy() && o.unsent.is_none());
@@ -1525,6 +1519,7 @@ impl Output for Kms {
         let (target, _) = self.stage(conn, frame)?;
         self.counts.count(frame);
         self.queue_flip(conn, target, Some(frame.fb_cookie()))
+            .map(drop)
     }
 
     fn target(&self, conn: ConnectorId) -> Option<String> {
