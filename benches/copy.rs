@@ -44,6 +44,9 @@ fn main() {
     }
     let pitch = (W * 4) as usize;
     let len = pitch * H as usize;
+    // How (b) writes: settled by the same start-up measurement `displback serve` makes.
+    let choice = displback::output::convert::choose_frame_copy(Default::default());
+    println!("frame copies: {choice}");
 
     // (a) memcpy between two anonymous buffers.
     let src_a = filled(len);

@@ -31,6 +31,20 @@ pub enum ZeroCopy {
     Off,
 }
 
+/// How frame-sized copies (a guest's whole frame into a scan-out buffer or image)
+/// write their destination: `auto` times both ways once at start (a few ms; under an
+/// emulator the non-temporal stores can be several times slower than memcpy) and keeps
+/// the faster; `stream` uses non-temporal stores (x86_64; elsewhere it is memcpy);
+/// `plain` uses memcpy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameCopy {
+    #[default]
+    Auto,
+    Stream,
+    Plain,
+}
+
 /// The config file.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -45,6 +59,8 @@ pub struct FileConfig {
     /// `[[inputs]]`: evdev devices of this domain feeding guest vkbd devices.
     pub inputs: Vec<crate::input::source::InputSourceCfg>,
     pub zero_copy: Option<ZeroCopy>,
+    /// Frame copies: `auto` (default), `stream` or `plain` (same as `--frame-copy`).
+    pub frame_copy: Option<FrameCopy>,
     /// Guest connector `unique-id` → KMS connector name (`HDMI-A-1`, `DP-2`, ...).
     /// Without an entry a `unique-id` must itself be a KMS connector name.
     pub connectors: HashMap<String, String>,

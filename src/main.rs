@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use displback::config::{FileConfig, OutputKind, ZeroCopy};
+use displback::config::{FileConfig, FrameCopy, OutputKind, ZeroCopy};
 use displback::demo::DemoOptions;
 use displback::displif::format::PixelFormat;
 
@@ -111,6 +111,10 @@ struct OutputArgs {
     /// surface go to that guest's vkbd device(s) (config `[wayland] seat_input`).
     #[arg(long)]
     wayland_seat_input: bool,
+    /// How whole-frame copies write: `auto` measures non-temporal stores against memcpy
+    /// once at start and keeps the faster (config file: `frame_copy`).
+    #[arg(long, value_enum)]
+    frame_copy: Option<FrameCopy>,
 }
 
 #[derive(Args, Debug)]
@@ -370,6 +374,7 @@ fn main() -> Result<()> {
                 wayland.display = args.output.wayland_display;
             }
             wayland.fullscreen |= args.output.wayland_fullscreen;
+            choose_frame_copy(args.output.frame_copy.or(file.frame_copy));
             displback::demo::run(DemoOptions {
                 connectors: args.connectors,
                 width: args.resolution.0,
@@ -392,6 +397,12 @@ fn main() -> Result<()> {
             })
         }
     }
+}
+
+/// Settle how frame copies write (`--frame-copy`, measured when `auto`) and say so.
+fn choose_frame_copy(setting: Option<FrameCopy>) {
+    let c = displback::output::convert::choose_frame_copy(setting.unwrap_or_default());
+    tracing::info!("{c}");
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
@@ -425,6 +436,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     wayland.fullscreen |= args.out.wayland_fullscreen;
     wayland.seat_input |= args.out.wayland_seat_input;
+    choose_frame_copy(args.out.frame_copy.or(file.frame_copy));
     displback::serve::run(
         output,
         displback::output::OutputOptions {
