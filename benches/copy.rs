@@ -4,8 +4,10 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use displback::config::FrameCopy;
 use displback::displif::format::PixelFormat;
 use displback::output::convert::Copier;
+use displback::output::frame_copy::{frame_copy_state, set_frame_copy};
 use displback::output::Frame;
 use displback::xen::mem::{anonymous, MappedRegion};
 
@@ -44,9 +46,6 @@ fn main() {
     }
     let pitch = (W * 4) as usize;
     let len = pitch * H as usize;
-    // How (b) writes: settled by the same start-up measurement `displback serve` makes.
-    let choice = displback::output::convert::choose_frame_copy(Default::default());
-    println!("frame copies: {choice}");
 
     // (a) memcpy between two anonymous buffers.
     let src_a = filled(len);
@@ -72,12 +71,21 @@ fn main() {
     };
     let mut copier = Copier::new();
     let mut dst = vec![0u8; len];
-    let same = median_ms(|| {
-        copier
-            .copy_same(black_box(&frame), &mut dst, pitch)
-            .expect("copy");
-        black_box(&dst);
-    });
+    // Both ways a frame copy can write (`output::frame_copy`), then `auto` as the backend
+    // runs it: it times its first copies each way and keeps the faster.
+    let mut same_way = |setting: FrameCopy| {
+        set_frame_copy(setting);
+        median_ms(|| {
+            copier
+                .copy_same(black_box(&frame), &mut dst, pitch)
+                .expect("copy");
+            black_box(&dst);
+        })
+    };
+    let same_plain = same_way(FrameCopy::Plain);
+    let same_stream = same_way(FrameCopy::Stream);
+    let same = same_way(FrameCopy::Auto);
+    let auto = frame_copy_state();
     let wide_pitch = pitch + 256;
     let mut dst_wide = vec![0u8; wide_pitch * H as usize];
     let same_wide = median_ms(|| {
@@ -118,7 +126,10 @@ fn main() {
         )
     };
     line("(a) memcpy anon -> anon", memcpy);
-    line("(b) same-format copy, same pitch", same);
+    line("(b) same-format copy, memcpy (plain)", same_plain);
+    line("(b) same-format copy, non-temporal (stream)", same_stream);
+    line("(b) same-format copy, auto", same);
+    println!("    auto: {auto}");
     line("(b) same-format copy, dest pitch 7680+256", same_wide);
     line("(c) RGB565 -> XRGB8888 convert", rgb565);
 }

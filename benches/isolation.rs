@@ -554,11 +554,12 @@ fn main() {
         "isolation bench: victim 1920x1080 XRGB8888 at 60 Hz, latency from PG_FLIP request \
          to its event; each attack for {MEASURE:?}, then all at once; same run, same backend"
     );
+    scale();
+    // `auto`, as `displback serve` runs: what its first frame copies settled on.
     println!(
         "frame copies: {}",
-        displback::output::convert::choose_frame_copy(Default::default())
+        displback::output::frame_copy::frame_copy_state()
     );
-    scale();
     if std::env::var_os("ISOLATION_SCALE_ONLY").is_none() {
         isolation();
     }

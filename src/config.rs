@@ -32,9 +32,8 @@ pub enum ZeroCopy {
 }
 
 /// How frame-sized copies (a guest's whole frame into a scan-out buffer or image)
-/// write their destination: `auto` times both ways once at start (a few ms; under an
-/// emulator the non-temporal stores can be several times slower than memcpy) and keeps
-/// the faster; `stream` uses non-temporal stores (x86_64; elsewhere it is memcpy);
+/// write their destination: `auto` times both ways on the first frame copies and keeps
+/// the faster (`output::frame_copy`); `stream` uses non-temporal stores (x86_64; elsewhere it is memcpy);
 /// `plain` uses memcpy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]

@@ -111,8 +111,8 @@ struct OutputArgs {
     /// surface go to that guest's vkbd device(s) (config `[wayland] seat_input`).
     #[arg(long)]
     wayland_seat_input: bool,
-    /// How whole-frame copies write: `auto` measures non-temporal stores against memcpy
-    /// once at start and keeps the faster (config file: `frame_copy`).
+    /// How whole-frame copies write: `auto` times non-temporal stores against memcpy on
+    /// the first frame copies and keeps the faster (config file: `frame_copy`).
     #[arg(long, value_enum)]
     frame_copy: Option<FrameCopy>,
 }
@@ -399,10 +399,13 @@ fn main() -> Result<()> {
     }
 }
 
-/// Settle how frame copies write (`--frame-copy`, measured when `auto`) and say so.
+/// How frame copies write (`--frame-copy`; `auto` measures the first frame copies).
 fn choose_frame_copy(setting: Option<FrameCopy>) {
-    let c = displback::output::convert::choose_frame_copy(setting.unwrap_or_default());
-    tracing::info!("{c}");
+    displback::output::frame_copy::set_frame_copy(setting.unwrap_or_default());
+    tracing::info!(
+        "frame copies: {}",
+        displback::output::frame_copy::frame_copy_state()
+    );
 }
 
 fn serve(args: ServeArgs) -> Result<()> {

@@ -10,11 +10,9 @@
 //! memcpy), so a guest scribbling on its buffer during a copy can tear the image but
 //! never break us.
 
-use std::sync::OnceLock;
-
 use crate::backend::mem::{MappedRegion, OutOfBounds};
-use crate::config::FrameCopy;
 use crate::displif::format::PixelFormat;
+use crate::output::frame_copy::{self, Way};
 
 use super::{Frame, OutputError};
 
@@ -274,91 +272,6 @@ fn check_dst(dst: &[u8], dst_pitch: usize, row: usize, height: usize) -> Result<
     Ok(())
 }
 
-/// Copies of at least this many bytes are frame copies: they use non-temporal stores
-/// when [`choose_frame_copy`] settled on them.
-pub const STREAM_MIN: usize = 256 * 1024;
-
-/// Whether frame copies use non-temporal stores; settled once per process.
-static STREAM_FRAMES: OnceLock<FrameCopyChoice> = OnceLock::new();
-
-/// What [`choose_frame_copy`] settled on, and why.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct FrameCopyChoice {
-    /// Frame copies use non-temporal stores ([`MappedRegion::read_stream`]).
-    pub stream: bool,
-    /// The setting it came from.
-    pub setting: FrameCopy,
-    /// With `auto`: best time of one [`CALIBRATION_BYTES`] copy each way
-    /// (non-temporal, memcpy), in microseconds.
-    pub measured_us: Option<(f64, f64)>,
-}
-
-impl std::fmt::Display for FrameCopyChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let how = if self.stream { "stream" } else { "plain" };
-        write!(f, "frame_copy={how} setting={:?}", self.setting)?;
-        if let Some((s, p)) = self.measured_us {
-            write!(f, " stream_us={s:.0} plain_us={p:.0}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Bytes copied each way by the `auto` measurement: a 1920x1080 XRGB8888 frame, larger
-/// than most last-level caches, so both copies go to memory as the backend's do.
-pub const CALIBRATION_BYTES: usize = 8 << 20;
-
-/// Settle, once per process, how frame copies write (later calls return the first
-/// answer). `auto` times both ways and keeps non-temporal stores only if they are at
-/// least 10% faster: natively they are (~1.5x for a 1280x720 frame here,
-/// `benches/copy.rs`); under an emulator such as QEMU's TCG they can be several times
-/// slower than memcpy. Without a call, the first frame copy settles it as `auto`.
-pub fn choose_frame_copy(setting: FrameCopy) -> FrameCopyChoice {
-    *STREAM_FRAMES.get_or_init(|| match setting {
-        FrameCopy::Stream | FrameCopy::Plain => FrameCopyChoice {
-            stream: setting == FrameCopy::Stream,
-            setting,
-            measured_us: None,
-        },
-        FrameCopy::Auto => {
-            let m = measure_frame_copies();
-            FrameCopyChoice {
-                stream: m.is_some_and(|(s, p)| s < 0.9 * p),
-                setting,
-                measured_us: m,
-            }
-        }
-    })
-}
-
-/// Best of five timed copies of [`CALIBRATION_BYTES`] each way, in microseconds, after
-/// one untimed copy each (page faults); `None` where there are no non-temporal stores
-/// (they would be the same memcpy) or the memory could not be had.
-fn measure_frame_copies() -> Option<(f64, f64)> {
-    if !cfg!(target_arch = "x86_64") {
-        return None;
-    }
-    let src = crate::xen::mem::anonymous(CALIBRATION_BYTES).ok()?;
-    src.fill(0, CALIBRATION_BYTES, 0x5a).ok()?;
-    let mut dst = vec![0u8; CALIBRATION_BYTES];
-    let mut best = [f64::MAX; 2];
-    for round in 0..6 {
-        for (way, b) in best.iter_mut().enumerate() {
-            let t = std::time::Instant::now();
-            if way == 0 {
-                src.read_stream(0, &mut dst).ok()?;
-            } else {
-                src.read(0, &mut dst).ok()?;
-            }
-            let us = t.elapsed().as_secs_f64() * 1e6;
-            if round > 0 {
-                *b = b.min(us);
-            }
-        }
-    }
-    Some((best[0], best[1]))
-}
-
 /// Copy `height` rows of `row` bytes from `mem` (starting at `offset`, `src_pitch`
 /// apart) into `dst` (`dst_pitch` apart). One read when both pitches equal `row`.
 pub fn copy_rows(
@@ -382,19 +295,18 @@ pub fn copy_rows(
     }
     // A frame-sized copy goes to memory the CPU will not read back soon (a scan-out
     // buffer, an image): non-temporal stores (`MappedRegion::read_stream`) where they
-    // were measured faster.
-    let stream =
-        row.saturating_mul(height) >= STREAM_MIN && choose_frame_copy(FrameCopy::Auto).stream;
-    let read = |o: usize, d: &mut [u8]| {
-        if stream {
-            mem.read_stream(o, d)
-        } else {
-            mem.read(o, d)
-        }
+    // were measured faster on this machine's own frame copies (`output::frame_copy`).
+    let bytes = row.saturating_mul(height);
+    let way = frame_copy::way_for(bytes);
+    let read = |o: usize, d: &mut [u8]| match way {
+        Way::Stream => mem.read_stream(o, d),
+        Way::Plain => mem.read(o, d),
     };
+    let timer = frame_copy::Timer::start(way, bytes);
     if height <= 1 || (src_pitch == row && dst_pitch == row) {
         let len = row.checked_mul(height).ok_or(CopyError::Overflow)?;
         read(offset, &mut dst[..len])?;
+        timer.finish();
         return Ok(());
     }
     let src_span = span(src_pitch, height, row).ok_or(CopyError::Overflow)?;
@@ -409,6 +321,7 @@ pub fn copy_rows(
     for (y, d) in dst.chunks_mut(dst_pitch).take(height).enumerate() {
         read(offset + y * src_pitch, &mut d[..row])?;
     }
+    timer.finish();
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use crate::displif::format::PixelFormat;
 use crate::zcopy::{DmaBufFd, DumbBuffer};
 
 pub mod convert;
+pub mod frame_copy;
 pub mod headless;
 pub mod kms;
 pub mod wayland;
