@@ -107,6 +107,11 @@ struct OutputArgs {
     /// Wayland output: ask for fullscreen toplevels (xdg-shell).
     #[arg(long)]
     wayland_fullscreen: bool,
+    /// Wayland output: the shell of every surface (config `[wayland] shell`): `ivi`
+    /// (ivi-application, surface id = the connector's numeric unique-id), `xdg`, or
+    /// `auto` (ivi when offered and the id is numeric).
+    #[arg(long, value_name = "SHELL", value_parser = parse_shell)]
+    wayland_shell: Option<displback::output::wayland::ShellChoice>,
     /// Wayland output (serve): the compositor's pointer, keyboard and touch on a guest's
     /// surface go to that guest's vkbd device(s) (config `[wayland] seat_input`).
     #[arg(long)]
@@ -170,9 +175,14 @@ struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     reconfigure_every: u32,
     /// TOML config file: its output, card, connectors and [wayland] tables apply (the
-    /// demo's connectors are named Virtual-1..4).
+    /// demo's connectors are named Virtual-1..4 unless `--unique-id` names them).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The unique-id of the next guest connector (repeat for each; default
+    /// `Virtual-N`). A numeric one is the connector's ivi surface id on the Wayland
+    /// output, as `connectors=1000:1920x1080` in xl.cfg.
+    #[arg(long = "unique-id", value_name = "ID", value_parser = parse_unique_id)]
+    unique_ids: Vec<String>,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -182,6 +192,31 @@ fn parse_mapping(s: &str) -> Result<(String, String), String> {
         .split_once('=')
         .ok_or("expected UNIQUE_ID=KMS_CONNECTOR")?;
     Ok((a.to_string(), b.to_string()))
+}
+
+fn parse_shell(s: &str) -> Result<displback::output::wayland::ShellChoice, String> {
+    use displback::output::wayland::ShellChoice;
+    match s {
+        "auto" => Ok(ShellChoice::Auto),
+        "ivi" => Ok(ShellChoice::Ivi),
+        "xdg" => Ok(ShellChoice::Xdg),
+        _ => Err(format!("{s:?}: one of auto, ivi, xdg")),
+    }
+}
+
+fn parse_unique_id(s: &str) -> Result<String, String> {
+    // XenStore node value: no separators of the `connectors` list, not empty.
+    if s.is_empty()
+        || s.len() > 64
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b';' && b != b':')
+    {
+        return Err(format!(
+            "{s:?}: 1-64 printable characters without ';' or ':'"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
@@ -370,6 +405,9 @@ fn main() -> Result<()> {
                 wayland.display = args.output.wayland_display;
             }
             wayland.fullscreen |= args.output.wayland_fullscreen;
+            if let Some(shell) = args.output.wayland_shell {
+                wayland.shell = shell;
+            }
             displback::demo::run(DemoOptions {
                 connectors: args.connectors,
                 width: args.resolution.0,
@@ -389,6 +427,7 @@ fn main() -> Result<()> {
                     mapping,
                     wayland,
                 },
+                unique_ids: args.unique_ids,
             })
         }
     }
@@ -425,6 +464,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     wayland.fullscreen |= args.out.wayland_fullscreen;
     wayland.seat_input |= args.out.wayland_seat_input;
+    if let Some(shell) = args.out.wayland_shell {
+        wayland.shell = shell;
+    }
     displback::serve::run(
         output,
         displback::output::OutputOptions {

@@ -44,6 +44,7 @@ use super::{ConnectorId, FlipDone, Frame, FrameSource, Output, OutputError, Seat
 use crate::displif::format::{fourcc, PixelFormat};
 use crate::warn_limited;
 
+pub mod dmabuf;
 pub mod proto;
 pub mod seat;
 pub mod store;
@@ -341,6 +342,10 @@ pub struct WaylandStats {
     pub unshown: u64,
     /// Flips completed without a surface (no compositor, surface not configured yet).
     pub simulated: u64,
+    /// Surfaces created as `ivi-application` surfaces.
+    pub ivi_surfaces: u64,
+    /// Surfaces created as `xdg-shell` toplevels.
+    pub xdg_surfaces: u64,
 }
 
 /// The Wayland [`Output`].
@@ -963,6 +968,10 @@ impl Wayland {
             };
             let sc = surface_config(&self.cfg, &c.unique_id);
             if let Some(s) = create_surface(up, &self.cfg, &sc, id, &c.unique_id) {
+                match s.role {
+                    Role::Ivi(_) => self.stats.ivi_surfaces += 1,
+                    Role::Xdg(..) => self.stats.xdg_surfaces += 1,
+                }
                 up.surfaces.insert(id, s);
                 created.push((id, c.front));
             }
