@@ -541,6 +541,39 @@ mod tests {
     }
 
     #[test]
+    fn wayland_shell_and_unique_id_arguments() {
+        use displback::output::wayland::ShellChoice;
+        assert_eq!(parse_shell("ivi"), Ok(ShellChoice::Ivi));
+        assert_eq!(parse_shell("xdg"), Ok(ShellChoice::Xdg));
+        assert_eq!(parse_shell("auto"), Ok(ShellChoice::Auto));
+        assert!(parse_shell("IVI").is_err());
+        assert_eq!(parse_unique_id("1000").as_deref(), Ok("1000"));
+        assert_eq!(parse_unique_id("guest-hdmi").as_deref(), Ok("guest-hdmi"));
+        // Separators of xl.cfg's `connectors=` list, blanks, empty, too long: refused.
+        for bad in ["", "a;b", "1000:640x480", "a b", "x\n", &"9".repeat(65)] {
+            assert!(parse_unique_id(bad).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from([
+            "displback",
+            "demo",
+            "--output",
+            "wayland",
+            "--wayland-shell",
+            "ivi",
+            "--unique-id",
+            "1000",
+            "--unique-id",
+            "1001",
+        ])
+        .unwrap();
+        let Cmd::Demo(d) = cli.cmd else {
+            panic!("not demo");
+        };
+        assert_eq!(d.unique_ids, ["1000", "1001"]);
+        assert_eq!(d.output.wayland_shell, Some(ShellChoice::Ivi));
+    }
+
+    #[test]
     fn journal_lines_each_carry_the_priority() {
         let mut out = String::new();
         write_journal_lines(&mut out, tracing::Level::WARN, "one\ntwo").unwrap();
