@@ -4,7 +4,8 @@
 //!
 //! * Buffers: `wl_shm`, a copy of each guest frame into a slot of the connector's
 //!   [`store::Store`]; the guest format is kept when the compositor offers it, else
-//!   converted to XRGB8888 (as for KMS), else refused with `-EINVAL`.
+//!   converted to XRGB8888 (as for KMS), else refused with `-EINVAL`. `zwp_linux_dmabuf_v1`
+//!   is bound and negotiated ([`dmabuf`]) but not used for flips yet.
 //! * Flips: latest wins. A flip is done when its commit was presented
 //!   (`wp_presentation` feedback, else the frame callback) *and* the compositor released
 //!   the previous buffer; a surface the compositor does not draw (hidden) completes its
@@ -922,6 +923,8 @@ impl Wayland {
                 socket = %self.socket.display(),
                 globals = %up.st.globals.names(),
                 shm_formats = ?formats,
+                // zwp_linux_dmabuf_v1 (format, modifier) pairs (0 without the global).
+                dmabuf_pairs = up.st.dmabuf_formats.len(),
                 "wayland compositor connected"
             );
             return Ok(());
