@@ -38,6 +38,9 @@ pub struct DemoOptions {
     pub output: OutputKind,
     /// Card, KMS mapping, Wayland display and surfaces.
     pub output_opts: crate::output::OutputOptions,
+    /// The guest connectors' unique-ids in order (`--unique-id`); connectors beyond the
+    /// list are named by [`unique_id`].
+    pub unique_ids: Vec<String>,
 }
 
 const BACKEND: DomId = DomId(0);
@@ -114,7 +117,10 @@ pub fn run(opts: DemoOptions) -> Result<()> {
     let result = (|| -> Result<()> {
         let mut toolstack = Toolstack::new(XsClient::from_stream(xenstored.connect(0)?)?);
         let conns: Vec<(String, u32, u32)> = (0..opts.connectors)
-            .map(|c| (unique_id(c), opts.width, opts.height))
+            .map(|c| {
+                let id = opts.unique_ids.get(c as usize).cloned();
+                (id.unwrap_or_else(|| unique_id(c)), opts.width, opts.height)
+            })
             .collect();
         toolstack.add_vdispl(BACKEND, GUEST, 0, false, &conns)?;
         let mut fe = FrontendSim::new(
@@ -185,8 +191,15 @@ pub fn run(opts: DemoOptions) -> Result<()> {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("stats lock poisoned"))?;
             println!(
-                "DEMO WAYLAND connects={} disconnects={} presented={} unshown={} simulated={}",
-                s.connects, s.disconnects, s.presented, s.unshown, s.simulated
+                "DEMO WAYLAND connects={} disconnects={} presented={} unshown={} simulated={} \
+                 ivi_surfaces={} xdg_surfaces={}",
+                s.connects,
+                s.disconnects,
+                s.presented,
+                s.unshown,
+                s.simulated,
+                s.ivi_surfaces,
+                s.xdg_surfaces
             );
         }
         for c in 0..opts.connectors {

@@ -107,6 +107,11 @@ struct OutputArgs {
     /// Wayland output: ask for fullscreen toplevels (xdg-shell).
     #[arg(long)]
     wayland_fullscreen: bool,
+    /// Wayland output: the shell of every surface (config `[wayland] shell`): `ivi`
+    /// (ivi-application, surface id = the connector's numeric unique-id), `xdg`, or
+    /// `auto` (ivi when offered and the id is numeric).
+    #[arg(long, value_name = "SHELL", value_parser = parse_shell)]
+    wayland_shell: Option<displback::output::wayland::ShellChoice>,
     /// Wayland output (serve): the compositor's pointer, keyboard and touch on a guest's
     /// surface go to that guest's vkbd device(s) (config `[wayland] seat_input`).
     #[arg(long)]
@@ -174,9 +179,14 @@ struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     reconfigure_every: u32,
     /// TOML config file: its output, card, connectors and [wayland] tables apply (the
-    /// demo's connectors are named Virtual-1..4).
+    /// demo's connectors are named Virtual-1..4 unless `--unique-id` names them).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The unique-id of the next guest connector (repeat for each; default
+    /// `Virtual-N`). A numeric one is the connector's ivi surface id on the Wayland
+    /// output, as `connectors=1000:1920x1080` in xl.cfg.
+    #[arg(long = "unique-id", value_name = "ID", value_parser = parse_unique_id)]
+    unique_ids: Vec<String>,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -186,6 +196,31 @@ fn parse_mapping(s: &str) -> Result<(String, String), String> {
         .split_once('=')
         .ok_or("expected UNIQUE_ID=KMS_CONNECTOR")?;
     Ok((a.to_string(), b.to_string()))
+}
+
+fn parse_shell(s: &str) -> Result<displback::output::wayland::ShellChoice, String> {
+    use displback::output::wayland::ShellChoice;
+    match s {
+        "auto" => Ok(ShellChoice::Auto),
+        "ivi" => Ok(ShellChoice::Ivi),
+        "xdg" => Ok(ShellChoice::Xdg),
+        _ => Err(format!("{s:?}: one of auto, ivi, xdg")),
+    }
+}
+
+fn parse_unique_id(s: &str) -> Result<String, String> {
+    // XenStore node value: no separators of the `connectors` list, not empty.
+    if s.is_empty()
+        || s.len() > 64
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b';' && b != b':')
+    {
+        return Err(format!(
+            "{s:?}: 1-64 printable characters without ';' or ':'"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
@@ -374,6 +409,9 @@ fn main() -> Result<()> {
                 wayland.display = args.output.wayland_display;
             }
             wayland.fullscreen |= args.output.wayland_fullscreen;
+            if let Some(shell) = args.output.wayland_shell {
+                wayland.shell = shell;
+            }
             choose_frame_copy(args.output.frame_copy.or(file.frame_copy));
             displback::demo::run(DemoOptions {
                 connectors: args.connectors,
@@ -394,6 +432,7 @@ fn main() -> Result<()> {
                     mapping,
                     wayland,
                 },
+                unique_ids: args.unique_ids,
             })
         }
     }
@@ -439,6 +478,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     wayland.fullscreen |= args.out.wayland_fullscreen;
     wayland.seat_input |= args.out.wayland_seat_input;
+    if let Some(shell) = args.out.wayland_shell {
+        wayland.shell = shell;
+    }
     choose_frame_copy(args.out.frame_copy.or(file.frame_copy));
     displback::serve::run(
         output,
@@ -511,6 +553,39 @@ mod tests {
         assert_eq!(parse_journal_stream("8"), None);
         assert_eq!(parse_journal_stream("a:1"), None);
         assert_eq!(parse_journal_stream(""), None);
+    }
+
+    #[test]
+    fn wayland_shell_and_unique_id_arguments() {
+        use displback::output::wayland::ShellChoice;
+        assert_eq!(parse_shell("ivi"), Ok(ShellChoice::Ivi));
+        assert_eq!(parse_shell("xdg"), Ok(ShellChoice::Xdg));
+        assert_eq!(parse_shell("auto"), Ok(ShellChoice::Auto));
+        assert!(parse_shell("IVI").is_err());
+        assert_eq!(parse_unique_id("1000").as_deref(), Ok("1000"));
+        assert_eq!(parse_unique_id("guest-hdmi").as_deref(), Ok("guest-hdmi"));
+        // Separators of xl.cfg's `connectors=` list, blanks, empty, too long: refused.
+        for bad in ["", "a;b", "1000:640x480", "a b", "x\n", &"9".repeat(65)] {
+            assert!(parse_unique_id(bad).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from([
+            "displback",
+            "demo",
+            "--output",
+            "wayland",
+            "--wayland-shell",
+            "ivi",
+            "--unique-id",
+            "1000",
+            "--unique-id",
+            "1001",
+        ])
+        .unwrap();
+        let Cmd::Demo(d) = cli.cmd else {
+            panic!("not demo");
+        };
+        assert_eq!(d.unique_ids, ["1000", "1001"]);
+        assert_eq!(d.output.wayland_shell, Some(ShellChoice::Ivi));
     }
 
     #[test]

@@ -6,9 +6,13 @@ and looks for the expected picture anywhere on the screen (Weston places windows
   wayland-weston         Weston (desktop-shell) + weston-image showing a known picture:
                          the self-check of the Weston piece (no displback)
   wayland-demo           `displback demo --output wayland` as Weston's client (xdg-shell)
-  (not yet: the same on ivi-shell. Debian's weston 10 ships ivi-shell.so, hmi-controller.so
-   and weston-ivi-shell-user-interface; hmi-controller lays application surfaces out itself,
-   so where and how big the surface lands needs a layout check, not written yet.)
+  wayland-ivi            Weston with ivi-shell.so + hmi-controller.so (weston/weston-ivi.ini),
+                         `displback demo --wayland-shell ivi --unique-id 1000`: an
+                         ivi-application surface with id 1000 that hmi-controller (Weston's
+                         reference controller, no ivi-wm protocol) tiles at the top left,
+                         scaled to 1/4 x 1/2 of the screen above its 70 px panel; the demo's
+                         resolution is that tile (320x365 on the 1280x800 head) so the
+                         picture must be exact at +0+0
   wayland-restart        Weston killed and restarted mid-demo: the picture must come back
 """
 
@@ -19,8 +23,14 @@ import subprocess
 from . import cpio, pattern, vm, weston
 from .common import Result, Stopwatch
 
-SCENARIOS = ["wayland-weston", "wayland-demo", "wayland-restart"]
+SCENARIOS = ["wayland-weston", "wayland-demo", "wayland-ivi", "wayland-restart"]
 DEMO_RES = (320, 240)
+# hmi-controller's tile for the first application surface (mode_divided_into_tiling):
+# (screen width / 4) x ((screen height - 70 px panel) / 2) at +0+0; Weston sets the bochs
+# head to 1280x800.
+IVI_SCREEN = (1280, 800)
+IVI_TILE = (IVI_SCREEN[0] // 4, (IVI_SCREEN[1] - 70) // 2)
+IVI_ID = 1000
 HOLD = 25  # seconds each step keeps its picture up while the host polls screendumps (found in 1-2)
 
 INIT = """#!/bin/sh
@@ -64,6 +74,21 @@ weston-run stop
 weston-run start desktop card0 || exit 1
 displback demo --output wayland --resolution {DEMO_RES[0]}x{DEMO_RES[1]} --frames 120 --hold-secs {HOLD} \\
     > /tmp/demo.log 2>&1 &
+d=$!
+i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+grep -E 'DEMO (HOLD|WAYLAND)' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
+echo "HARNESS SHOWING client=displback-demo pid=$d hold={HOLD}"
+wait $d; rc=$?
+sed 's/^/[demo] /' /tmp/demo.log | grep -v -E 'DEMO (HOLD|WAYLAND)' | tail -5
+weston-run stop
+exit $rc
+""",
+    # The IVI shell: an ivi-application surface whose id is the connector's unique-id;
+    # hmi-controller places it (the host checks where).
+    "wayland-ivi": f"""
+WESTON_INI=/etc/weston/weston-ivi.ini weston-run start ivi card0 || exit 1
+displback demo --output wayland --wayland-shell ivi --unique-id {IVI_ID} \\
+    --resolution {IVI_TILE[0]}x{IVI_TILE[1]} --frames 120 --hold-secs {HOLD} > /tmp/demo.log 2>&1 &
 d=$!
 i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
 grep -E 'DEMO (HOLD|WAYLAND)' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
@@ -159,8 +184,13 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
                     h = re.search(r"frame=(\d+) conn=(\d+) width=(\d+) height=(\d+)", hold[-1])
                     f, c, w_, h_ = (int(x) for x in h.groups())
                     rows = [pattern.row_rgb(f, c, y, w_) for y in range(h_)]
+                ivi = s == "wayland-ivi"
+                # The IVI screen is hmi-controller's background image and panel, not
+                # desktop-shell's background colour: the place of the picture is checked.
                 ok, detail = weston.poll_window(v, os.path.join(args.workdir, f"{s}.ppm"), int(m.group(2)) - 5,
-                                                rows=rows)
+                                                rows=rows, background=None if ivi else weston.BACKGROUND,
+                                                at=(0, 0) if ivi else None,
+                                                screen=IVI_SCREEN if ivi else None)
                 if m.group(1) == "displback-demo":
                     # displback's Wayland counters (src/demo.rs): a restart must show as a
                     # disconnect and a second connect.
@@ -172,6 +202,9 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
                             or int(c.get("presented", 0)) == 0:
                         ok = False
                         detail += f" (want connects>={want[0]} disconnects>={want[1]} presented>0)"
+                    if ivi and (int(c.get("ivi_surfaces", 0)) < 1 or int(c.get("xdg_surfaces", -1)) != 0):
+                        ok = False
+                        detail += " (want ivi_surfaces>=1 xdg_surfaces=0)"
                 res.timings["window"] = sw.lap()
                 i, e = v.wait_for(rf"HARNESS STEP {s} END rc=(\d+)", HOLD + 60, i)
                 res.status = "PASS" if ok and e.group(1) == "0" else "FAIL"

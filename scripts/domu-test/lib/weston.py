@@ -34,16 +34,19 @@ def overlay_files(workdir: str) -> dict:
     return {
         "usr/local/bin/weston-run": (0o755, open(os.path.join(WESTON_DIR, "weston-run"), "rb").read()),
         "etc/weston/weston.ini": (0o644, open(os.path.join(WESTON_DIR, "weston.ini"), "rb").read()),
+        "etc/weston/weston-ivi.ini": (0o644, open(os.path.join(WESTON_DIR, "weston-ivi.ini"), "rb").read()),
         "etc/weston-known.png": (0o644, known_png(workdir)),
     }
 
 
 def poll_window(v, ppm: str, timeout: float, device: str | None = None,
                 rows: list[bytes] | None = None, background: int | None = BACKGROUND,
-                min_background: float = 0.3) -> tuple[bool, str]:
+                min_background: float = 0.3, at: tuple[int, int] | None = None,
+                screen: tuple[int, int] | None = None) -> tuple[bool, str]:
     """Screendumps until the known picture appears exactly (every pixel, anywhere on the
-    screen) and at least `min_background` of the screen has Weston's background colour;
-    (ok, detail) with the last screen's state on timeout."""
+    screen, or at `at` if given, on a screen of size `screen` if given) and at least
+    `min_background` of the screen has Weston's background colour (no background check
+    with `background=None`); (ok, detail) with the last screen's state on timeout."""
     rows = rows or known_rows()
     deadline = time.monotonic() + timeout
     n = 0
@@ -51,12 +54,17 @@ def poll_window(v, ppm: str, timeout: float, device: str | None = None,
         n += 1
         v.screendump(ppm, device)
         img = pixels.read_ppm(ppm)
-        at = pixels.find_image(img, rows)
+        found = pixels.find_image(img, rows)
         bg = pixels.count_colour(img, background) / (img.width * img.height) if background is not None else 1.0
-        detail = (f"picture {len(rows[0]) // 3}x{len(rows)} {'exact at +%d+%d' % at if at else 'NOT found'} "
-                  f"on {img.width}x{img.height}; background #{background or 0:06x} on {bg:.1%} of the screen "
-                  f"(want >= {min_background:.0%}); screendumps={n}")
-        if at and bg >= min_background:
+        detail = (f"picture {len(rows[0]) // 3}x{len(rows)} {'exact at +%d+%d' % found if found else 'NOT found'}"
+                  f"{' (want +%d+%d)' % at if at else ''} on {img.width}x{img.height}"
+                  f"{' (want %dx%d)' % screen if screen else ''}; "
+                  + (f"background #{background:06x} on {bg:.1%} of the screen (want >= {min_background:.0%}); "
+                     if background is not None else "")
+                  + f"screendumps={n}")
+        placed = found is not None and (at is None or tuple(found) == tuple(at)) \
+            and (screen is None or (img.width, img.height) == tuple(screen))
+        if placed and bg >= min_background:
             return True, detail
         if time.monotonic() > deadline:
             return False, f"after {timeout:.0f} s: {detail}"

@@ -4,7 +4,8 @@
 //!
 //! * Buffers: `wl_shm`, a copy of each guest frame into a slot of the connector's
 //!   [`store::Store`]; the guest format is kept when the compositor offers it, else
-//!   converted to XRGB8888 (as for KMS), else refused with `-EINVAL`.
+//!   converted to XRGB8888 (as for KMS), else refused with `-EINVAL`. `zwp_linux_dmabuf_v1`
+//!   is bound and negotiated ([`dmabuf`]) but not used for flips yet.
 //! * Flips: latest wins. A flip is done when its commit was presented
 //!   (`wp_presentation` feedback, else the frame callback) *and* the compositor released
 //!   the previous buffer; a surface the compositor does not draw (hidden) completes its
@@ -44,6 +45,7 @@ use super::{ConnectorId, FlipDone, Frame, FrameSource, Output, OutputError, Seat
 use crate::displif::format::{fourcc, PixelFormat};
 use crate::warn_limited;
 
+pub mod dmabuf;
 pub mod proto;
 pub mod seat;
 pub mod store;
@@ -341,6 +343,10 @@ pub struct WaylandStats {
     pub unshown: u64,
     /// Flips completed without a surface (no compositor, surface not configured yet).
     pub simulated: u64,
+    /// Surfaces created as `ivi-application` surfaces.
+    pub ivi_surfaces: u64,
+    /// Surfaces created as `xdg-shell` toplevels.
+    pub xdg_surfaces: u64,
 }
 
 /// The Wayland [`Output`].
@@ -917,6 +923,8 @@ impl Wayland {
                 socket = %self.socket.display(),
                 globals = %up.st.globals.names(),
                 shm_formats = ?formats,
+                // zwp_linux_dmabuf_v1 (format, modifier) pairs (0 without the global).
+                dmabuf_pairs = up.st.dmabuf_formats.len(),
                 "wayland compositor connected"
             );
             return Ok(());
@@ -963,6 +971,10 @@ impl Wayland {
             };
             let sc = surface_config(&self.cfg, &c.unique_id);
             if let Some(s) = create_surface(up, &self.cfg, &sc, id, &c.unique_id) {
+                match s.role {
+                    Role::Ivi(_) => self.stats.ivi_surfaces += 1,
+                    Role::Xdg(..) => self.stats.xdg_surfaces += 1,
+                }
                 up.surfaces.insert(id, s);
                 created.push((id, c.front));
             }

@@ -31,8 +31,10 @@ use wayland_protocols::xdg::shell::client::{
     xdg_wm_base::{self, XdgWmBase},
 };
 
+use super::dmabuf::{Created, DmabufKey, V_DMABUF};
 use super::seat::SeatEv;
 use crate::output::ConnectorId;
+use wayland_protocols::wp::linux_dmabuf::zv1::client::zwp_linux_dmabuf_v1::ZwpLinuxDmabufV1;
 
 /// Weston's `ivi-application` (client side), generated from our copy of its wire signature.
 #[allow(missing_docs, clippy::all, unused_imports, non_upper_case_globals)]
@@ -114,6 +116,8 @@ pub struct Globals {
     pub presentation: Option<WpPresentation>,
     pub viewporter: Option<WpViewporter>,
     pub ivi: Option<IviApplication>,
+    /// `zwp_linux_dmabuf_v1` (version up to [`super::dmabuf::V_DMABUF`]).
+    pub dmabuf: Option<ZwpLinuxDmabufV1>,
     /// Bound only with `seat_input`.
     pub seat: Option<WlSeat>,
 }
@@ -129,6 +133,7 @@ impl Globals {
             (self.presentation.is_some(), "wp_presentation"),
             (self.viewporter.is_some(), "wp_viewporter"),
             (self.ivi.is_some(), "ivi_application"),
+            (self.dmabuf.is_some(), "zwp_linux_dmabuf_v1"),
             (self.seat.is_some(), "wl_seat"),
         ] {
             if present {
@@ -157,6 +162,14 @@ pub struct Session {
     pub touch: Option<WlTouch>,
     /// Seat input, in order.
     pub seat_events: Vec<SeatEv>,
+    /// (DRM fourcc, modifier) pairs the compositor imports (`zwp_linux_dmabuf_v1`).
+    pub dmabuf_formats: Vec<(u32, u64)>,
+    /// Answers to dma-buf buffer creations, in order.
+    pub dmabuf_created: Vec<(DmabufKey, Created)>,
+    /// dma-buf `wl_buffer`s the compositor released, in order.
+    pub dmabuf_released: Vec<DmabufKey>,
+    /// The key of each dma-buf `wl_buffer` the compositor created (until destroyed).
+    pub dmabuf_ids: HashMap<wayland_client::backend::ObjectId, DmabufKey>,
 }
 
 impl Dispatch<WlRegistry, ()> for Session {
@@ -192,6 +205,9 @@ impl Dispatch<WlRegistry, ()> for Session {
                 g.viewporter = Some(registry.bind(name, 1, qh, ()));
             }
             "ivi_application" if g.ivi.is_none() => g.ivi = Some(registry.bind(name, 1, qh, ())),
+            "zwp_linux_dmabuf_v1" if g.dmabuf.is_none() => {
+                g.dmabuf = Some(registry.bind(name, version.min(V_DMABUF), qh, ()));
+            }
             // The first seat only (compositors have one; a second would be another user).
             "wl_seat" if st.seat_input && g.seat.is_none() => {
                 g.seat = Some(registry.bind(name, version.min(V_SEAT), qh, ()));

@@ -10,6 +10,10 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
 
+use wayland_protocols::wp::linux_dmabuf::zv1::server::{
+    zwp_linux_buffer_params_v1::{self, ZwpLinuxBufferParamsV1},
+    zwp_linux_dmabuf_v1::{self, ZwpLinuxDmabufV1},
+};
 use wayland_protocols::wp::presentation_time::server::{
     wp_presentation::{self, WpPresentation},
     wp_presentation_feedback::{Kind, WpPresentationFeedback},
@@ -64,6 +68,11 @@ pub struct Offer {
     pub ivi: bool,
     /// A `wl_seat` with pointer, keyboard and touch.
     pub seat: bool,
+    /// `zwp_linux_dmabuf_v1` (version 3) advertising these (fourcc, modifier) pairs.
+    pub dmabuf: Option<Vec<(u32, u64)>>,
+    /// Answer every dma-buf buffer creation with `failed` (an import the compositor's
+    /// renderer cannot do).
+    pub dmabuf_fail: bool,
 }
 
 impl Default for Offer {
@@ -74,6 +83,8 @@ impl Default for Offer {
             xdg: true,
             ivi: false,
             seat: false,
+            dmabuf: None,
+            dmabuf_fail: false,
         }
     }
 }
@@ -136,6 +147,31 @@ pub struct Comp {
     pub pointers: Vec<WlPointer>,
     pub keyboards: Vec<WlKeyboard>,
     pub touches: Vec<WlTouch>,
+    /// dma-buf buffers created (`created` sent), in order, and their resources.
+    pub dmabufs: Vec<DmabufInfo>,
+    pub dmabuf_buffers: Vec<WlBuffer>,
+}
+
+/// One plane of a dma-buf buffer as the client described it.
+#[derive(Debug)]
+pub struct Plane {
+    pub fd: std::os::fd::OwnedFd,
+    pub idx: u32,
+    pub offset: u32,
+    pub stride: u32,
+    pub modifier: u64,
+}
+
+/// A dma-buf buffer creation as the client asked for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DmabufInfo {
+    pub width: i32,
+    pub height: i32,
+    pub format: u32,
+    /// (plane index, offset, stride, modifier) of each plane.
+    pub planes: Vec<(u32, u32, u32, u64)>,
+    /// Device and inode of plane 0's fd (which file the client passed).
+    pub file: (u64, u64),
 }
 
 struct Cd;
@@ -170,6 +206,9 @@ impl TestCompositor {
         }
         if offer.seat {
             dh.create_global::<Comp, WlSeat, ()>(5, ());
+        }
+        if offer.dmabuf.is_some() {
+            dh.create_global::<Comp, ZwpLinuxDmabufV1, ()>(3, ());
         }
         TestCompositor {
             display,
@@ -729,6 +768,121 @@ impl Dispatch<WlTouch, ()> for Comp {
         _: &WlTouch,
         _: wl_touch::Request,
         _: &(),
+        _: &DisplayHandle,
+        _: &mut DataInit<'_, Self>,
+    ) {
+    }
+}
+
+impl GlobalDispatch<ZwpLinuxDmabufV1, ()> for Comp {
+    fn bind(
+        st: &mut Self,
+        _: &DisplayHandle,
+        _: &Client,
+        r: New<ZwpLinuxDmabufV1>,
+        _: &(),
+        di: &mut DataInit<'_, Self>,
+    ) {
+        let d = di.init(r, ());
+        for &(format, modifier) in st.offer.dmabuf.iter().flatten() {
+            d.modifier(format, (modifier >> 32) as u32, modifier as u32);
+        }
+    }
+}
+
+impl Dispatch<ZwpLinuxDmabufV1, ()> for Comp {
+    fn request(
+        st: &mut Self,
+        _: &Client,
+        _: &ZwpLinuxDmabufV1,
+        req: zwp_linux_dmabuf_v1::Request,
+        _: &(),
+        _: &DisplayHandle,
+        di: &mut DataInit<'_, Self>,
+    ) {
+        if let zwp_linux_dmabuf_v1::Request::CreateParams { params_id } = req {
+            st.log.push("zwp_linux_dmabuf_v1.create_params".into());
+            di.init(params_id, std::sync::Mutex::new(Vec::<Plane>::new()));
+        }
+    }
+}
+
+impl Dispatch<ZwpLinuxBufferParamsV1, std::sync::Mutex<Vec<Plane>>> for Comp {
+    fn request(
+        st: &mut Self,
+        client: &Client,
+        params: &ZwpLinuxBufferParamsV1,
+        req: zwp_linux_buffer_params_v1::Request,
+        planes: &std::sync::Mutex<Vec<Plane>>,
+        dh: &DisplayHandle,
+        _: &mut DataInit<'_, Self>,
+    ) {
+        use std::os::unix::fs::MetadataExt;
+        match req {
+            zwp_linux_buffer_params_v1::Request::Add {
+                fd,
+                plane_idx,
+                offset,
+                stride,
+                modifier_hi,
+                modifier_lo,
+            } => planes.lock().unwrap().push(Plane {
+                fd,
+                idx: plane_idx,
+                offset,
+                stride,
+                modifier: (u64::from(modifier_hi) << 32) | u64::from(modifier_lo),
+            }),
+            zwp_linux_buffer_params_v1::Request::Create {
+                width,
+                height,
+                format,
+                ..
+            } => {
+                st.log.push("zwp_linux_buffer_params_v1.create".into());
+                let planes = planes.lock().unwrap();
+                let known = st
+                    .offer
+                    .dmabuf
+                    .iter()
+                    .flatten()
+                    .any(|&(f, m)| f == format && planes.iter().all(|p| p.modifier == m));
+                if st.offer.dmabuf_fail || !known || planes.is_empty() {
+                    params.failed();
+                    return;
+                }
+                let meta = std::fs::File::from(planes[0].fd.try_clone().unwrap())
+                    .metadata()
+                    .unwrap();
+                let info = DmabufInfo {
+                    width,
+                    height,
+                    format,
+                    planes: planes
+                        .iter()
+                        .map(|p| (p.idx, p.offset, p.stride, p.modifier))
+                        .collect(),
+                    file: (meta.dev(), meta.ino()),
+                };
+                let buf = client
+                    .create_resource::<WlBuffer, DmabufInfo, Comp>(dh, 1, info.clone())
+                    .unwrap();
+                params.created(&buf);
+                st.dmabufs.push(info);
+                st.dmabuf_buffers.push(buf);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Dispatch<WlBuffer, DmabufInfo> for Comp {
+    fn request(
+        _: &mut Self,
+        _: &Client,
+        _: &WlBuffer,
+        _: wl_buffer::Request,
+        _: &DmabufInfo,
         _: &DisplayHandle,
         _: &mut DataInit<'_, Self>,
     ) {

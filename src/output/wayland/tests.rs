@@ -932,3 +932,249 @@ fn seat_is_not_bound_unless_asked() {
     assert!(comp.state.pointers.is_empty() && comp.state.keyboards.is_empty());
     assert!(!comp.state.log.iter().any(|l| l == "wl_seat.bind"));
 }
+
+// zwp_linux_dmabuf_v1 (dmabuf.rs): negotiation and buffer creation at the protocol level.
+
+mod dmabuf_proto {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::net::UnixStream;
+
+    use super::super::dmabuf::{
+        choose_dmabuf, create_buffer, Created, DmabufChoice, DmabufKey, MOD_INVALID, MOD_LINEAR,
+    };
+    use super::super::proto::{CbData, Session};
+    use super::*;
+
+    /// A tiled modifier (Intel Y-tiled): a guest's linear pages can never be imported so.
+    const MOD_TILED: u64 = 0x0100_0000_0000_0002;
+
+    #[test]
+    fn dmabuf_choice_is_linear_then_implicit_in_the_guest_layout() {
+        let xr24 = fourcc(b"XR24");
+        let rg16 = fourcc(b"RG16");
+        // Linear preferred over implicit; a tiled-only format is not importable.
+        let offered = [(xr24, MOD_TILED), (xr24, MOD_INVALID), (xr24, MOD_LINEAR)];
+        assert_eq!(
+            choose_dmabuf(PixelFormat::Xrgb8888, &offered),
+            Some(DmabufChoice {
+                fourcc: xr24,
+                modifier: MOD_LINEAR
+            })
+        );
+        // ARGB guests as XRGB (no alpha on a display), as on the wl_shm path.
+        assert_eq!(
+            choose_dmabuf(PixelFormat::Argb8888, &offered[..2]),
+            Some(DmabufChoice {
+                fourcc: xr24,
+                modifier: MOD_INVALID
+            })
+        );
+        assert_eq!(choose_dmabuf(PixelFormat::Xrgb8888, &offered[..1]), None);
+        // No conversion without a copy: RGB565 only if RG16 is offered.
+        assert_eq!(choose_dmabuf(PixelFormat::Rgb565, &offered), None);
+        assert_eq!(
+            choose_dmabuf(PixelFormat::Rgb565, &[(rg16, MOD_LINEAR)]),
+            Some(DmabufChoice {
+                fourcc: rg16,
+                modifier: MOD_LINEAR
+            })
+        );
+        assert_eq!(choose_dmabuf(PixelFormat::Yuyv, &[]), None);
+    }
+
+    struct Client {
+        conn: wayland_client::Connection,
+        queue: wayland_client::EventQueue<Session>,
+        st: Session,
+    }
+
+    impl Client {
+        fn connect(path: &std::path::Path) -> Self {
+            let stream = UnixStream::connect(path).unwrap();
+            stream.set_nonblocking(true).unwrap();
+            let conn = wayland_client::Connection::from_socket(stream).unwrap();
+            let queue = conn.new_event_queue::<Session>();
+            let qh = queue.handle();
+            conn.display().get_registry(&qh, ());
+            Client {
+                conn,
+                queue,
+                st: Session::default(),
+            }
+        }
+
+        /// Pump both sides until `cond` (or panic after 5 s).
+        fn until(&mut self, comp: &mut TestCompositor, cond: impl Fn(&Session) -> bool) {
+            let end = Instant::now() + Duration::from_secs(5);
+            loop {
+                let _ = self.conn.flush();
+                comp.pump();
+                if let Some(g) = self.queue.prepare_read() {
+                    let _ = g.read();
+                }
+                self.queue.dispatch_pending(&mut self.st).unwrap();
+                if cond(&self.st) {
+                    return;
+                }
+                assert!(Instant::now() < end, "timed out");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        /// Two syncs: globals bound after the first, their events in after the second.
+        fn setup(&mut self, comp: &mut TestCompositor) {
+            let qh = self.queue.handle();
+            self.conn.display().sync(&qh, CbData::Sync(1));
+            self.until(comp, |s| s.syncs_done >= 1);
+            self.conn.display().sync(&qh, CbData::Sync(2));
+            self.until(comp, |s| s.syncs_done >= 2);
+        }
+    }
+
+    /// A file standing in for a guest's dma-buf (the test compositor only records it).
+    fn fake_dmabuf() -> std::fs::File {
+        let p = sock(&format!("dmabuf-{}", rand_suffix()));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(4096).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        f
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn layout() -> crate::output::FbLayout {
+        crate::output::FbLayout {
+            width: 4,
+            height: 2,
+            format: PixelFormat::Xrgb8888,
+            pitch: 64,
+            offset: 128,
+        }
+    }
+
+    #[test]
+    fn dmabuf_formats_come_from_the_compositor_and_a_buffer_is_created() {
+        let xr24 = fourcc(b"XR24");
+        let path = sock("dmabuf-created");
+        let mut comp = TestCompositor::start(
+            &path,
+            Offer {
+                dmabuf: Some(vec![(xr24, MOD_TILED), (xr24, MOD_LINEAR)]),
+                ..Offer::default()
+            },
+        );
+        let mut c = Client::connect(&path);
+        c.setup(&mut comp);
+        assert!(c.st.globals.dmabuf.is_some());
+        assert_eq!(
+            c.st.dmabuf_formats,
+            vec![(xr24, MOD_TILED), (xr24, MOD_LINEAR)]
+        );
+        let choice = choose_dmabuf(PixelFormat::Argb8888, &c.st.dmabuf_formats).unwrap();
+        let file = fake_dmabuf();
+        let qh = c.queue.handle();
+        let dm = c.st.globals.dmabuf.clone().unwrap();
+        create_buffer(&dm, file.as_fd(), &layout(), choice, DmabufKey(7), &qh).unwrap();
+        c.until(&mut comp, |s| !s.dmabuf_created.is_empty());
+        let (key, answer) = c.st.dmabuf_created.pop().unwrap();
+        assert_eq!(key, DmabufKey(7));
+        let Created::Buffer(buffer) = answer else {
+            panic!("expected created, got {answer:?}");
+        };
+        // What reached the compositor: our file, plane 0 at the layout's offset/pitch,
+        // linear, the guest's size in XR24.
+        let meta = file.metadata().unwrap();
+        assert_eq!(
+            comp.state.dmabufs,
+            vec![testcomp::DmabufInfo {
+                width: 4,
+                height: 2,
+                format: xr24,
+                planes: vec![(0, 128, 64, MOD_LINEAR)],
+                file: (meta.dev(), meta.ino()),
+            }]
+        );
+        assert_eq!(c.st.dmabuf_ids.get(&buffer.id()), Some(&DmabufKey(7)));
+        // A release of that buffer is reported by its key.
+        comp.state.dmabuf_buffers[0].release();
+        c.until(&mut comp, |s| !s.dmabuf_released.is_empty());
+        assert_eq!(c.st.dmabuf_released, vec![DmabufKey(7)]);
+    }
+
+    #[test]
+    fn dmabuf_failed_is_reported_per_buffer_and_the_connection_lives() {
+        let xr24 = fourcc(b"XR24");
+        let path = sock("dmabuf-failed");
+        let mut comp = TestCompositor::start(
+            &path,
+            Offer {
+                dmabuf: Some(vec![(xr24, MOD_LINEAR)]),
+                dmabuf_fail: true,
+                ..Offer::default()
+            },
+        );
+        let mut c = Client::connect(&path);
+        c.setup(&mut comp);
+        let choice = choose_dmabuf(PixelFormat::Xrgb8888, &c.st.dmabuf_formats).unwrap();
+        let file = fake_dmabuf();
+        let qh = c.queue.handle();
+        let dm = c.st.globals.dmabuf.clone().unwrap();
+        create_buffer(&dm, file.as_fd(), &layout(), choice, DmabufKey(1), &qh).unwrap();
+        create_buffer(&dm, file.as_fd(), &layout(), choice, DmabufKey(2), &qh).unwrap();
+        c.until(&mut comp, |s| s.dmabuf_created.len() == 2);
+        let keys: Vec<_> =
+            c.st.dmabuf_created
+                .iter()
+                .map(|(k, a)| (*k, matches!(a, Created::Failed)))
+                .collect();
+        assert_eq!(keys, vec![(DmabufKey(1), true), (DmabufKey(2), true)]);
+        assert!(comp.state.dmabufs.is_empty());
+        // `failed` is not a protocol error: the connection still answers.
+        let qh = c.queue.handle();
+        c.conn.display().sync(&qh, CbData::Sync(3));
+        c.until(&mut comp, |s| s.syncs_done >= 3);
+        assert!(c.conn.protocol_error().is_none());
+    }
+
+    #[test]
+    fn dmabuf_layout_that_does_not_fit_the_protocol_is_not_sent() {
+        let xr24 = fourcc(b"XR24");
+        let path = sock("dmabuf-huge");
+        let mut comp = TestCompositor::start(
+            &path,
+            Offer {
+                dmabuf: Some(vec![(xr24, MOD_LINEAR)]),
+                ..Offer::default()
+            },
+        );
+        let mut c = Client::connect(&path);
+        c.setup(&mut comp);
+        let choice = choose_dmabuf(PixelFormat::Xrgb8888, &c.st.dmabuf_formats).unwrap();
+        let file = fake_dmabuf();
+        let qh = c.queue.handle();
+        let dm = c.st.globals.dmabuf.clone().unwrap();
+        let mut l = layout();
+        l.width = u32::MAX;
+        assert!(create_buffer(&dm, file.as_fd(), &l, choice, DmabufKey(1), &qh).is_none());
+        l.width = 4;
+        l.height = 0;
+        assert!(create_buffer(&dm, file.as_fd(), &l, choice, DmabufKey(1), &qh).is_none());
+        c.setup(&mut comp);
+        assert!(!comp
+            .state
+            .log
+            .iter()
+            .any(|l| l.starts_with("zwp_linux_dmabuf_v1")));
+    }
+}
