@@ -21,6 +21,7 @@ if [[ ${1:-} == arm64 ]]; then
     echo "ARM64_DOM0_BASE=$ARM64_DOM0_BASE"
     echo "ARM64_DOMU_BASE=$ARM64_DOMU_BASE"
     echo "ARM64_KMODS=$ARM64_KMODS"
+    echo "BUILD_SECS=$SECONDS"
     exit 0
 fi
 source "$HERE/kernel.sh"
@@ -69,3 +70,4 @@ dom0kernel)
     ;;
 *) die "usage: build.sh kms|xen|weston|zcopy|dom0kernel|arm64" ;;
 esac
+echo "BUILD_SECS=$SECONDS"

@@ -71,11 +71,8 @@ _build_drvdom_initramfs() { # $1 = output dir
 
 prepare_zcopy() {
     local ver series
-    command -v make >/dev/null && command -v gcc >/dev/null && [[ -e /usr/include/libelf.h ]] || {
-        apt_updated; log "installing module build tools"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends build-essential libelf-dev \
-            >/dev/null || die "apt-get install build-essential libelf-dev failed"
-    }
+    # gcc 12 (what Debian built the kernel with) and make; kbuild's own tools are prebuilt.
+    command -v make >/dev/null && command -v gcc >/dev/null || apt_install gcc make
     # The headers, kbuild and source of exactly the kernel package the Dom0 runs.
     ver=$(dpkg-deb -f "$KERNEL_DEB" Version)
     series=${KVER%%.*}.$(cut -d. -f2 <<< "$KVER")   # 6.1
