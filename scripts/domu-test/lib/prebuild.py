@@ -13,6 +13,7 @@ RuntimeError from get(), so the scenarios that need it FAIL with the log's tail.
 """
 
 import os
+import signal
 import subprocess
 import time
 
@@ -35,8 +36,9 @@ class Prebuild:
                 continue
             err = open(self._log(kind), "w")
             out = open(os.path.join(self.workdir, f"build-{kind}.out"), "w+")
+            # A process group of its own: stop() ends debootstrap/make under it too.
             p = subprocess.Popen(["nice", "-n", str(NICE), self.build_sh, kind], stdout=out, stderr=err,
-                                 stdin=subprocess.DEVNULL, text=True)
+                                 stdin=subprocess.DEVNULL, text=True, start_new_session=True)
             err.close()
             self.procs[kind] = (p, time.monotonic(), out)
 
@@ -65,11 +67,12 @@ class Prebuild:
         """Kill builds nobody waited for (the run ended early): only the ones started here."""
         for kind, (p, _, out) in list(self.procs.items()):
             if p.poll() is None:
-                p.terminate()
+                os.killpg(p.pid, signal.SIGTERM)
                 try:
                     p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
-                    p.kill()
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
             out.close()
         self.procs.clear()
 
