@@ -5,7 +5,7 @@
 #   build.sh weston -> Weston + modetest tree (uncompressed cpio, lib/weston.sh)
 #   build.sh zcopy -> out-of-tree xen-gntdev (dma-buf) + vkms for Debian's kernel, driver-domain initramfs
 #   build.sh dom0kernel -> the zero-copy Dom0 kernel (built from source; slow) + stage 1 without modules
-#                          (the harness no longer uses it: `zcopy` replaced it; kept for comparison)
+#                          (replaced by `zcopy`; the harness uses it only with DISPLBACK_ZCOPY_DOM0=source)
 #   build.sh arm64 -> Xen 4.20 + Linux 6.12 arm64 (Debian trixie), out-of-tree modules, base initramfs images
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)

@@ -827,7 +827,9 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
     try:
         art = build_images("xen", workdir)
         if kind == "zcopy":
-            k = build_images("zcopy", workdir)
+            # DISPLBACK_ZCOPY_DOM0=source: the whole kernel built from linux-source-6.1 as
+            # before (lib/dom0kernel.sh, 8-26 min cold), to compare with the modules.
+            k = build_images("dom0kernel" if os.environ.get("DISPLBACK_ZCOPY_DOM0") == "source" else "zcopy", workdir)
             art.update({key: v for key, v in k.items() if key != "build_secs"})
             art["build_secs"] += k["build_secs"]
     except RuntimeError as e:
@@ -836,10 +838,15 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
         return list(results.values())
     # Both boots run Debian's kernel; the zcopy one swaps in an out-of-tree xen-gntdev with
     # dma-buf (lib/zcopy.sh) and its driver domain loads that and an out-of-tree VKMS.
-    dom0_kernel = art["VMLINUX"]
-    stage1_base = art["STAGE1_INITRAMFS"]
-    kdesc = (f"Dom0 kernel {art['KVER']} + out-of-tree xen-gntdev (dma-buf) and vkms "
-             f"(built in {art['ZC_KMODS_BUILD_SECS']} s when cold)" if kind == "zcopy" else f"Dom0 kernel {art['KVER']}")
+    dom0_kernel = art.get("DOM0K_VMLINUX", art["VMLINUX"])
+    stage1_base = art.get("STAGE1_NOMOD_INITRAMFS", art["STAGE1_INITRAMFS"])
+    if "ZC_KMODS_BUILD_SECS" in art:
+        kdesc = (f"Dom0 kernel {art['KVER']} + out-of-tree xen-gntdev (dma-buf) and vkms "
+                 f"(built in {art['ZC_KMODS_BUILD_SECS']} s when cold)")
+    elif "DOM0K_RELEASE" in art:
+        kdesc = f"zero-copy Dom0 kernel {art['DOM0K_RELEASE']} (built in {art['DOM0K_BUILD_SECS']} s when cold)"
+    else:
+        kdesc = f"Dom0 kernel {art['KVER']}"
     print(f"=== xen images ready in {art['build_secs']:.1f}s (Xen {art['XEN_VERSION']}, {kdesc})", flush=True)
     gc = bins.get("guest_client", "ERROR")
     if gc.startswith("ERROR"):
@@ -877,7 +884,7 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
     rp = bins.get("input_replay", "ERROR")
     if not rp.startswith("ERROR"):
         inject["inject/usr/local/bin/input_replay"] = (0o755, _read(rp))
-    if kind == "zcopy":  # dom0-init insmods it instead of Debian's xen-gntdev
+    if "ZC_GNTDEV_KO" in art:  # dom0-init insmods it instead of Debian's xen-gntdev
         inject["inject/harness/kmod/xen-gntdev-dmabuf.ko"] = (0o644, _read(art["ZC_GNTDEV_KO"]))
     if "xen-input" in names:
         # evdev and uinput for xen-input, without rebuilding the cached Dom0 rootfs (its
@@ -893,12 +900,12 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
             # The driver domain boots Debian's kernel (PVH) with busybox, the modules of
             # ZC_DRVDOM_INITRAMFS (out-of-tree gntdev dma-buf and VKMS), displback and
             # scanout_check; Dom0's xl finds both under /harness.
-            inject["inject/harness/drvdom-vmlinux"] = (0o644, _read(art["VMLINUX"]))
+            inject["inject/harness/drvdom-vmlinux"] = (0o644, _read(dom0_kernel))
             inject["inject/harness/drvdom.cpio"] = (0o644, _read(_initrd(workdir, "drvdom", {
                 "init": (0o755, _read(os.path.join(XEN_DIR, "drvdom-init"))),
                 "bin/displback": (0o755, _read(be)),
                 "bin/scanout_check": (0o755, _read(sc)),
-            }, art["ZC_DRVDOM_INITRAMFS"])))
+            }, art.get("ZC_DRVDOM_INITRAMFS", stage1_base))))
     if any(n in THIRD_PARTY for n in names):
         try:
             w = build_images("weston", workdir)
