@@ -23,8 +23,10 @@ arm64_mirror() {
 # apt-get/apt-cache with the private trixie arm64 configuration.
 arm64_apt() { APT_CONFIG=$ARM64_APT/apt.conf "$@"; }
 
-# Create the private apt configuration and update its lists once per host boot.
-arm64_apt_updated() {
+# Create the private apt configuration and update its lists once per host boot (one
+# process at a time: builds run concurrently, lib/prebuild.py).
+arm64_apt_updated() { mkdir -p "$ARM64_APT"; locked "$ARM64_APT/.lock" _arm64_apt_updated; }
+_arm64_apt_updated() {
     local stamp=/run/displback-domu-test.arm64-apt-updated d=$ARM64_APT mirror
     [[ -e $stamp && -e $d/apt.conf ]] && return 0
     mirror=$(arm64_mirror); [[ -n $mirror ]] || die "cannot find a Debian mirror in apt's sources"
@@ -46,10 +48,11 @@ EOF
 arm64_version() { arm64_apt apt-cache policy "$1" | awk '/Candidate:/ {print $2}'; }
 
 # Download arm64 (or arch: all) packages into $CACHE/debs-arm64 once; print their paths,
-# one a line, in order (one apt-cache call for all: it is slow on a busy machine).
-arm64_fetch() {
+# one a line, in order (one apt-cache call for all: it is slow on a busy machine). Under
+# $CACHE/debs-arm64/.lock: a half-written .deb is never seen.
+arm64_fetch() { mkdir -p "$CACHE/debs-arm64"; locked "$CACHE/debs-arm64/.lock" _arm64_fetch "$@"; }
+_arm64_fetch() {
     local name ver deb
-    mkdir -p "$CACHE/debs-arm64"
     arm64_apt apt-cache policy "$@" | awk '/^[^ ]/ {sub(":$", ""); p=$1} /Candidate:/ {print p, $2}' \
         > "$CACHE/debs-arm64/.policy.$$"
     for name in "$@"; do

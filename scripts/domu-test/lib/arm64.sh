@@ -110,11 +110,7 @@ _build_arm64_images() { # $1 = output dir
 
 prepare_arm64_images() {
     prepare_arm64_chroot
-    command -v qemu-system-aarch64 >/dev/null || {
-        apt_updated; log "installing qemu-system-arm"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-arm >/dev/null \
-            || die "apt-get install qemu-system-arm failed"
-    }
+    command -v qemu-system-aarch64 >/dev/null || apt_install qemu-system-arm
     ARM64_SRC_DEB=$(arm64_fetch linux-source-6.12)
     # Keyed by the source, the chroot (its path names its hash), the patches and the
     # builder's own text (not this whole file: image changes must not rebuild modules).

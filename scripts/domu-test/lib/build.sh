@@ -3,7 +3,9 @@
 #   build.sh kms   -> kernel + busybox/module initramfs for the plain KMS VMs
 #   build.sh xen   -> kernel, Xen, Dom0 rootfs + stage-1 initramfs, DomU base initramfs
 #   build.sh weston -> Weston + modetest tree (uncompressed cpio, lib/weston.sh)
+#   build.sh zcopy -> out-of-tree xen-gntdev (dma-buf) + vkms for Debian's kernel, driver-domain initramfs
 #   build.sh dom0kernel -> the zero-copy Dom0 kernel (built from source; slow) + stage 1 without modules
+#                          (replaced by `zcopy`; the harness uses it only with DISPLBACK_ZCOPY_DOM0=source)
 #   build.sh arm64 -> Xen 4.20 + Linux 6.12 arm64 (Debian trixie), out-of-tree modules, base initramfs images
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -19,6 +21,7 @@ if [[ ${1:-} == arm64 ]]; then
     echo "ARM64_DOM0_BASE=$ARM64_DOM0_BASE"
     echo "ARM64_DOMU_BASE=$ARM64_DOMU_BASE"
     echo "ARM64_KMODS=$ARM64_KMODS"
+    echo "BUILD_SECS=$SECONDS"
     exit 0
 fi
 source "$HERE/kernel.sh"
@@ -48,6 +51,15 @@ weston)
     echo "WESTON_CPIO=$WESTON_CPIO"
     echo "WESTON_BUILD_SECS=$WESTON_BUILD_SECS"
     ;;
+zcopy)
+    source "$HERE/zcopy.sh"
+    prepare_zcopy
+    echo "ZC_GNTDEV_KO=$ZC_KMODS/xen-gntdev.ko"
+    echo "ZC_VKMS_KO=$ZC_KMODS/vkms.ko"
+    echo "ZC_KMODS_BUILD_SECS=$(cat "$ZC_KMODS/build-secs")"
+    echo "ZC_DRVDOM_INITRAMFS=$ZC_DRVDOM_INITRAMFS"
+    echo "STAGE1_INITRAMFS=$(build_base_initramfs stage1 "virtio_pci virtio_blk ext4 crc32c_generic")"
+    ;;
 dom0kernel)
     source "$HERE/dom0kernel.sh"
     prepare_dom0_kernel
@@ -56,5 +68,6 @@ dom0kernel)
     echo "DOM0K_BUILD_SECS=$(cat "$DOM0K_DIR/build-secs")"
     echo "STAGE1_NOMOD_INITRAMFS=$(build_base_initramfs stage1-nomod "")"
     ;;
-*) die "usage: build.sh kms|xen|weston|dom0kernel|arm64" ;;
+*) die "usage: build.sh kms|xen|weston|zcopy|dom0kernel|arm64" ;;
 esac
+echo "BUILD_SECS=$SECONDS"

@@ -10,13 +10,36 @@ mkdir -p "$CACHE/debs"
 log() { printf '[domu-test %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
+# Several builders may run at once (the harness starts every image build of a run
+# together, lib/prebuild.py; other checkouts share the cache): `locked FILE CMD...` runs CMD
+# holding an exclusive flock on FILE (a shell function too; released when it returns or the
+# process dies).
+locked() {
+    local lk_file=$1 lk rc=0; shift
+    exec {lk}>>"$lk_file"
+    flock "$lk"
+    "$@" || rc=$?
+    exec {lk}>&-
+    return $rc
+}
+APT_LOCK=/run/displback-domu-test.apt.lock
+
 # apt-get update once per boot of the host (apt-cache needs current lists).
-apt_updated() {
+apt_updated() { locked "$APT_LOCK" _apt_updated; }
+_apt_updated() {
     local stamp=/run/displback-domu-test.apt-updated
     [[ -e $stamp ]] && return 0
     log "apt-get update"
     apt-get update -q >/dev/null || die "apt-get update failed"
     touch "$stamp"
+}
+
+# apt-get install the named packages (under the apt lock: dpkg allows one at a time).
+apt_install() { apt_updated; locked "$APT_LOCK" _apt_install "$@"; }
+_apt_install() {
+    log "apt-get install $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >/dev/null \
+        || die "apt-get install $* failed"
 }
 
 # Host tools the harness needs (installed only when missing).
@@ -29,12 +52,7 @@ ensure_host_tools() {
     done
     # debootstrap needs these at run time
     [[ -e /usr/share/keyrings/debian-archive-keyring.gpg ]] || need+=(debian-archive-keyring)
-    if ((${#need[@]})); then
-        apt_updated
-        log "installing host tools: ${need[*]}"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null \
-            || die "apt-get install ${need[*]} failed"
-    fi
+    if ((${#need[@]})); then apt_install "${need[@]}"; fi
 }
 
 # Candidate version of a package in the host's apt lists.
@@ -47,8 +65,10 @@ kernel_pkg() {
     apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-6/ {print $2; exit}'
 }
 
-# Download PKG[=VER] into $CACHE/debs (once) and print the .deb path.
-fetch_deb() {
+# Download PKG[=VER] into $CACHE/debs (once) and print the .deb path. Under
+# $CACHE/debs/.lock (debtree.py takes it too): a half-written .deb is never seen.
+fetch_deb() { locked "$CACHE/debs/.lock" _fetch_deb "$@"; }
+_fetch_deb() {
     local spec=$1 name=${1%%=*} ver deb
     if [[ $spec == *=* ]]; then ver=${spec#*=}; else ver=$(pkg_version "$name"); fi
     [[ -n $ver && $ver != "(none)" ]] || die "no version of $name in the apt lists"
@@ -73,7 +93,12 @@ content_hash() {
 }
 
 # Build helper: run "$2..." to create directory $1 atomically (tmp dir, then rename).
+# One builder at a time per directory ($1.lock); the others wait and reuse its result.
 build_once() {
+    [[ -e $1/.done ]] && return 0
+    locked "$1.lock" _build_once "$@"
+}
+_build_once() {
     local dest=$1; shift
     [[ -e $dest/.done ]] && return 0
     # --one-file-system: never into a mount left inside (a chroot's /dev, /proc).

@@ -18,6 +18,7 @@ seed are downloaded (into $CACHE/debs, reused). A soname that cannot be found is
 Prints `packages=N files=N bytes=N` on stdout; the package list goes to OUT_DIR/../packages.
 """
 
+import fcntl
 import os
 import re
 import shutil
@@ -54,8 +55,15 @@ def candidates(pkgs: list[str]) -> dict[str, str]:
 
 
 def fetch_many(pkgs: list[str]) -> dict[str, str]:
-    """Package -> .deb path in $CACHE/debs, downloading the missing ones in one call."""
+    """Package -> .deb path in $CACHE/debs, downloading the missing ones in one call
+    (holding $CACHE/debs/.lock, as common.sh's fetch_deb does: builds run concurrently)."""
     os.makedirs(DEBS, exist_ok=True)
+    with open(os.path.join(DEBS, ".lock"), "a") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        return _fetch_many(pkgs)
+
+
+def _fetch_many(pkgs: list[str]) -> dict[str, str]:
     vers = candidates(pkgs)
     have = sorted(os.listdir(DEBS))
 
