@@ -173,6 +173,15 @@ struct DemoArgs {
     /// demo's connectors are named Virtual-1..4).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Zero-copy of the simulated guest's buffers: the KMS output imports them as
+    /// dma-bufs made by /dev/udmabuf of the guest's own pages (`on`: refuse to run
+    /// without it).
+    #[arg(long, value_enum, default_value = "off")]
+    zero_copy: ZeroCopy,
+    /// Measure: draw the buffers once, flip --frames times (each waited for) and print
+    /// the backend's CPU time per flip and the flip latency (`DEMO BENCH ...`).
+    #[arg(long)]
+    bench: bool,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -389,6 +398,8 @@ fn main() -> Result<()> {
                     mapping,
                     wayland,
                 },
+                zero_copy: args.zero_copy,
+                bench: args.bench,
             })
         }
     }
