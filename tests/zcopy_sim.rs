@@ -23,7 +23,7 @@ use displback::output::{
 use displback::sim::frontend::FrontendSim;
 use displback::sim::SimXen;
 use displback::xen::platform::GrantMapper;
-use displback::xen::DomId;
+use displback::xen::{DomId, GrantRef};
 use displback::zcopy::sim::{SimDumb, SimEvent, SimHolder, SimMode};
 use displback::zcopy::{Arch, Capabilities, DmaBufFd, DumbBuffer, SimDmaBuf, ZeroCopyGate};
 
@@ -602,4 +602,44 @@ fn destroy_times_out_honestly_when_the_buffer_stays_held() {
     );
     assert!(flips >= 100, "guest 2 flipped only {flips} times");
     assert!(worst < Duration::from_millis(150), "a flip took {worst:?}");
+}
+
+/// The udmabuf exporter on this host's /dev/udmabuf: the dma-buf is made of the very
+/// pages the guest writes (before and after the export), the grants stay pinned while
+/// the fd is open, and a bad ref is EINVAL like EXP_FROM_REFS.
+#[test]
+#[ignore = "needs /dev/udmabuf (CONFIG_UDMABUF; `modprobe udmabuf`): run with --ignored where it exists"]
+fn udmabuf_export_is_made_of_the_guests_own_pages() {
+    use displback::zcopy::{DmaBufOps, ExportFlags};
+    let xen = SimXen::new();
+    let backend = DomId(0);
+    let guest = xen.guest_mem(DomId(1));
+    let pages = guest.alloc(3).unwrap();
+    let refs = guest.grant(&pages, backend, false);
+    let ex = xen
+        .udmabuf_exporter(backend)
+        .expect("/dev/udmabuf must exist for this test");
+    pages.region().write(0, b"before").unwrap();
+    let baseline = xen.total_mapped_pages();
+    let fd = ex
+        .export_from_refs(DomId(1), &refs, ExportFlags::None)
+        .unwrap();
+    assert_eq!(ex.live_exports(), 1);
+    assert_eq!(xen.total_mapped_pages(), baseline + 3, "export pins the grants");
+    let view = displback::xen::mem::shared(fd.as_fd().unwrap(), 3 * 4096).unwrap();
+    let mut got = [0u8; 6];
+    view.read(0, &mut got).unwrap();
+    assert_eq!(&got, b"before");
+    // The guest draws again into the same pages: the dma-buf shows it.
+    pages.region().write(2 * 4096 + 100, b"after!").unwrap();
+    view.read(2 * 4096 + 100, &mut got).unwrap();
+    assert_eq!(&got, b"after!");
+    drop(view);
+    drop(fd);
+    assert_eq!(ex.live_exports(), 0);
+    assert_eq!(xen.total_mapped_pages(), baseline, "closing unpins the grants");
+    let e = ex
+        .export_from_refs(DomId(1), &[GrantRef(4242)], ExportFlags::None)
+        .unwrap_err();
+    assert_eq!(e.raw_errno(), libc::EINVAL);
 }
