@@ -56,6 +56,9 @@ zcopy)
     prepare_zcopy
     echo "ZC_GNTDEV_KO=$ZC_KMODS/xen-gntdev.ko"
     echo "ZC_VKMS_KO=$ZC_KMODS/vkms.ko"
+    echo "ZC_UDMABUF_KO=$ZC_KMODS/udmabuf.ko"
+    # kms-demo-udmabuf's plain VM: Debian's DRM modules VKMS needs (with their dependencies).
+    echo "ZC_KMS_INITRAMFS=$(build_base_initramfs kms-vkms "drm drm_kms_helper drm_shmem_helper")"
     echo "ZC_KMODS_BUILD_SECS=$(cat "$ZC_KMODS/build-secs")"
     echo "ZC_DRVDOM_INITRAMFS=$ZC_DRVDOM_INITRAMFS"
     echo "STAGE1_INITRAMFS=$(build_base_initramfs stage1 "virtio_pci virtio_blk ext4 crc32c_generic")"

@@ -85,7 +85,8 @@ def kinds_for(names: list[str], kms_scenarios, xen_stock, xen_zcopy, third_party
         kinds.append("kms")
     if any(n in xen_stock or n in xen_zcopy for n in names):
         kinds.append("xen")
-    if any(n in xen_zcopy for n in names):
+    # kms-demo-udmabuf's VKMS + udmabuf modules come from the zcopy build too.
+    if any(n in xen_zcopy or (n in kms_scenarios and kms_scenarios[n][0] == "vkms") for n in names):
         kinds.append("zcopy")
     if any(n in third_party or n in wayland_scenarios for n in names):
         kinds.append("weston")
