@@ -5,11 +5,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use tracing::info;
+use anyhow::{bail, Context, Result};
+use tracing::{info, warn};
 
 use crate::backend::server::{Server, ServerConfig};
-use crate::config::OutputKind;
+use crate::config::{OutputKind, ZeroCopy};
 use crate::displif::format::PixelFormat;
 use crate::output::headless::{self, Headless};
 use crate::output::wayland::Wayland;
@@ -21,6 +21,8 @@ use crate::sim::xenstored::SimXenstored;
 use crate::sim::SimXen;
 use crate::xen::xenstore::XsClient;
 use crate::xen::DomId;
+use crate::zcopy::{Capabilities, FallbackReason, ZeroCopyGate};
+use std::sync::Arc;
 
 /// What `displback demo` runs.
 #[derive(Debug, Clone)]
@@ -41,11 +43,134 @@ pub struct DemoOptions {
     /// The guest connectors' unique-ids in order (`--unique-id`); connectors beyond the
     /// list are named by [`unique_id`].
     pub unique_ids: Vec<String>,
+    /// Zero-copy of the simulated guest's buffers (KMS output, through `/dev/udmabuf`).
+    pub zero_copy: ZeroCopy,
+    /// Measure instead of animating: the three buffers are drawn once, then flipped
+    /// `frames` times, each flip waited for before the next (so its latency is its
+    /// own), and a `DEMO BENCH` line reports the backend thread's CPU time per flip and
+    /// the flip latency percentiles.
+    pub bench: bool,
+}
+
+/// The zero-copy gate of the demo: the simulated Xen's exports are udmabufs of the
+/// guest's memfd pages ([`crate::zcopy::sim::UdmabufExporter`]); only the KMS output
+/// imports them. `on` refuses to run without `/dev/udmabuf` or with another output.
+fn zero_copy_gate(policy: ZeroCopy, output: OutputKind, sim: &SimXen) -> Result<ZeroCopyGate> {
+    if policy == ZeroCopy::Off {
+        return Ok(ZeroCopyGate::off());
+    }
+    if output != OutputKind::Kms {
+        if policy == ZeroCopy::On {
+            bail!("--zero-copy on needs the KMS output ({output:?} copies every frame)");
+        }
+        return Ok(ZeroCopyGate::off());
+    }
+    let ops = match sim.udmabuf_exporter(BACKEND) {
+        Ok(ops) => ops,
+        Err(e) if policy == ZeroCopy::On => bail!(
+            "--zero-copy on: cannot open {}: {e}; the simulated Xen exports guest pages as \
+             dma-bufs through udmabuf (kernel option CONFIG_UDMABUF, or `modprobe udmabuf`)",
+            crate::zcopy::udmabuf::DEVICE
+        ),
+        Err(e) => {
+            warn!(
+                "zero-copy off: cannot open {}: {e} (CONFIG_UDMABUF); every frame is copied",
+                crate::zcopy::udmabuf::DEVICE
+            );
+            return Ok(ZeroCopyGate::off());
+        }
+    };
+    // The simulated backend domain maps grants like a PVH one (no PTE-mod gntdev), so
+    // an EINVAL export is about the buffer; be-alloc is not simulated over udmabuf.
+    let caps = Capabilities {
+        export: Ok(()),
+        import: Err(FallbackReason::BackendAlloc(
+            "the udmabuf exporter grants no pages (be-alloc copies)".into(),
+        )),
+        guest_type: Some("PVH".into()),
+    };
+    info!(
+        policy = ?policy,
+        "zero-copy: guest buffers exported as udmabufs of the simulated guest's pages"
+    );
+    ZeroCopyGate::new(policy, Some(Arc::new(ops)), &caps)
+        .map_err(|r| anyhow::anyhow!("--zero-copy {policy:?}: {r}"))
+}
+
+/// The calling thread's id (from `/proc/thread-self`, which links to `PID/task/TID`).
+fn thread_id() -> Option<u32> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
+}
+
+/// A thread's user + system CPU time from `/proc/self/task/TID/stat`, in ms (clock
+/// ticks are USER_HZ = 100 on Linux's x86 and Arm ABIs).
+fn thread_cpu_ms(tid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) * 10)
+}
+
+/// The `p`-th percentile (0-100) of sorted `v`.
+fn percentile(v: &[u64], p: usize) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v[((v.len() - 1) * p).div_ceil(100).min(v.len() - 1)]
 }
 
 const BACKEND: DomId = DomId(0);
 const GUEST: DomId = DomId(1);
 const WAIT: Duration = Duration::from_secs(10);
+
+/// `--bench`: buffers drawn once (frames 0-2 of the pattern), then `frames` flips on
+/// every connector, each waited for; the backend thread's CPU time and the guest-seen
+/// latency (PG_FLIP request to its flip event) per flip, as one key=value line.
+fn bench(
+    fe: &mut FrontendSim,
+    bufs: &[Vec<(DumbBuf, u64)>],
+    opts: &DemoOptions,
+    backend_tid: Option<u32>,
+) -> Result<()> {
+    for (c, set) in bufs.iter().enumerate() {
+        for (i, (buf, _)) in set.iter().enumerate().skip(1) {
+            draw(buf, opts.format, i as u32, c as u32)?;
+        }
+    }
+    let tid = backend_tid.context("the backend thread's id is unknown")?;
+    let cpu0 = thread_cpu_ms(tid).context("reading the backend thread's CPU time")?;
+    let started = Instant::now();
+    let mut lat_us = Vec::with_capacity(opts.frames as usize * bufs.len());
+    for frame in 1..=opts.frames {
+        let back = (frame % 3) as usize;
+        for (c, set) in bufs.iter().enumerate() {
+            let t = Instant::now();
+            fe.page_flip(c as u32, set[back].1)?;
+            fe.wait_flip_event(c as u32, set[back].1, Duration::from_millis(3100))?;
+            lat_us.push(t.elapsed().as_micros() as u64);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu1 = thread_cpu_ms(tid).context("reading the backend thread's CPU time")?;
+    lat_us.sort_unstable();
+    let flips = lat_us.len() as u64;
+    let cpu_ms = cpu1.saturating_sub(cpu0);
+    println!(
+        "DEMO BENCH width={} height={} flips={flips} seconds={secs:.2} backend_cpu_ms={cpu_ms} \
+         cpu_us_per_flip={} p50_us={} p99_us={} max_us={} redraw=0",
+        opts.width,
+        opts.height,
+        cpu_ms * 1000 / flips.max(1),
+        percentile(&lat_us, 50),
+        percentile(&lat_us, 99),
+        lat_us.last().copied().unwrap_or(0),
+    );
+    Ok(())
+}
 
 /// Draw pattern frame `frame` of connector `conn` into a dumb buffer.
 pub fn draw(buf: &DumbBuf, format: PixelFormat, frame: u32, conn: u32) -> Result<()> {
@@ -89,6 +214,8 @@ pub fn run(opts: DemoOptions) -> Result<()> {
     let signals = crate::xen::signals::StopSignals::install()?;
     let sim = SimXen::new();
     let xenstored = SimXenstored::new();
+    // First: `--zero-copy on` without udmabuf refuses before anything opens.
+    let gate = zero_copy_gate(opts.zero_copy, opts.output, &sim)?;
     let mut wl_stats = None;
     let (output, view): (Box<dyn Output + Send>, _) = match opts.output {
         OutputKind::Headless => {
@@ -107,12 +234,18 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         sim.platform(&xenstored, BACKEND)?,
         output,
         ServerConfig::default(),
-    )?;
+    )?
+    .with_zero_copy(gate);
     server.stop_on_readable(signals.as_raw_fd())?;
     let stop = server.stop_handle();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let backend = std::thread::Builder::new()
         .name("backend".into())
-        .spawn(move || server.run())?;
+        .spawn(move || {
+            let _ = tid_tx.send(thread_id());
+            server.run()
+        })?;
+    let backend_tid = tid_rx.recv().ok().flatten();
 
     let result = (|| -> Result<()> {
         let mut toolstack = Toolstack::new(XsClient::from_stream(xenstored.connect(0)?)?);
@@ -147,6 +280,9 @@ pub fn run(opts: DemoOptions) -> Result<()> {
             draw(&pair[0].0, opts.format, 0, c)?;
             fe.set_config(c, pair[0].1, opts.width, opts.height, bpp)?;
             bufs.push(pair);
+        }
+        if opts.bench {
+            return bench(&mut fe, &bufs, &opts, backend_tid);
         }
         let started = Instant::now();
         let mut reconfigs = 0u32;

@@ -187,6 +187,15 @@ struct DemoArgs {
     /// output, as `connectors=1000:1920x1080` in xl.cfg.
     #[arg(long = "unique-id", value_name = "ID", value_parser = parse_unique_id)]
     unique_ids: Vec<String>,
+    /// Zero-copy of the simulated guest's buffers: the KMS output imports them as
+    /// dma-bufs made by /dev/udmabuf of the guest's own pages (`on`: refuse to run
+    /// without it).
+    #[arg(long, value_enum, default_value = "off")]
+    zero_copy: ZeroCopy,
+    /// Measure: draw the buffers once, flip --frames times (each waited for) and print
+    /// the backend's CPU time per flip and the flip latency (`DEMO BENCH ...`).
+    #[arg(long)]
+    bench: bool,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -433,6 +442,8 @@ fn main() -> Result<()> {
                     wayland,
                 },
                 unique_ids: args.unique_ids,
+                zero_copy: args.zero_copy,
+                bench: args.bench,
             })
         }
     }

@@ -23,7 +23,7 @@ use displback::output::{
 use displback::sim::frontend::FrontendSim;
 use displback::sim::SimXen;
 use displback::xen::platform::GrantMapper;
-use displback::xen::DomId;
+use displback::xen::{DomId, GrantRef};
 use displback::zcopy::sim::{SimDumb, SimEvent, SimHolder, SimMode};
 use displback::zcopy::{Arch, Capabilities, DmaBufFd, DumbBuffer, SimDmaBuf, ZeroCopyGate};
 
@@ -41,6 +41,12 @@ struct Stats {
     /// Take an extra "compositor" reference on the next import, kept in `held`.
     hold_next: AtomicBool,
     held: Mutex<Vec<SimHolder>>,
+    /// Refuse to scan out the framebuffers of the n-th import (1-based; 0: none), as
+    /// a driver does that takes the PRIME import and AddFB2 but fails the commit.
+    refuse_import: AtomicU64,
+    /// Frames refused that way.
+    refused: AtomicU64,
+    imports: AtomicU64,
 }
 
 /// Headless for mapped frames; imported ones are "scanned out" with no copy and
@@ -52,6 +58,8 @@ struct ImportingOutput {
     next: u64,
     imports: HashMap<ImportId, Option<SimHolder>>,
     fbs: HashMap<ImportedFb, ImportId>,
+    /// Imports whose framebuffers the "display" refuses.
+    refused: std::collections::HashSet<ImportId>,
     pending: Vec<(FlipDone, Instant)>,
 }
 
@@ -67,9 +75,26 @@ impl ImportingOutput {
             next: 0,
             imports: HashMap::new(),
             fbs: HashMap::new(),
+            refused: Default::default(),
             pending: Vec::new(),
         };
         (out, view, stats)
+    }
+
+    /// An imported frame the "display" refuses (TEST_ONLY fails): nothing is shown.
+    fn refuse(&self, frame: &FrameSource<'_>) -> Result<(), OutputError> {
+        if let FrameSource::Imported(f) = frame {
+            if self
+                .fbs
+                .get(&f.fb)
+                .is_some_and(|i| self.refused.contains(i))
+            {
+                self.stats.refused.fetch_add(1, Ordering::SeqCst);
+                let e = std::io::Error::from_raw_os_error(libc::EINVAL);
+                return Err(OutputError::ImportRefused(e));
+            }
+        }
+        Ok(())
     }
 
     fn direct(&mut self, frame: &FrameSource<'_>) -> bool {
@@ -106,12 +131,16 @@ impl Output for ImportingOutput {
         conn: ConnectorId,
         frame: Option<&FrameSource<'_>>,
     ) -> Result<(), OutputError> {
+        if let Some(f) = frame {
+            self.refuse(f)?;
+        }
         match frame {
             Some(f) if self.direct(f) => Ok(()),
             _ => self.inner.set_config(conn, frame),
         }
     }
     fn page_flip(&mut self, conn: ConnectorId, frame: &FrameSource<'_>) -> Result<(), OutputError> {
+        self.refuse(frame)?;
         if self.direct(frame) {
             let done = FlipDone {
                 conn,
@@ -150,6 +179,10 @@ impl Output for ImportingOutput {
         self.next += 1;
         let id = ImportId(self.next);
         self.imports.insert(id, Some(holder));
+        let n = self.stats.imports.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.stats.refuse_import.load(Ordering::SeqCst) == n {
+            self.refused.insert(id);
+        }
         Ok(id)
     }
     fn create_dumb(
@@ -182,6 +215,7 @@ impl Output for ImportingOutput {
     }
     fn release_import(&mut self, import: ImportId) {
         self.fbs.retain(|_, i| *i != import);
+        self.refused.remove(&import);
         if self.imports.remove(&import).is_some() {
             self.sim.record("output released the import");
         }
@@ -238,6 +272,68 @@ fn guest_buffers_are_exported_and_flipped_without_a_copy() {
         .position(|e| matches!(e, SimEvent::Released { .. }))
         .unwrap();
     assert!(released_import < closed && closed <= gone, "{ev:#?}");
+}
+
+#[test]
+fn a_buffer_the_display_refuses_is_copied_and_the_others_stay_zero_copy() {
+    let sim = SimDmaBuf::default();
+    let (mut rig, stats) = zero_copy_rig(&sim);
+    // The second buffer's import: the "driver" takes it and its framebuffer, but
+    // refuses every commit of it.
+    stats.refuse_import.store(2, Ordering::SeqCst);
+    let mut fe = rig.guest(1, &[("Virtual-1", W, H)]);
+    let baseline = rig.sim.total_mapped_pages();
+    let bufs = buffers(&mut fe, 2, W, H, PixelFormat::Xrgb8888);
+    assert_eq!(sim.live_exports(), 2);
+    assert_eq!(rig.sim.total_mapped_pages(), baseline);
+    // SET_CONFIG with the refused buffer succeeds (copied), zero-copy stays on.
+    draw(&bufs[1].0, PixelFormat::Xrgb8888, 0, 0);
+    fe.set_config(0, bufs[1].1, W, H, 32).unwrap();
+    assert_image(
+        &rig.frame(1, 0),
+        &expected(PixelFormat::Xrgb8888, 0, 0, W, H),
+        W,
+        H,
+    );
+    // Odd frames go to the refused buffer: every flip is answered (status 0 and its
+    // event, checked by flip_frames), the guest drawing into the same pages each time.
+    flip_frames(&mut fe, 0, &bufs, PixelFormat::Xrgb8888, 21);
+    assert_eq!(
+        stats.refused.load(Ordering::SeqCst),
+        1,
+        "refused more than once: the buffer did not stay on the copy path"
+    );
+    assert_eq!(
+        stats.copied.load(Ordering::SeqCst),
+        12,
+        "refused buffer's frames"
+    );
+    assert_eq!(
+        stats.direct.load(Ordering::SeqCst),
+        10,
+        "the other buffer's"
+    );
+    // The last frame (21) went through the copy path from the guest's pages.
+    assert_image(
+        &rig.frame(1, 0),
+        &expected(PixelFormat::Xrgb8888, 21, 0, W, H),
+        W,
+        H,
+    );
+    // The refused buffer's export is gone and its pages are mapped instead; the other
+    // buffer is still exported, not mapped.
+    assert_eq!(sim.live_exports(), 1);
+    let pages = (W * H * 4).div_ceil(4096) as usize;
+    assert_eq!(rig.sim.total_mapped_pages(), baseline + pages);
+    fe.set_config(0, 0, 0, 0, 0).unwrap();
+    for (buf, fb) in bufs {
+        fe.detach_fb(fb).unwrap();
+        let outcome = fe.destroy_dumb(buf).unwrap();
+        assert_eq!(outcome.status, 0);
+        assert!(outcome.end_access_ok);
+    }
+    assert_eq!(sim.live_exports(), 0);
+    assert_eq!(rig.sim.total_mapped_pages(), baseline);
 }
 
 #[test]
@@ -506,4 +602,44 @@ fn destroy_times_out_honestly_when_the_buffer_stays_held() {
     );
     assert!(flips >= 100, "guest 2 flipped only {flips} times");
     assert!(worst < Duration::from_millis(150), "a flip took {worst:?}");
+}
+
+/// The udmabuf exporter on this host's /dev/udmabuf: the dma-buf is made of the very
+/// pages the guest writes (before and after the export), the grants stay pinned while
+/// the fd is open, and a bad ref is EINVAL like EXP_FROM_REFS.
+#[test]
+#[ignore = "needs /dev/udmabuf (CONFIG_UDMABUF; `modprobe udmabuf`): run with --ignored where it exists"]
+fn udmabuf_export_is_made_of_the_guests_own_pages() {
+    use displback::zcopy::{DmaBufOps, ExportFlags};
+    let xen = SimXen::new();
+    let backend = DomId(0);
+    let guest = xen.guest_mem(DomId(1));
+    let pages = guest.alloc(3).unwrap();
+    let refs = guest.grant(&pages, backend, false);
+    let ex = xen
+        .udmabuf_exporter(backend)
+        .expect("/dev/udmabuf must exist for this test");
+    pages.region().write(0, b"before").unwrap();
+    let baseline = xen.total_mapped_pages();
+    let fd = ex
+        .export_from_refs(DomId(1), &refs, ExportFlags::None)
+        .unwrap();
+    assert_eq!(ex.live_exports(), 1);
+    assert_eq!(xen.total_mapped_pages(), baseline + 3, "export pins the grants");
+    let view = displback::xen::mem::shared(fd.as_fd().unwrap(), 3 * 4096).unwrap();
+    let mut got = [0u8; 6];
+    view.read(0, &mut got).unwrap();
+    assert_eq!(&got, b"before");
+    // The guest draws again into the same pages: the dma-buf shows it.
+    pages.region().write(2 * 4096 + 100, b"after!").unwrap();
+    view.read(2 * 4096 + 100, &mut got).unwrap();
+    assert_eq!(&got, b"after!");
+    drop(view);
+    drop(fd);
+    assert_eq!(ex.live_exports(), 0);
+    assert_eq!(xen.total_mapped_pages(), baseline, "closing unpins the grants");
+    let e = ex
+        .export_from_refs(DomId(1), &[GrantRef(4242)], ExportFlags::None)
+        .unwrap_err();
+    assert_eq!(e.raw_errno(), libc::EINVAL);
 }

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::log_limit::LogLimiter;
 use crate::output::{
     ConnectorId, FbLayout, Frame, FrameSource, ImportId, ImportedFb, ImportedFrame, Output,
+    OutputError,
 };
 use crate::xen::mem::MappedRegion;
 use crate::xen::platform::{GrantAllocator, GrantMapper, GrantedPages, PAGE_SIZE};
@@ -119,6 +120,9 @@ enum BufferMem {
     ZeroCopy {
         buffer: ZeroCopyBuffer,
         import: ImportId,
+        /// The grants exported (our validated copy), for the copy path should the
+        /// display refuse to scan the buffer out.
+        refs: Vec<GrantRef>,
     },
     /// A dumb buffer of the output granted to the guest (be-alloc, zero-copy).
     BackendZeroCopy {
@@ -150,7 +154,7 @@ impl BufferMem {
     /// Connection close: release in the DBUF_DESTROY order without waiting.
     fn close(self, dom: DomId, out: &mut dyn Output) {
         match self {
-            BufferMem::ZeroCopy { buffer, import } => {
+            BufferMem::ZeroCopy { buffer, import, .. } => {
                 out.release_import(import);
                 if let Err(e) = buffer.destroy(Duration::ZERO) {
                     info!(
@@ -244,6 +248,9 @@ pub struct Connection {
     release_timeout: Duration,
     /// Flips and refusals, for `displback status`.
     stats: ConnStats,
+    /// Zero-copy buffers moved to the copy path because the display refused their
+    /// framebuffers (the first is logged as a warning, later ones rate-limited).
+    imports_refused: u64,
 }
 
 impl Connection {
@@ -289,6 +296,7 @@ impl Connection {
             refusals: (Instant::now(), 0),
             zero_copy: Arc::new(Mutex::new(ZeroCopyGate::off())),
             release_timeout: DEFAULT_RELEASE_TIMEOUT,
+            imports_refused: 0,
         }
     }
 
@@ -744,7 +752,11 @@ impl Connection {
         };
         let buffer = ZeroCopyBuffer::new(exported);
         match out.import_dmabuf(buffer.dmabuf()) {
-            Ok(import) => Ok(Some(BufferMem::ZeroCopy { buffer, import })),
+            Ok(import) => Ok(Some(BufferMem::ZeroCopy {
+                buffer,
+                import,
+                refs: refs.to_vec(),
+            })),
             Err(e) if policy == ZeroCopyPolicy::On => refuse(
                 e.errno(),
                 format!("the output cannot import the dma-buf: {e}"),
@@ -815,7 +827,7 @@ impl Connection {
             return Ok(Handled::Reply(0));
         };
         match mem {
-            BufferMem::ZeroCopy { buffer, import } => {
+            BufferMem::ZeroCopy { buffer, import, .. } => {
                 // Off screen, framebuffers and GEM handle now (the output lives on this
                 // thread); closing our fd and waiting for gntdev's release is deferred.
                 out.release_import(import);
@@ -1100,10 +1112,7 @@ impl Connection {
             width,
             height,
         };
-        let frame = self.frame(conn, shown)?;
-        let cost = frame_cost(&frame);
-        out.set_config(conn_id, Some(&frame))
-            .or_else(|e| refuse(e.errno(), e.to_string()))?;
+        let cost = self.show(conn, conn_id, shown, true, out)?;
         self.cost += cost;
         self.connectors[conn].shown = Some(shown);
         Ok(())
@@ -1152,13 +1161,106 @@ impl Connection {
             }
             return Ok(());
         }
-        let frame = self.frame(conn, shown)?;
-        let cost = frame_cost(&frame);
-        out.page_flip(conn_id, &frame)
-            .or_else(|e| refuse(e.errno(), e.to_string()))?;
+        let cost = self.show(conn, conn_id, shown, false, out)?;
         self.cost += cost;
         self.connectors[conn].shown = Some(shown);
         Ok(())
+    }
+
+    /// Hand `shown` to the output: SET_CONFIG (`config`) or PG_FLIP. A zero-copy buffer
+    /// whose framebuffer the display refuses ([`OutputError::ImportRefused`]: the
+    /// driver took the import and AddFB2 but not the commit, which changed nothing)
+    /// moves to the copy path, that buffer alone, and the frame goes again, copied.
+    /// Returns the bytes copied (the turn budget's cost).
+    fn show(
+        &mut self,
+        conn: usize,
+        conn_id: ConnectorId,
+        shown: Shown,
+        config: bool,
+        out: &mut dyn Output,
+    ) -> Result<u64, Refusal> {
+        for _ in 0..2 {
+            let result = {
+                let frame = self.frame(conn, shown)?;
+                let cost = frame_cost(&frame);
+                let r = if config {
+                    out.set_config(conn_id, Some(&frame))
+                } else {
+                    out.page_flip(conn_id, &frame)
+                };
+                r.map(|()| cost)
+            };
+            match result {
+                Ok(cost) => return Ok(cost),
+                Err(OutputError::ImportRefused(e)) => self.copy_refused_buffer(shown.fb, e, out)?,
+                Err(e) => return refuse(e.errno(), e.to_string()),
+            }
+        }
+        refuse(libc::EIO, "the output refused a copied frame as an import")
+    }
+
+    /// The display refused to scan out framebuffer `fb_cookie`'s zero-copy buffer
+    /// (`why`): map its grants for the copy path, drop the output's framebuffers and
+    /// import of it and our export. Other buffers keep zero-copy. A be-alloc
+    /// zero-copy buffer (pages of the output's own dumb buffer) has no copy path: the
+    /// request fails with the driver's errno.
+    fn copy_refused_buffer(
+        &mut self,
+        fb_cookie: u64,
+        why: std::io::Error,
+        out: &mut dyn Output,
+    ) -> Result<(), Refusal> {
+        let errno = why.raw_os_error().unwrap_or(libc::EIO);
+        let Some(dbuf) = self.fbs.get(&fb_cookie).map(|f| f.dbuf) else {
+            return refuse(libc::ENOENT, format!("no framebuffer {fb_cookie:#x}"));
+        };
+        let refs = match self.dbufs.get(&dbuf).map(|b| &b.mem) {
+            Some(BufferMem::ZeroCopy { refs, .. }) => refs,
+            _ => {
+                return refuse(
+                    errno,
+                    format!("the display refuses buffer {dbuf:#x} and it has no copy path: {why}"),
+                )
+            }
+        };
+        let mapped = self.grants.map(self.dom, refs, false).or_else(|e| {
+            refuse(
+                libc::EINVAL,
+                format!("mapping the pages of zero-copy buffer {dbuf:#x} the display refused: {e}"),
+            )
+        })?;
+        for fb in self.fbs.values_mut().filter(|f| f.dbuf == dbuf) {
+            if let Some(id) = fb.imported.take() {
+                out.remove_imported_fb(id);
+            }
+        }
+        let Some(buf) = self.dbufs.get_mut(&dbuf) else {
+            return refuse(libc::ENOENT, format!("no buffer {dbuf:#x}"));
+        };
+        let old = std::mem::replace(&mut buf.mem, BufferMem::Guest(mapped));
+        old.close(self.dom, out);
+        self.imports_refused += 1;
+        if self.imports_refused == 1 {
+            warn!(
+                dom = self.dom.0,
+                "the display refuses to scan out zero-copy buffer {dbuf:#x} ({why}); \
+                 copying this buffer, zero-copy stays on for the others"
+            );
+        } else if let Some(suppressed) = self.log.allow() {
+            info!(
+                dom = self.dom.0,
+                suppressed,
+                refused = self.imports_refused,
+                "copying zero-copy buffer {dbuf:#x}: the display refuses it ({why})"
+            );
+        }
+        Ok(())
+    }
+
+    /// Zero-copy buffers moved to the copy path because the display refused them.
+    pub fn imports_refused(&self) -> u64 {
+        self.imports_refused
     }
 
     /// True if a flip of this connection waits for its refresh.
@@ -1189,15 +1291,7 @@ impl Connection {
                     continue;
                 }
             };
-            let result = match self.frame(idx, shown) {
-                Ok(frame) => {
-                    let cost = frame_cost(&frame);
-                    out.page_flip(id, &frame)
-                        .map(|()| cost)
-                        .map_err(|e| e.to_string())
-                }
-                Err(r) => Err(r.why),
-            };
+            let result = self.show(idx, id, shown, false, out).map_err(|r| r.why);
             match result {
                 Ok(cost) => self.cost += cost,
                 Err(why) => {

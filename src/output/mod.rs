@@ -129,6 +129,11 @@ pub enum OutputError {
     Unsupported,
     #[error("{0}")]
     Device(#[from] std::io::Error),
+    /// The driver took the PRIME import and its framebuffer but refuses to show it (a
+    /// `TEST_ONLY` or real commit of it failed; nothing changed on screen). The buffer
+    /// can still be shown through the copy path: the caller falls back for it alone.
+    #[error("the display refuses to scan out the imported framebuffer: {0}")]
+    ImportRefused(std::io::Error),
 }
 
 impl OutputError {
@@ -141,7 +146,9 @@ impl OutputError {
             OutputError::NotConfigured => libc::EINVAL,
             OutputError::Format(_) => libc::EINVAL,
             OutputError::Unsupported => libc::EOPNOTSUPP,
-            OutputError::Device(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            OutputError::Device(e) | OutputError::ImportRefused(e) => {
+                e.raw_os_error().unwrap_or(libc::EIO)
+            }
         }
     }
 }

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -69,12 +69,20 @@ impl DomMem {
         let name = CString::new(format!("displback-sim-dom{}", domid.0))
             .map_err(|_| XenError::Invalid("memfd name".into()))?;
         // SAFETY: `name` is a valid NUL-terminated string.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if fd < 0 {
             return Err(XenError::last_os("memfd_create"));
         }
         // SAFETY: `fd` was just created and is owned by nobody else.
         let memfd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        // It only grows: sealed against shrinking, as udmabuf requires of the memfds it
+        // makes dma-bufs of (the zero-copy path without Xen, `zcopy::udmabuf`).
+        // SAFETY: F_ADD_SEALS on our own memfd with a plain flag argument.
+        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } != 0 {
+            return Err(XenError::last_os("sealing the memfd"));
+        }
         Ok(DomMem {
             domid,
             memfd,
@@ -360,16 +368,17 @@ impl GrantHub {
             .any(|r| dom.grants.get(&r.0).is_some_and(|g| g.maps > 0))
     }
 
-    /// Map grants `refs` of `from` for `mapper` into one contiguous region.
-    fn map(
-        self: &Arc<Self>,
+    /// Validate grants `refs` of `from` for `mapper` and count them mapped: the
+    /// incarnation, its memfd and the page index of each ref. [`GrantHub::unmapped`]
+    /// undoes it.
+    fn pin(
+        &self,
         mapper: DomId,
         from: DomId,
         refs: &[GrantRef],
         writable: bool,
-        counter: Option<Arc<AtomicUsize>>,
-    ) -> Result<MappedRegion, XenError> {
-        let len = checked_len(refs.len())?;
+        counter: Option<&AtomicUsize>,
+    ) -> Result<(InstanceId, Arc<OwnedFd>, Vec<u64>), XenError> {
         let bad = |what: &'static str| errno(what, libc::EINVAL);
         let mut st = self.lock();
         let Some(&inst) = st.current.get(&from) else {
@@ -403,9 +412,42 @@ impl GrantHub {
         drop(st);
         let n = refs.len();
         self.total_mapped.fetch_add(n, Ordering::Relaxed);
-        if let Some(c) = &counter {
+        if let Some(c) = counter {
             c.fetch_add(n, Ordering::Relaxed);
         }
+        Ok((inst, memfd, pages))
+    }
+
+    /// Pin grants `refs` of `from` for `mapper` as an export would map them (udmabuf
+    /// exports): counted mapped, their pages not freed, until the [`PinnedPages`] drops.
+    pub(crate) fn pin_pages(
+        self: &Arc<Self>,
+        mapper: DomId,
+        from: DomId,
+        refs: &[GrantRef],
+    ) -> Result<PinnedPages, XenError> {
+        checked_len(refs.len())?;
+        let (inst, memfd, pages) = self.pin(mapper, from, refs, true, None)?;
+        Ok(PinnedPages {
+            hub: Arc::clone(self),
+            inst,
+            memfd,
+            pages,
+            refs: refs.iter().map(|r| r.0).collect(),
+        })
+    }
+
+    /// Map grants `refs` of `from` for `mapper` into one contiguous region.
+    fn map(
+        self: &Arc<Self>,
+        mapper: DomId,
+        from: DomId,
+        refs: &[GrantRef],
+        writable: bool,
+        counter: Option<Arc<AtomicUsize>>,
+    ) -> Result<MappedRegion, XenError> {
+        let len = checked_len(refs.len())?;
+        let (inst, memfd, pages) = self.pin(mapper, from, refs, writable, counter.as_deref())?;
         let raw_refs: Vec<u32> = refs.iter().map(|r| r.0).collect();
         let ptr = match map_pages(&memfd, &pages, len, writable) {
             Ok(p) => p,
@@ -627,6 +669,34 @@ impl SimGuestMem {
         writable: bool,
     ) -> Result<MappedRegion, XenError> {
         self.hub.map(self.domid, from, refs, writable, None)
+    }
+}
+
+/// Grants of a guest held as an export holds them (see [`GrantHub::pin_pages`]): the
+/// guest's memfd and the page index of each ref, in order.
+pub struct PinnedPages {
+    hub: Arc<GrantHub>,
+    inst: InstanceId,
+    memfd: Arc<OwnedFd>,
+    pages: Vec<u64>,
+    refs: Vec<u32>,
+}
+
+impl PinnedPages {
+    /// The guest's memory.
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+
+    /// Page index (in the memfd) of each ref.
+    pub fn pages(&self) -> &[u64] {
+        &self.pages
+    }
+}
+
+impl Drop for PinnedPages {
+    fn drop(&mut self) {
+        self.hub.unmapped(self.inst, &self.refs, None);
     }
 }
 

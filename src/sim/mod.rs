@@ -97,6 +97,20 @@ impl SimXen {
         })
     }
 
+    /// The dma-buf exporter of backend domain `mapping_dom` on this host's
+    /// `/dev/udmabuf` (zero-copy without Xen). Fails when the device is missing.
+    pub fn udmabuf_exporter(
+        &self,
+        mapping_dom: DomId,
+    ) -> std::io::Result<crate::zcopy::sim::UdmabufExporter> {
+        let dev = crate::zcopy::udmabuf::Udmabuf::open()?;
+        Ok(crate::zcopy::sim::UdmabufExporter::new(
+            dev,
+            Arc::clone(&self.grants),
+            mapping_dom,
+        ))
+    }
+
     /// Grant pages currently mapped by anyone (all mappers, guests included).
     pub fn total_mapped_pages(&self) -> usize {
         self.grants.total_mapped_pages()

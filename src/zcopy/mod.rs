@@ -24,6 +24,7 @@ pub mod buffer;
 pub mod gntdev_dmabuf;
 pub mod policy;
 pub mod sim;
+pub mod udmabuf;
 
 pub use buffer::{BackendAllocBuffer, DestroyError, DumbBuffer, ScanoutImport, ZeroCopyBuffer};
 pub use policy::{Arch, Capabilities, FallbackReason, ZeroCopyGate};
@@ -89,7 +90,8 @@ impl DmaBufError {
 type OnClose = Box<dyn FnOnce() + Send + Sync>;
 
 enum FdKind {
-    Os(OwnedFd),
+    /// A real fd, and what to do when it is closed (an exporter's bookkeeping).
+    Os(OwnedFd, Option<OnClose>),
     Sim {
         raw: RawFd,
         on_close: Option<OnClose>,
@@ -104,7 +106,16 @@ pub struct DmaBufFd(FdKind);
 impl DmaBufFd {
     /// Own a real dma-buf fd (e.g. from `DRM_IOCTL_PRIME_HANDLE_TO_FD`).
     pub fn from_owned(fd: OwnedFd) -> Self {
-        DmaBufFd(FdKind::Os(fd))
+        DmaBufFd(FdKind::Os(fd, None))
+    }
+
+    /// Own a real dma-buf fd; `on_close` runs when it is closed (dropped), before the
+    /// close itself. Not when ownership is given up ([`DmaBufFd::into_owned`]).
+    pub fn from_owned_with_close(
+        fd: OwnedFd,
+        on_close: impl FnOnce() + Send + Sync + 'static,
+    ) -> Self {
+        DmaBufFd(FdKind::Os(fd, Some(Box::new(on_close))))
     }
 
     /// A simulated fd: number `raw`, and what closing it does.
@@ -118,7 +129,7 @@ impl DmaBufFd {
     /// The fd number (the key gntdev uses for EXP_WAIT_RELEASED and IMP_RELEASE).
     pub fn raw(&self) -> RawFd {
         match &self.0 {
-            FdKind::Os(fd) => fd.as_raw_fd(),
+            FdKind::Os(fd, _) => fd.as_raw_fd(),
             FdKind::Sim { raw, .. } => *raw,
         }
     }
@@ -126,7 +137,7 @@ impl DmaBufFd {
     /// The real fd, for handing to the kernel (`PRIME_FD_TO_HANDLE`); None when simulated.
     pub fn as_fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.0 {
-            FdKind::Os(fd) => Some(fd.as_fd()),
+            FdKind::Os(fd, _) => Some(fd.as_fd()),
             FdKind::Sim { .. } => None,
         }
     }
@@ -139,7 +150,7 @@ impl DmaBufFd {
             on_close: None,
         };
         match std::mem::replace(&mut self.0, dummy) {
-            FdKind::Os(fd) => Some(fd),
+            FdKind::Os(fd, _) => Some(fd),
             sim => {
                 self.0 = sim;
                 None
@@ -155,10 +166,9 @@ impl DmaBufFd {
 
 impl Drop for DmaBufFd {
     fn drop(&mut self) {
-        if let FdKind::Sim { on_close, .. } = &mut self.0 {
-            if let Some(f) = on_close.take() {
-                f();
-            }
+        let (FdKind::Sim { on_close, .. } | FdKind::Os(_, on_close)) = &mut self.0;
+        if let Some(f) = on_close.take() {
+            f();
         }
         // A real OwnedFd closes itself.
     }

@@ -24,7 +24,173 @@ SCENARIOS = {
     "kms-demo-bochs-rgb565": ("bochs", "demo", "rgb565"),
     "kms-demo-virtio-reconfig": ("virtio", "demo-reconfig", "xrgb8888"),
     "kms-demo-bochs-legacy": ("bochs", "demo-legacy", "xrgb8888"),
+    # Zero-copy without Xen: VKMS on the zero-copy Dom0 kernel (udmabuf + its vmap
+    # patch), see run_udmabuf. Needs the `dom0kernel` images.
+    "kms-demo-udmabuf": ("vkms", "demo", "xrgb8888"),
 }
+
+# The plain-VM init for the Dom0 kernel: everything built in, no modules to load.
+INIT_BUILTIN = """#!/bin/sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+/bin/busybox mkdir -p /usr/bin /usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "HARNESS BOOTED uptime=$(cut -d' ' -f1 /proc/uptime)"
+echo "HARNESS DRM cards=$(ls /dev/dri 2>/dev/null | tr '\\n' ' ')"
+sh /etc/test.cmd
+echo "HARNESS-EXIT rc=$?"
+poweroff -f
+"""
+
+# In the VM: (1) the demo with --zero-copy on, its scan-out read back; (2) the same with
+# udmabuf's vmap switched off (VKMS then refuses every commit of an imported
+# framebuffer: the per-buffer fallback must copy and show the right picture); (3) the
+# per-flip table, copy vs zero-copy at three sizes. Every line is tagged [label].
+UDMABUF_CMD = r"""
+D=/bin/displback
+export NO_COLOR=1
+echo "UDMABUF dev=$(ls /dev/udmabuf 2>/dev/null) allow_vmap=$(cat /sys/module/udmabuf/parameters/allow_vmap 2>/dev/null)"
+check() { # label, demo options...
+  l=$1; shift
+  $D demo --output kms --frames {frames} --hold-secs 12 "$@" > /tmp/$l.log 2>&1 &
+  pid=$!
+  i=0
+  while ! grep -q "DEMO HOLD" /tmp/$l.log && kill -0 $pid 2>/dev/null && [ $i -lt 900 ]; do sleep 0.2; i=$((i+1)); done
+  f=$(sed -n 's/.*DEMO HOLD frame=\([0-9]*\).*/\1/p' /tmp/$l.log | head -n 1)
+  [ -n "$f" ] && /bin/scanout_check --frame $f --conn 0 --timeout-secs 10 2>&1 | sed "s/^/[$l] /"
+  wait $pid
+  echo "[$l] DEMO-EXIT rc=$?"
+  grep -E "KMS frames shown|DEMO |refuses|Error|ERROR" /tmp/$l.log | sed "s/^/[$l] /"
+}
+check zc --zero-copy on
+echo 0 > /sys/module/udmabuf/parameters/allow_vmap
+check refused --zero-copy auto
+echo 1 > /sys/module/udmabuf/parameters/allow_vmap
+for res in 1024x768 1920x1080 3840x2160; do
+  for zc in off on; do
+    $D demo --output kms --bench --frames {bench} --resolution $res --zero-copy $zc > /tmp/b.out 2> /tmp/b.err
+    rc=$?
+    sed "s/^/[bench-$zc] /" /tmp/b.out
+    grep -E "KMS frames shown|Error" /tmp/b.err | sed "s/^/[bench-$zc] /"
+    echo "[bench-$zc] BENCH-EXIT res=$res rc=$rc"
+  done
+done
+"""
+
+
+def _tagged(lines, tag: str) -> list[str]:
+    p = f"[{tag}] "
+    return [l[l.index(p) + len(p):] for _, l in lines if p in l]
+
+
+def _kms_counts(lines: list[str]) -> dict[str, str]:
+    return next((kv(l) for l in lines if "KMS frames shown" in l), {})
+
+
+def check_udmabuf(lines) -> tuple[str, str]:
+    """PASS when (1) zero-copy: scan-out read back exact, copied=0 zero_copy>0; (2) vmap
+    refused: the demo still ran (rc 0), scan-out exact, copied>0 zero_copy=0
+    imports_refused>0; (3) bench lines for 1024x768 and 1920x1080, copy and zero-copy
+    (3840x2160 reported if the driver took it)."""
+    problems, out = [], []
+    for tag, want_zc in (("zc", True), ("refused", False)):
+        t = _tagged(lines, tag)
+        scan = next((l for l in t if l.startswith("SCANOUT-CHECK")), "")
+        rc = next((kv(l).get("rc") for l in t if l.startswith("DEMO-EXIT")), None)
+        k = _kms_counts(t)
+        copied, zc = int(k.get("copied", "-1")), int(k.get("zero_copy", "-1"))
+        refused = int(k.get("imports_refused", "0"))
+        out.append(f"{tag}: {scan or 'no SCANOUT-CHECK'} | rc={rc} copied={copied} zero_copy={zc} "
+                   f"imports_refused={refused}")
+        if not scan.startswith("SCANOUT-CHECK ok=1"):
+            problems.append(f"{tag}: scan-out check failed")
+        if rc != "0":
+            problems.append(f"{tag}: demo exit {rc}")
+        if want_zc and not (copied == 0 and zc > 0):
+            problems.append(f"{tag}: expected copied=0 zero_copy>0")
+        if not want_zc and not (copied > 0 and zc == 0 and refused > 0):
+            problems.append(f"{tag}: expected copied>0 zero_copy=0 imports_refused>0")
+    bench: dict[tuple[str, str], dict] = {}
+    for zcm in ("off", "on"):
+        t = _tagged(lines, f"bench-{zcm}")
+        cur = None
+        for l in t:
+            if l.startswith("DEMO BENCH"):
+                cur = kv(l)
+            elif l.startswith("BENCH-EXIT"):
+                e = kv(l)
+                if e.get("rc") == "0" and cur:
+                    bench[(e["res"], zcm)] = cur
+                else:
+                    bench[(e["res"], zcm)] = {"error": f"rc={e.get('rc')}"}
+                cur = None
+    for res in ("1024x768", "1920x1080", "3840x2160"):
+        row = [f"BENCH res={res}"]
+        for zcm, name in (("off", "copy"), ("on", "zcopy")):
+            b = bench.get((res, zcm), {"error": "missing"})
+            if "error" in b:
+                row.append(f"{name}_error={b['error']}")
+                if res != "3840x2160":
+                    problems.append(f"bench {res} {name}: {b['error']}")
+            else:
+                row.append(f"{name}_cpu_us_per_flip={b['cpu_us_per_flip']} {name}_flips={b['flips']} "
+                           f"{name}_p50_us={b['p50_us']} {name}_p99_us={b['p99_us']}")
+        c, z = bench.get((res, "off"), {}), bench.get((res, "on"), {})
+        if "cpu_us_per_flip" in c and "cpu_us_per_flip" in z and int(c["cpu_us_per_flip"]) > 0:
+            row.append(f"zcopy_over_copy={int(z['cpu_us_per_flip']) / int(c['cpu_us_per_flip']):.3f}")
+        out.append(" ".join(row))
+    return ("FAIL" if problems else "PASS"), "\n".join(out + [f"problem: {p}" for p in problems])
+
+
+def run_udmabuf(name: str, art: dict, bins: dict, workdir: str, accel: list[str],
+                frames: int, boot_timeout: float) -> Result:
+    """kms-demo-udmabuf: one boot of the zero-copy Dom0 kernel as a plain VM (VKMS, udmabuf)."""
+    res = Result(name)
+    need = {k: bins.get(k, f"ERROR: {k} not built") for k in ("displback", "scanout_check")}
+    bad = [p for p in need.values() if p.startswith("ERROR")]
+    if bad or "DOM0K_VMLINUX" not in art:
+        res.detail = "; ".join(bad) or "no zero-copy Dom0 kernel (build.sh dom0kernel)"
+        return res
+    bench_frames = max(300, frames)
+    cmd = UDMABUF_CMD.replace("{frames}", str(min(frames, 60))).replace("{bench}", str(bench_frames))
+    files = {
+        "init": (0o755, INIT_BUILTIN.encode()),
+        "etc/test.cmd": (0o644, cmd.encode()),
+        "bin/displback": (0o755, open(need["displback"], "rb").read()),
+        "bin/scanout_check": (0o755, open(need["scanout_check"], "rb").read()),
+    }
+    overlay = os.path.join(workdir, f"{name}.overlay.cpio")
+    cpio.write_newc(overlay, files)
+    initrd = os.path.join(workdir, f"{name}.initrd")
+    with open(initrd, "wb") as out:
+        out.write(open(overlay, "rb").read())
+        # Busybox and (unused, never loaded) modules of the plain-VM base.
+        out.write(open(art["KMS_INITRAMFS"], "rb").read())
+    qargs = [*accel, "-m", "1G", "-smp", "2", "-machine", "pc", "-display", "none", "-vga", "none",
+             "-kernel", art["DOM0K_VMLINUX"], "-initrd", initrd,
+             "-append", "console=ttyS0 loglevel=4 panic=-1"]
+    sw = Stopwatch()
+    v = vm.VM(qargs, workdir, name)
+    try:
+        v.wait_for(r"HARNESS BOOTED", boot_timeout, fail=ERROR_RX)
+        res.timings["boot"] = sw.lap()
+        i, m = v.wait_for(r"UDMABUF dev=(\S*) allow_vmap=(\S*)", 60, fail=ERROR_RX)
+        if "udmabuf" not in m.group(1) or m.group(2) not in ("Y", "1"):
+            raise vm.Timeout(f"no /dev/udmabuf with allow_vmap in this kernel: {m.group(0)}")
+        i, _ = v.wait_for(r"\[refused\] DEMO-EXIT", 600, i, fail=r"Kernel panic|HARNESS-EXIT")
+        res.timings["checks"] = sw.lap()
+        v.wait_for(r"HARNESS-EXIT rc=", 1200, i, fail=r"Kernel panic")
+        res.timings["bench"] = sw.lap()
+        res.status, res.detail = check_udmabuf(v.lines)
+    except (vm.Timeout, RuntimeError, ValueError, OSError) as e:
+        res.status, res.detail = "FAIL", f"{e}\n{v.tail()}"
+    finally:
+        v.stop(timeout=20)
+        res.timings["total"] = v.elapsed()
+    return res
+
 
 INIT = """#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -74,6 +240,8 @@ def check_reconfig(lines, status: str, detail: str, legacy: bool) -> tuple[str, 
 def run_one(name: str, art: dict, bins: dict, workdir: str, accel: list[str],
             frames: int, hold: int, program: str | None, boot_timeout: float) -> Result:
     display, prog, fmt = SCENARIOS[name]
+    if display == "vkms":
+        return run_udmabuf(name, art, bins, workdir, accel, frames, boot_timeout)
     prog = program or prog
     res = Result(name)
     binary = {"guest-client": "guest_client", "demo": "displback",

@@ -446,6 +446,21 @@ pub fn commit_flip<D: ControlDevice>(
     Ok(())
 }
 
+/// Ask (`TEST_ONLY`) whether the plane would show `fb` (read from `pos`) in the current
+/// mode. Drivers refuse what they cannot scan out in their check phase; one that fails
+/// only while preparing the commit (VKMS vmapping an import) passes this.
+pub fn test_flip<D: ControlDevice>(
+    card: &D,
+    st: &AtomicState,
+    fb: framebuffer::Handle,
+    pos: (u32, u32),
+) -> io::Result<()> {
+    card.atomic_commit(
+        AtomicCommitFlags::TEST_ONLY,
+        request(&st.flip_values(fb, pos)),
+    )
+}
+
 /// Put back what was there before we took the CRTC (`saved_mode` from `GETCRTC`):
 /// blocking, or non-blocking with a flip-complete event (`nonblock`).
 pub fn commit_restore<D: ControlDevice>(

@@ -196,7 +196,10 @@ impl Active {
     /// Submit the flip to target `b` with a flip-complete event. A failed atomic
     /// commit is retried with legacy `PAGE_FLIP` (unless the plane scales, which legacy
     /// cannot); if that works the connector stays legacy and this returns `Ok(true)`.
-    fn submit_flip(&mut self, card: &Card, b: usize) -> std::io::Result<bool> {
+    ///
+    /// With `may_fall_back` false (an imported framebuffer not yet shown: the failure
+    /// may be the import's, not atomic's) a failed commit is only reported.
+    fn submit_flip(&mut self, card: &Card, b: usize, may_fall_back: bool) -> std::io::Result<bool> {
         let (fb, pos) = self.target(b).ok_or(std::io::ErrorKind::NotFound)?;
         let Some(st) = self.atomic.as_mut() else {
             card.page_flip(self.crtc, fb, PageFlipFlags::EVENT, None)?;
@@ -205,6 +208,9 @@ impl Active {
         let Err(e) = atomic::commit_flip(card, st, fb, pos, true) else {
             return Ok(false);
         };
+        if !may_fall_back {
+            return Err(e);
+        }
         crate::warn_limited!(crtc = ?self.crtc, "atomic page flip failed: {e}");
         if self.plane_fit {
             return Err(e);
@@ -298,6 +304,11 @@ pub struct Kms {
     imports: HashMap<ImportId, KmsImport>,
     /// Imported framebuffers: (their import, the KMS handle).
     imported_fbs: HashMap<ImportedFb, (ImportId, framebuffer::Handle)>,
+    /// Imported framebuffers a real commit has shown: no `TEST_ONLY` first, and a
+    /// failure with them is atomic's (or the legacy flip's), not the import's.
+    proven: HashSet<framebuffer::Handle>,
+    /// Imported framebuffers the display refused ([`OutputError::ImportRefused`]).
+    imports_refused: u64,
     next_id: u64,
     counts: FrameCounts,
     /// The driver accepted `DRM_CLIENT_CAP_ATOMIC`.
@@ -429,6 +440,8 @@ impl Kms {
             master: true,
             imports: HashMap::new(),
             imported_fbs: HashMap::new(),
+            proven: HashSet::new(),
+            imports_refused: 0,
             next_id: 1,
             counts: FrameCounts::default(),
             atomic,
@@ -518,7 +531,7 @@ impl Kms {
             // covers that. While a flip in flight may still show it, removing it would
             // make the kernel disable the plane (blocking): that waits in
             // [`Kms::rmfb_later`].
-            match self.queue_flip(conn, b, None) {
+            match self.queue_flip(conn, b, None, false) {
                 Ok(true) => {}
                 Ok(false) => remove_now = false,
                 Err(e) => {
@@ -728,6 +741,7 @@ impl Kms {
                 zero_copy = self.counts.zero_copy,
                 planned_modesets = self.planned_modesets,
                 deferred_restores = self.deferred_restores,
+                imports_refused = self.imports_refused,
                 "KMS frames shown: copied vs scanned out directly"
             );
         }
@@ -1018,15 +1032,56 @@ impl Kms {
         }
     }
 
+    /// An imported frame whose framebuffer `fb` no commit has shown yet.
+    fn unproven(&self, frame: &FrameSource<'_>, fb: framebuffer::Handle) -> bool {
+        matches!(frame, FrameSource::Imported(_)) && !self.proven.contains(&fb)
+    }
+
+    /// Before the first flip to imported framebuffer `fb` on the atomic path: a
+    /// `TEST_ONLY` commit of it, refused as [`OutputError::ImportRefused`]. The legacy
+    /// path has no test: its first `PAGE_FLIP` is the test (refused synchronously,
+    /// nothing shown), see [`Kms::queue_flip`].
+    fn test_import(
+        &mut self,
+        conn: ConnectorId,
+        fb: framebuffer::Handle,
+        frame: &FrameSource<'_>,
+    ) -> Result<(), OutputError> {
+        let FrameSource::Imported(f) = frame else {
+            return Ok(());
+        };
+        let Some(a) = self.conns.get(&conn).and_then(|c| c.active.as_ref()) else {
+            return Ok(());
+        };
+        // A planned modeset not yet sent: the CRTC's state is not the one to test.
+        let (Some(st), None) = (a.atomic.as_ref(), a.unsent.as_ref()) else {
+            return Ok(());
+        };
+        match atomic::test_flip(&*self.card, st, fb, (f.x, f.y)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e) => {
+                self.imports_refused += 1;
+                tracing::debug!(?conn, "TEST_ONLY refused an imported framebuffer: {e}");
+                Err(OutputError::ImportRefused(e))
+            }
+        }
+    }
+
     /// Queue flip target `b` on `conn` (a guest flip with its `cookie`, or a same-mode
     /// SET_CONFIG or a black frame with none; latest wins) and submit it now,
     /// non-blocking with an event, if nothing is in flight. Returns whether it was
     /// submitted now (`false`: it waits behind the flip in flight).
+    ///
+    /// `unproven`: `b` is an imported framebuffer no commit has shown yet. If it is
+    /// submitted now and the driver refuses it, that is the import's failure
+    /// ([`OutputError::ImportRefused`], atomic stays); once a commit took it, it is proven.
     fn queue_flip(
         &mut self,
         conn: ConnectorId,
         b: usize,
         cookie: Option<u64>,
+        unproven: bool,
     ) -> Result<bool, OutputError> {
         let Some(kc) = self.conns.get_mut(&conn) else {
             return Err(OutputError::NotConfigured);
@@ -1043,11 +1098,22 @@ impl Kms {
         };
         a.last_submit = Some(Instant::now());
         a.paced.set(false);
-        match a.submit_flip(&self.card, b) {
-            Ok(false) => Ok(true),
-            Ok(true) => {
-                kc.fell_back(conn);
+        let fb = a.target(b).map(|(fb, _)| fb);
+        match a.submit_flip(&self.card, b, !unproven) {
+            Ok(fell_back) => {
+                if fell_back {
+                    kc.fell_back(conn);
+                }
+                if let (true, Some(fb)) = (unproven, fb) {
+                    self.proven.insert(fb);
+                }
                 Ok(true)
+            }
+            Err(e) if unproven => {
+                a.flips.submit_failed();
+                self.imports_refused += 1;
+                tracing::debug!(?conn, connector = %kc.name, "an imported framebuffer's flip was refused: {e}");
+                Err(OutputError::ImportRefused(e))
             }
             Err(e) => {
                 crate::warn_limited!(?conn, connector = %kc.name, "page flip failed: {e}");
@@ -1095,7 +1161,10 @@ impl Kms {
             });
         if reuse {
             let (b, fb) = self.stage(conn, frame)?;
-            self.counts.count(frame);
+            let unproven = self.unproven(frame, fb);
+            if unproven {
+                self.test_import(conn, fb, frame)?;
+            }
             let Some(a) = self.conns.get_mut(&conn).and_then(|c| c.active.as_mut()) else {
                 return Err(OutputError::NotConfigured);
             };
@@ -1110,11 +1179,14 @@ impl Kms {
                         .into_iter()
                         .map(|fb_cookie| FlipDone { conn, fb_cookie }),
                 );
+                self.counts.count(frame);
                 return Ok(());
             }
             // Latest wins, like a flip: submitted now (non-blocking, with an event) if
             // nothing is in flight, else once the flip in flight completes.
-            return self.queue_flip(conn, b, None).map(drop);
+            self.queue_flip(conn, b, None, unproven)?;
+            self.counts.count(frame);
+            return Ok(());
         }
 
         tracing::info!(
@@ -1177,6 +1249,18 @@ impl Kms {
             _ => None,
         };
 
+        // An imported framebuffer no commit has shown: TEST_ONLY it first, and a refused
+        // or failed commit is the import's (the buffer goes to the copy path), not
+        // atomic's. Legacy SET_CRTC (off the loop) has no test: see the README.
+        let unproven_fb = match frame {
+            FrameSource::Imported(f) => self
+                .imported_fbs
+                .get(&f.fb)
+                .map(|&(_, fb)| fb)
+                .filter(|fb| !self.proven.contains(fb)),
+            FrameSource::Mapped(_) => None,
+        };
+        let unproven = unproven_fb.is_some();
         // Not an exact mode: try the plane scaling the guest image to fit (TEST_ONLY
         // first), else letterbox (or crop) by the copy into mode-sized buffers.
         let mut decided: Option<Result<(Shown, bool), OutputError>> = None;
@@ -1199,6 +1283,9 @@ impl Kms {
                 ) {
                     Ok(shown) => decided = Some(Ok((shown, true))),
                     Err(ShowError::Refused(e)) => scaling_refused = Some(e),
+                    Err(ShowError::Commit(e)) if unproven => {
+                        decided = Some(Err(OutputError::ImportRefused(e)));
+                    }
                     Err(ShowError::Commit(e)) => {
                         crate::warn_limited!(?conn, connector = %name, "atomic modeset failed: {e}; legacy from now on");
                         st = None;
@@ -1221,9 +1308,15 @@ impl Kms {
                     frame,
                     st.as_mut(),
                     &full,
-                    false,
+                    unproven,
                     busy,
                 );
+                if let (true, Some(_), Err(ShowError::Refused(e) | ShowError::Commit(e))) =
+                    (unproven, st.as_ref(), r.as_mut())
+                {
+                    let e = std::mem::replace(e, std::io::ErrorKind::Other.into());
+                    r = Err(ShowError::Other(OutputError::ImportRefused(e)));
+                }
                 if let Err(ShowError::Commit(e)) = &r {
                     crate::warn_limited!(?conn, connector = %name, "atomic modeset failed: {e}; legacy from now on");
                     st = None;
@@ -1241,7 +1334,12 @@ impl Kms {
         let (shown, plane_fit) = match decided {
             Ok(d) => d,
             Err(e) => {
-                crate::warn_limited!(?conn, connector = %name, "SET_CONFIG failed: {e}");
+                if let OutputError::ImportRefused(why) = &e {
+                    self.imports_refused += 1;
+                    tracing::debug!(?conn, connector = %name, "a modeset with an imported framebuffer was refused: {why}");
+                } else {
+                    crate::warn_limited!(?conn, connector = %name, "SET_CONFIG failed: {e}");
+                }
                 // Nothing was committed (a refused atomic commit changes nothing): put
                 // back what was there.
                 if let Some(o) = old {
@@ -1329,6 +1427,9 @@ impl Kms {
             FrameSource::Mapped(_) => (Vec::new(), 0),
         };
         let submitted = shown.event && shown.unsent.is_none();
+        if let (true, Some(fb)) = (submitted && st.is_some(), unproven_fb) {
+            self.proven.insert(fb);
+        }
         if shown.unsent.is_some() {
             self.planned_modesets += 1;
         }
@@ -1412,7 +1513,7 @@ impl Kms {
                 .map(|fb_cookie| FlipDone { conn, fb_cookie }),
         );
         if let Some(b) = next {
-            match a.submit_flip(&self.card, b) {
+            match a.submit_flip(&self.card, b, true) {
                 Ok(false) => {}
                 Ok(true) => kc.fell_back(conn),
                 Err(e) => {
@@ -1516,10 +1617,14 @@ impl Output for Kms {
     }
 
     fn page_flip(&mut self, conn: ConnectorId, frame: &FrameSource<'_>) -> Result<(), OutputError> {
-        let (target, _) = self.stage(conn, frame)?;
+        let (target, fb) = self.stage(conn, frame)?;
+        let unproven = self.unproven(frame, fb);
+        if unproven {
+            self.test_import(conn, fb, frame)?;
+        }
+        self.queue_flip(conn, target, Some(frame.fb_cookie()), unproven)?;
         self.counts.count(frame);
-        self.queue_flip(conn, target, Some(frame.fb_cookie()))
-            .map(drop)
+        Ok(())
     }
 
     fn target(&self, conn: ConnectorId) -> Option<String> {
@@ -1686,6 +1791,7 @@ impl Output for Kms {
         if let Some(i) = self.imports.get_mut(&import) {
             i.fbs.retain(|f| *f != id);
         }
+        self.proven.remove(&fb);
         if self.take_off_screen(fb) {
             if let Err(e) = self.card.destroy_framebuffer(fb) {
                 tracing::warn!("removing an imported framebuffer: {e}");
