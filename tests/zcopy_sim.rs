@@ -625,7 +625,11 @@ fn udmabuf_export_is_made_of_the_guests_own_pages() {
         .export_from_refs(DomId(1), &refs, ExportFlags::None)
         .unwrap();
     assert_eq!(ex.live_exports(), 1);
-    assert_eq!(xen.total_mapped_pages(), baseline + 3, "export pins the grants");
+    assert_eq!(
+        xen.total_mapped_pages(),
+        baseline + 3,
+        "export pins the grants"
+    );
     let view = displback::xen::mem::shared(fd.as_fd().unwrap(), 3 * 4096).unwrap();
     let mut got = [0u8; 6];
     view.read(0, &mut got).unwrap();
@@ -637,7 +641,11 @@ fn udmabuf_export_is_made_of_the_guests_own_pages() {
     drop(view);
     drop(fd);
     assert_eq!(ex.live_exports(), 0);
-    assert_eq!(xen.total_mapped_pages(), baseline, "closing unpins the grants");
+    assert_eq!(
+        xen.total_mapped_pages(),
+        baseline,
+        "closing unpins the grants"
+    );
     let e = ex
         .export_from_refs(DomId(1), &[GrantRef(4242)], ExportFlags::None)
         .unwrap_err();
