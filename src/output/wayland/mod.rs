@@ -2,10 +2,12 @@
 //! domain's compositor (Weston, usually), as an `ivi-application` surface (id = the
 //! connector's numeric unique-id) or an `xdg-shell` toplevel (`dom<N> <unique-id>`).
 //!
-//! * Buffers: `wl_shm`, a copy of each guest frame into a slot of the connector's
+//! * Buffers: a guest dma-buf's own `wl_buffer` (`zwp_linux_dmabuf_v1`, [`dmabuf`]),
+//!   made per framebuffer at FB_ATTACH: no copy; one the compositor cannot take is
+//!   refused ([`OutputError::ImportRefused`]) and the caller copies that buffer. Else
+//!   `wl_shm`, a copy of each guest frame into a slot of the connector's
 //!   [`store::Store`]; the guest format is kept when the compositor offers it, else
-//!   converted to XRGB8888 (as for KMS), else refused with `-EINVAL`. `zwp_linux_dmabuf_v1`
-//!   is bound and negotiated ([`dmabuf`]) but not used for flips yet.
+//!   converted to XRGB8888 (as for KMS), else refused with `-EINVAL`.
 //! * Flips: latest wins. A flip is done when its commit was presented
 //!   (`wp_presentation` feedback, else the frame callback) *and* the compositor released
 //!   the previous buffer; a surface the compositor does not draw (hidden) completes its
