@@ -522,8 +522,15 @@ impl Wayland {
         };
         let s = up.surfaces.get(&id).filter(|s| s.configured)?;
         let c = self.conns.get(&id).filter(|c| c.enabled)?;
-        let geo = c.store.as_ref()?.geo;
         let (fw, fh) = c.frame_size?;
+        // A dma-buf buffer is the frame itself; a wl_shm one may be letterboxed.
+        let (gw, gh) = match c.front {
+            Some(Pic::Dma(_)) => (fw, fh),
+            _ => {
+                let geo = c.store.as_ref()?.geo;
+                (geo.width, geo.height)
+            }
+        };
         if let Some((dw, dh)) = s.dest {
             // Scaled by the viewport: the image fills the surface.
             return Some(Mapping {
@@ -535,8 +542,8 @@ impl Wayland {
         }
         // The frame centred in the buffer (letterboxed, unscaled), as `render` puts it.
         Some(Mapping {
-            x0: f64::from(geo.width.saturating_sub(fw) / 2),
-            y0: f64::from(geo.height.saturating_sub(fh) / 2),
+            x0: f64::from(gw.saturating_sub(fw) / 2),
+            y0: f64::from(gh.saturating_sub(fh) / 2),
             width: f64::from(fw),
             height: f64::from(fh),
         })
@@ -1820,7 +1827,11 @@ impl Output for Wayland {
 
     fn next_deadline(&self) -> Option<Instant> {
         let now = Instant::now();
-        if !self.immediate.is_empty() || self.broken.is_some() {
+        // Events read while waiting for a dma-buf buffer's creation are handled at once.
+        let unhandled = matches!(&self.link, Link::Up(up)
+            if !up.st.events.is_empty() || !up.st.dmabuf_released.is_empty()
+                || !up.st.dmabuf_created.is_empty());
+        if !self.immediate.is_empty() || self.broken.is_some() || unhandled {
             return Some(now);
         }
         let link = match &self.link {
