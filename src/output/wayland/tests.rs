@@ -1461,6 +1461,63 @@ mod dmabuf_flips {
         }
     }
 
+    /// A compositor restart: the dma-buf buffers died with the connection and are asked
+    /// for again; the picture on screen comes back as the guest's own buffer (no copy).
+    #[test]
+    fn buffers_are_made_again_after_a_reconnect() {
+        let offer = Offer {
+            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+            ..Offer::default()
+        };
+        let path = sock("dmabuf-reconnect");
+        let (mut comp, mut out) = connected("dmabuf-reconnect", offer.clone());
+        let c = cid(0);
+        let (d, file) = guest_dmabuf(0x0012_3456);
+        let i = out.import_dmabuf(&d).unwrap();
+        let fb = out.add_imported_fb(i, &layout()).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "created", |_, _, c| {
+            c.is_some_and(|c| c.state.dmabufs.len() == 1)
+        });
+        out.set_config(c, Some(&imported(fb, 1))).unwrap();
+        surface_up(&mut out, &mut comp);
+        comp.configure_all(0, 0);
+        run_until(&mut out, &mut Some(&mut comp), "shown", |_, _, c| {
+            c.is_some_and(|c| shown_dmabuf(c).is_some())
+        });
+        drop(comp);
+        run_until(&mut out, &mut None, "gone", |o, _, _| !o.connected());
+        let mut comp = TestCompositor::start(&path, offer);
+        run_until(&mut out, &mut Some(&mut comp), "reconnect", |o, _, c| {
+            o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+        });
+        comp.configure_all(0, 0);
+        run_until(&mut out, &mut Some(&mut comp), "shown again", |_, _, c| {
+            c.is_some_and(|c| shown_dmabuf(c).is_some())
+        });
+        assert_eq!(comp.state.dmabufs.len(), 1, "asked for again");
+        assert_eq!(shown_dmabuf(&comp).map(|i| i.file), Some(file));
+        // And flips of it keep working on the new connection.
+        let presented = out.stats().presented;
+        let commits = comp.surface().commits;
+        out.page_flip(c, &imported(fb, 2)).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "commit", |_, _, c| {
+            c.is_some_and(|c| c.surface().commits > commits)
+        });
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+        assert_eq!(
+            out.stats().presented,
+            presented + 1,
+            "done by its presentation"
+        );
+        assert!(!comp.state.log.iter().any(|l| l.starts_with("wl_shm")));
+        let s = out.stats();
+        assert_eq!((s.zero_copy, s.copied, s.connects), (2, 0, 2));
+    }
+
     /// A simulated dma-buf (no fd) is not imported: the caller copies.
     #[test]
     fn simulated_fd_is_not_imported() {
