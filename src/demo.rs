@@ -53,15 +53,16 @@ pub struct DemoOptions {
 }
 
 /// The zero-copy gate of the demo: the simulated Xen's exports are udmabufs of the
-/// guest's memfd pages ([`crate::zcopy::sim::UdmabufExporter`]); only the KMS output
-/// imports them. `on` refuses to run without `/dev/udmabuf` or with another output.
+/// guest's memfd pages ([`crate::zcopy::sim::UdmabufExporter`]); the KMS output imports
+/// them, the Wayland output hands them to the compositor (`zwp_linux_dmabuf_v1`). `on`
+/// refuses to run without `/dev/udmabuf` or with another output.
 fn zero_copy_gate(policy: ZeroCopy, output: OutputKind, sim: &SimXen) -> Result<ZeroCopyGate> {
     if policy == ZeroCopy::Off {
         return Ok(ZeroCopyGate::off());
     }
-    if output != OutputKind::Kms {
+    if !matches!(output, OutputKind::Kms | OutputKind::Wayland) {
         if policy == ZeroCopy::On {
-            bail!("--zero-copy on needs the KMS output ({output:?} copies every frame)");
+            bail!("--zero-copy on needs the KMS or Wayland output ({output:?} copies every frame)");
         }
         return Ok(ZeroCopyGate::off());
     }
@@ -328,14 +329,17 @@ pub fn run(opts: DemoOptions) -> Result<()> {
                 .map_err(|_| anyhow::anyhow!("stats lock poisoned"))?;
             println!(
                 "DEMO WAYLAND connects={} disconnects={} presented={} unshown={} simulated={} \
-                 ivi_surfaces={} xdg_surfaces={}",
+                 ivi_surfaces={} xdg_surfaces={} zero_copy={} copied={} dmabuf_refused={}",
                 s.connects,
                 s.disconnects,
                 s.presented,
                 s.unshown,
                 s.simulated,
                 s.ivi_surfaces,
-                s.xdg_surfaces
+                s.xdg_surfaces,
+                s.zero_copy,
+                s.copied,
+                s.dmabuf_refused
             );
         }
         for c in 0..opts.connectors {

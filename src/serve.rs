@@ -60,16 +60,17 @@ fn log_gntalloc_limit() {
 }
 
 /// The zero-copy gate for `policy`, after probing gntdev's dma-buf ioctls. Only an
-/// output that scans out foreign memory (KMS) can use zero-copy; `on` without it, or
+/// output that shows foreign memory (KMS; Wayland through `zwp_linux_dmabuf_v1`, guest
+/// buffers only: it has no dumb buffers for be-alloc) can use zero-copy; `on` without it, or
 /// without the kernel support, is an error. Logs once what will run.
 pub fn zero_copy_gate(policy: ZeroCopy, output: OutputKind) -> Result<ZeroCopyGate> {
     if policy == ZeroCopy::Off {
         info!("zero-copy off (--zero-copy off): every frame is copied");
         return Ok(ZeroCopyGate::off());
     }
-    if output != OutputKind::Kms {
+    if !matches!(output, OutputKind::Kms | OutputKind::Wayland) {
         if policy == ZeroCopy::On {
-            bail!("--zero-copy on needs the KMS output ({output:?} copies every frame)");
+            bail!("--zero-copy on needs the KMS or Wayland output ({output:?} copies every frame)");
         }
         info!("zero-copy unavailable with the {output:?} output: every frame is copied");
         return Ok(ZeroCopyGate::off());
@@ -77,7 +78,12 @@ pub fn zero_copy_gate(policy: ZeroCopy, output: OutputKind) -> Result<ZeroCopyGa
     let (ops, caps): (Option<Arc<dyn DmaBufOps>>, Capabilities) =
         match GntdevDmaBuf::open(Path::new("/dev/xen/gntdev")) {
             Ok(g) => {
-                let caps = Capabilities::probe_system(&g);
+                let mut caps = Capabilities::probe_system(&g);
+                if output == OutputKind::Wayland && caps.import.is_ok() {
+                    caps.import = Err(FallbackReason::BackendAlloc(
+                        "the Wayland output has no dumb buffers (be-alloc copies)".into(),
+                    ));
+                }
                 (Some(Arc::new(g)), caps)
             }
             Err(e) => {

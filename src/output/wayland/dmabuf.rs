@@ -9,9 +9,9 @@
 //! layout (alpha variants as their X variant, as on the `wl_shm` path) must be offered,
 //! else the frame takes the `wl_shm` copy path with its conversions.
 //!
-//! Not wired into the flip path yet: [`super::Wayland`] still copies every frame
-//! (`Output::import_dmabuf` is unsupported there). This module is the negotiation and
-//! the buffer creation, tested against the test compositor.
+//! [`super::Wayland`] asks for a buffer per dma-buf framebuffer at FB_ATTACH and attaches
+//! it on flips of that framebuffer; a buffer the compositor cannot take is refused as an
+//! import, and the caller copies it.
 
 use std::os::fd::BorrowedFd;
 

@@ -2,10 +2,12 @@
 //! domain's compositor (Weston, usually), as an `ivi-application` surface (id = the
 //! connector's numeric unique-id) or an `xdg-shell` toplevel (`dom<N> <unique-id>`).
 //!
-//! * Buffers: `wl_shm`, a copy of each guest frame into a slot of the connector's
+//! * Buffers: a guest dma-buf's own `wl_buffer` (`zwp_linux_dmabuf_v1`, [`dmabuf`]),
+//!   made per framebuffer at FB_ATTACH: no copy; one the compositor cannot take is
+//!   refused ([`OutputError::ImportRefused`]) and the caller copies that buffer. Else
+//!   `wl_shm`, a copy of each guest frame into a slot of the connector's
 //!   [`store::Store`]; the guest format is kept when the compositor offers it, else
-//!   converted to XRGB8888 (as for KMS), else refused with `-EINVAL`. `zwp_linux_dmabuf_v1`
-//!   is bound and negotiated ([`dmabuf`]) but not used for flips yet.
+//!   converted to XRGB8888 (as for KMS), else refused with `-EINVAL`.
 //! * Flips: latest wins. A flip is done when its commit was presented
 //!   (`wp_presentation` feedback, else the frame callback) *and* the compositor released
 //!   the previous buffer; a surface the compositor does not draw (hidden) completes its
@@ -21,7 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -41,9 +43,13 @@ use wayland_protocols::xdg::shell::client::{xdg_surface::XdgSurface, xdg_topleve
 
 use super::convert::{row_bytes, Copier};
 use super::headless::PERIOD_60HZ;
-use super::{ConnectorId, FlipDone, Frame, FrameSource, Output, OutputError, SeatInput};
+use super::{
+    ConnectorId, FbLayout, FlipDone, Frame, FrameSource, ImportId, ImportedFb, ImportedFrame,
+    Output, OutputError, SeatInput,
+};
 use crate::displif::format::{fourcc, PixelFormat};
 use crate::warn_limited;
+use crate::zcopy::DmaBufFd;
 
 pub mod dmabuf;
 pub mod proto;
@@ -221,24 +227,59 @@ pub fn fit(bw: u32, bh: u32, w: i32, h: i32) -> (i32, i32) {
     }
 }
 
+/// A picture to attach: a slot of the connector's `wl_shm` store (a copy), or the
+/// `wl_buffer` of a dma-buf framebuffer (zero-copy, [`DmaFb`] by key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pic {
+    Shm(usize),
+    Dma(u64),
+}
+
+/// How far the `wl_buffer` of a dma-buf framebuffer is on the current connection.
+enum DmaState {
+    /// Not asked for on this connection (no compositor yet, or a new connection).
+    Unsent,
+    /// `create` sent, no answer yet.
+    Pending,
+    Ready(WlBuffer),
+    /// The compositor cannot import it (`failed`, no linux-dmabuf, format not offered):
+    /// the buffer is refused as an import and the caller copies it.
+    Failed(&'static str),
+}
+
+/// A framebuffer on a guest dma-buf ([`Output::add_imported_fb`]).
+struct DmaFb {
+    import: ImportId,
+    layout: FbLayout,
+    state: DmaState,
+    /// The compositor holds the `wl_buffer` (attached, not released yet).
+    held: bool,
+    /// The connector it was last committed on.
+    conn: Option<ConnectorId>,
+}
+
+/// Waiting this long at most for the compositor's answer to a dma-buf buffer creation
+/// (asked for at FB_ATTACH, so normally answered long before the first flip of it).
+pub const DMABUF_CREATE_WAIT: Duration = Duration::from_millis(200);
+
 struct Inflight {
-    slot: usize,
+    slot: Pic,
     seq: u64,
     cookies: Vec<u64>,
-    /// The slot that was on screen before (must be released before the flip is done).
-    prev: Option<usize>,
+    /// The picture that was on screen before (must be released before the flip is done).
+    prev: Option<Pic>,
     shown: bool,
     deadline: Instant,
 }
 
 struct Waiting {
-    slot: usize,
+    slot: Pic,
     cookies: Vec<u64>,
 }
 
 /// A flip with no surface to show it on: completes at the next 60 Hz tick.
 struct Simulated {
-    slot: usize,
+    slot: Pic,
     cookies: Vec<u64>,
     due: Instant,
 }
@@ -247,27 +288,28 @@ struct Conn {
     unique_id: String,
     enabled: bool,
     store: Option<Store>,
-    /// The slot on screen (or to show once a surface is back).
-    front: Option<usize>,
+    /// The picture on screen (or to show once a surface is back).
+    front: Option<Pic>,
     inflight: Option<Inflight>,
     /// Flip waiting for `inflight` to finish (latest wins).
     queued: Option<Waiting>,
     sim: Option<Simulated>,
     /// 60 Hz phase of simulated flips.
     last_tick: Option<Instant>,
-    /// The slot last committed to the current surface.
-    committed: Option<usize>,
+    /// The picture last committed to the current surface.
+    committed: Option<Pic>,
     /// Size of the guest frame last rendered (inside the buffer when letterboxed).
     frame_size: Option<(u32, u32)>,
 }
 
 impl Conn {
     fn busy_slot(&self, i: usize) -> bool {
+        let i = Pic::Shm(i);
         self.front == Some(i)
             || self.inflight.as_ref().is_some_and(|f| f.slot == i)
             || self.queued.as_ref().is_some_and(|q| q.slot == i)
             || self.sim.as_ref().is_some_and(|s| s.slot == i)
-            || self.store.as_ref().is_some_and(|s| s.held[i])
+            || matches!(i, Pic::Shm(n) if self.store.as_ref().is_some_and(|s| s.held[n]))
     }
 }
 
@@ -347,6 +389,12 @@ pub struct WaylandStats {
     pub ivi_surfaces: u64,
     /// Surfaces created as `xdg-shell` toplevels.
     pub xdg_surfaces: u64,
+    /// Frames handed over as a guest dma-buf's own `wl_buffer` (no copy).
+    pub zero_copy: u64,
+    /// Frames copied (or converted) into a `wl_shm` buffer.
+    pub copied: u64,
+    /// dma-buf framebuffers the compositor could not import (refused: copied instead).
+    pub dmabuf_refused: u64,
 }
 
 /// The Wayland [`Output`].
@@ -380,6 +428,15 @@ pub struct Wayland {
     seat_out: Vec<(ConnectorId, Input)>,
     /// Seat input for [`Output::take_input`].
     seat_ready: Vec<SeatInput>,
+    /// Our own reference to each imported guest dma-buf.
+    imports: HashMap<ImportId, OwnedFd>,
+    next_import: u64,
+    /// Framebuffers on imported dma-bufs, by [`ImportedFb`] number (= [`DmabufKey`]).
+    dfbs: BTreeMap<u64, DmaFb>,
+    next_dfb: u64,
+    /// `wl_buffer`s of removed dma-buf framebuffers the compositor still holds, with
+    /// the connector they were last on: destroyed when released, never before.
+    doomed: Vec<(u64, Option<ConnectorId>, WlBuffer)>,
 }
 
 const TOK_WL: Token = Token(0);
@@ -435,6 +492,11 @@ impl Wayland {
             seat: Seat::new(MAX_CONTACTS as u8),
             seat_out: Vec::new(),
             seat_ready: Vec::new(),
+            imports: HashMap::new(),
+            next_import: 1,
+            dfbs: BTreeMap::new(),
+            next_dfb: 1,
+            doomed: Vec::new(),
         })
     }
 
@@ -460,8 +522,15 @@ impl Wayland {
         };
         let s = up.surfaces.get(&id).filter(|s| s.configured)?;
         let c = self.conns.get(&id).filter(|c| c.enabled)?;
-        let geo = c.store.as_ref()?.geo;
         let (fw, fh) = c.frame_size?;
+        // A dma-buf buffer is the frame itself; a wl_shm one may be letterboxed.
+        let (gw, gh) = match c.front {
+            Some(Pic::Dma(_)) => (fw, fh),
+            _ => {
+                let geo = c.store.as_ref()?.geo;
+                (geo.width, geo.height)
+            }
+        };
         if let Some((dw, dh)) = s.dest {
             // Scaled by the viewport: the image fills the surface.
             return Some(Mapping {
@@ -473,8 +542,8 @@ impl Wayland {
         }
         // The frame centred in the buffer (letterboxed, unscaled), as `render` puts it.
         Some(Mapping {
-            x0: f64::from(geo.width.saturating_sub(fw) / 2),
-            y0: f64::from(geo.height.saturating_sub(fh) / 2),
+            x0: f64::from(gw.saturating_sub(fw) / 2),
+            y0: f64::from(gh.saturating_sub(fh) / 2),
             width: f64::from(fw),
             height: f64::from(fh),
         })
@@ -546,7 +615,10 @@ impl Wayland {
     pub fn front_pixels(&self, conn: ConnectorId) -> Option<(Geometry, Vec<u8>)> {
         let c = self.conns.get(&conn)?;
         let s = c.store.as_ref()?;
-        Some((s.geo, s.read(c.front?).ok()?))
+        let Some(Pic::Shm(slot)) = c.front else {
+            return None;
+        };
+        Some((s.geo, s.read(slot).ok()?))
     }
 
     fn offered_formats(&self) -> Vec<u32> {
@@ -586,8 +658,14 @@ impl Wayland {
             c.store = Some(Store::new(geo, gen)?);
             c.committed = None;
             // The old slots are gone: what referred to them now refers to nothing.
-            c.front = None;
-            if let Some(f) = c.inflight.as_mut() {
+            if matches!(c.front, Some(Pic::Shm(_))) {
+                c.front = None;
+            }
+            if let Some(f) = c
+                .inflight
+                .as_mut()
+                .filter(|f| matches!(f.prev, Some(Pic::Shm(_))))
+            {
                 f.prev = None;
             }
             for w in c.queued.take().into_iter() {
@@ -614,13 +692,14 @@ impl Wayland {
         }
         let slot = (0..SLOTS)
             .find(|&i| !c.busy_slot(i))
-            .or_else(|| c.queued.as_ref().map(|q| q.slot))
-            .or_else(|| c.sim.as_ref().map(|s| s.slot))
+            .or_else(|| shm_slot(c.queued.as_ref().map(|q| q.slot)))
+            .or_else(|| shm_slot(c.sim.as_ref().map(|s| s.slot)))
             .or_else(|| {
                 // Every slot held by a compositor that stopped releasing: reuse one it
                 // already replaced on screen (it will not show it again).
                 let inflight = c.inflight.as_ref().map(|f| f.slot);
-                let spare = (0..SLOTS).find(|&i| c.front != Some(i) && inflight != Some(i));
+                let spare = (0..SLOTS)
+                    .find(|&i| c.front != Some(Pic::Shm(i)) && inflight != Some(Pic::Shm(i)));
                 warn_limited!(
                     ?id,
                     "wayland: compositor holds every buffer; reusing a replaced one"
@@ -848,6 +927,12 @@ impl Wayland {
             warn!(event = "wayland_disconnected", reason = %why, "wayland compositor connection lost; retrying");
         }
         self.seat.forget_all(&mut self.seat_out);
+        // The wl_buffers died with the connection: asked for again on the next one.
+        self.doomed.clear();
+        for d in self.dfbs.values_mut() {
+            d.state = DmaState::Unsent;
+            d.held = false;
+        }
         let ids: Vec<ConnectorId> = self.conns.keys().copied().collect();
         for id in ids {
             let Some(c) = self.conns.get_mut(&id) else {
@@ -987,81 +1072,111 @@ impl Wayland {
         }
     }
 
-    /// Attach slot `slot` of `conn` and commit; `track`: ask for presentation of it.
-    fn commit(&mut self, id: ConnectorId, slot: usize, track: bool) -> Option<u64> {
+    /// Attach picture `pic` of `conn` and commit; `track`: ask for presentation of it.
+    fn commit(&mut self, id: ConnectorId, pic: Pic, track: bool) -> Option<u64> {
         let Link::Up(up) = &mut self.link else {
             return None;
         };
         let qh = up.queue.handle();
         let c = self.conns.get_mut(&id)?;
-        let store = c.store.as_mut()?;
         let surf = up.surfaces.get_mut(&id)?;
         if !surf.configured {
             return None;
         }
         // A compositor that stopped releasing (hung, stopped) gets no more buffers than
         // the one on screen and one more: further frames wait in our slots.
-        let others_held = (0..SLOTS).filter(|&i| i != slot && store.held[i]).count();
-        if others_held > 1 {
+        let shm_held = c.store.as_ref().map_or(0, |store| {
+            (0..SLOTS)
+                .filter(|&i| Pic::Shm(i) != pic && store.held[i])
+                .count()
+        });
+        let dma_held = self
+            .dfbs
+            .iter()
+            .filter(|(k, d)| Pic::Dma(**k) != pic && d.held && d.conn == Some(id))
+            .count()
+            + self
+                .doomed
+                .iter()
+                .filter(|(_, conn, _)| *conn == Some(id))
+                .count();
+        if shm_held + dma_held > 1 {
             return None;
         }
         let g = &up.st.globals;
-        let shm = g.shm.as_ref()?;
-        if surf
-            .pool
-            .as_ref()
-            .is_none_or(|(gen, _, _)| *gen != store.gen)
-        {
-            if let Some((_, pool, bufs)) = surf.pool.take() {
-                for b in bufs.into_iter().flatten() {
-                    b.destroy();
+        let (buf, width, height) = match pic {
+            Pic::Shm(slot) => {
+                let store = c.store.as_mut()?;
+                let shm = g.shm.as_ref()?;
+                if surf
+                    .pool
+                    .as_ref()
+                    .is_none_or(|(gen, _, _)| *gen != store.gen)
+                {
+                    if let Some((_, pool, bufs)) = surf.pool.take() {
+                        for b in bufs.into_iter().flatten() {
+                            b.destroy();
+                        }
+                        pool.destroy();
+                    }
+                    let pool =
+                        shm.create_pool(store.file.as_fd(), store.file_len() as i32, &qh, ());
+                    surf.pool = Some((store.gen, pool, vec![None; SLOTS]));
                 }
-                pool.destroy();
+                let (_, pool, bufs) = surf.pool.as_mut()?;
+                let geo = store.geo;
+                let buf = bufs.get_mut(slot)?.get_or_insert_with(|| {
+                    let format = wl_shm::Format::try_from(geo.shm_format)
+                        .unwrap_or(wl_shm::Format::Xrgb8888);
+                    pool.create_buffer(
+                        store_offset(store, slot),
+                        geo.width as i32,
+                        geo.height as i32,
+                        geo.stride as i32,
+                        format,
+                        &qh,
+                        BufData {
+                            conn: id,
+                            gen: store.gen,
+                            slot,
+                        },
+                    )
+                });
+                store.held[slot] = true;
+                (buf.clone(), geo.width, geo.height)
             }
-            let pool = shm.create_pool(store.file.as_fd(), store.file_len() as i32, &qh, ());
-            surf.pool = Some((store.gen, pool, vec![None; SLOTS]));
-        }
-        let (_, pool, bufs) = surf.pool.as_mut()?;
-        let geo = store.geo;
-        let buf = bufs[slot].get_or_insert_with(|| {
-            let format =
-                wl_shm::Format::try_from(geo.shm_format).unwrap_or(wl_shm::Format::Xrgb8888);
-            pool.create_buffer(
-                store_offset(store, slot),
-                geo.width as i32,
-                geo.height as i32,
-                geo.stride as i32,
-                format,
-                &qh,
-                BufData {
-                    conn: id,
-                    gen: store.gen,
-                    slot,
-                },
-            )
-        });
-        surf.wl.attach(Some(buf), 0, 0);
-        if surf.opaque != Some((geo.width, geo.height)) {
+            Pic::Dma(key) => {
+                let d = self.dfbs.get_mut(&key)?;
+                let DmaState::Ready(buf) = &d.state else {
+                    return None;
+                };
+                d.held = true;
+                d.conn = Some(id);
+                c.frame_size = Some((d.layout.width, d.layout.height));
+                (buf.clone(), d.layout.width, d.layout.height)
+            }
+        };
+        surf.wl.attach(Some(&buf), 0, 0);
+        if surf.opaque != Some((width, height)) {
             // A guest display has no transparency: say so, so that the compositor never
             // blends the X byte (guests often leave it 0) as alpha.
             if let Some(comp) = &g.compositor {
                 let region = comp.create_region(&qh, ());
-                region.add(0, 0, geo.width as i32, geo.height as i32);
+                region.add(0, 0, width as i32, height as i32);
                 surf.wl.set_opaque_region(Some(&region));
                 region.destroy();
-                surf.opaque = Some((geo.width, geo.height));
+                surf.opaque = Some((width, height));
             }
         }
         if surf.wl.version() >= 4 {
-            surf.wl
-                .damage_buffer(0, 0, geo.width as i32, geo.height as i32);
+            surf.wl.damage_buffer(0, 0, width as i32, height as i32);
         } else {
-            surf.wl.damage(0, 0, geo.width as i32, geo.height as i32);
+            surf.wl.damage(0, 0, width as i32, height as i32);
         }
         if let Some(vp) = &surf.viewport {
             let (w, h) = surf.size;
-            if w > 0 && h > 0 && (w as u32, h as u32) != (geo.width, geo.height) {
-                let (dw, dh) = fit(geo.width, geo.height, w, h);
+            if w > 0 && h > 0 && (w as u32, h as u32) != (width, height) {
+                let (dw, dh) = fit(width, height, w, h);
                 vp.set_destination(dw, dh);
                 surf.dest = Some((dw, dh));
             } else {
@@ -1082,8 +1197,7 @@ impl Wayland {
             }
         }
         surf.wl.commit();
-        store.held[slot] = true;
-        c.committed = Some(slot);
+        c.committed = Some(pic);
         if let Err(e) = up.conn.flush() {
             if !matches!(&e, WaylandError::Io(io) if io.kind() == io::ErrorKind::WouldBlock) {
                 self.broken = Some(format!("wayland flush: {e}"));
@@ -1092,8 +1206,187 @@ impl Wayland {
         Some(seq)
     }
 
+    /// Ask the compositor for the `wl_buffer` of every dma-buf framebuffer that has
+    /// none on this connection; what cannot be asked for is `Failed` (copied).
+    fn create_dmabufs(&mut self) {
+        let Link::Up(up) = &mut self.link else {
+            return;
+        };
+        if !up.ready {
+            return;
+        }
+        let qh = up.queue.handle();
+        let mut sent = false;
+        for (key, d) in self
+            .dfbs
+            .iter_mut()
+            .filter(|(_, d)| matches!(d.state, DmaState::Unsent))
+        {
+            let Some(dm) = up.st.globals.dmabuf.as_ref() else {
+                d.state = DmaState::Failed("the compositor offers no zwp_linux_dmabuf_v1");
+                continue;
+            };
+            let Some(choice) = dmabuf::choose_dmabuf(d.layout.format, &up.st.dmabuf_formats) else {
+                d.state =
+                    DmaState::Failed("the compositor imports no linear dma-buf of this format");
+                continue;
+            };
+            let Some(fd) = self.imports.get(&d.import) else {
+                d.state = DmaState::Failed("import released");
+                continue;
+            };
+            match dmabuf::create_buffer(
+                dm,
+                fd.as_fd(),
+                &d.layout,
+                choice,
+                dmabuf::DmabufKey(*key),
+                &qh,
+            ) {
+                Some(_) => {
+                    d.state = DmaState::Pending;
+                    sent = true;
+                }
+                None => d.state = DmaState::Failed("layout too large for the protocol"),
+            }
+        }
+        if sent {
+            if let Err(e) = up.conn.flush() {
+                if !matches!(&e, WaylandError::Io(io) if io.kind() == io::ErrorKind::WouldBlock) {
+                    self.broken = Some(format!("wayland flush: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Take the compositor's answers to buffer creations and its releases of dma-buf
+    /// buffers; a released buffer of a removed framebuffer is destroyed now.
+    fn handle_dmabuf(&mut self) {
+        let Link::Up(up) = &mut self.link else {
+            return;
+        };
+        for (key, answer) in std::mem::take(&mut up.st.dmabuf_created) {
+            let d = self
+                .dfbs
+                .get_mut(&key.0)
+                .filter(|d| matches!(d.state, DmaState::Pending));
+            match (d, answer) {
+                (Some(d), dmabuf::Created::Buffer(b)) => d.state = DmaState::Ready(b),
+                (Some(d), dmabuf::Created::Failed) => {
+                    d.state = DmaState::Failed("the compositor failed to import it")
+                }
+                // Removed (or refused after waiting) meanwhile.
+                (None, dmabuf::Created::Buffer(b)) => {
+                    up.st.dmabuf_ids.remove(&b.id());
+                    b.destroy();
+                }
+                (None, dmabuf::Created::Failed) => {}
+            }
+        }
+        for key in std::mem::take(&mut up.st.dmabuf_released) {
+            if let Some(d) = self.dfbs.get_mut(&key.0) {
+                d.held = false;
+            }
+            self.doomed.retain(|(k, _, b)| {
+                let keep = *k != key.0;
+                if !keep {
+                    up.st.dmabuf_ids.remove(&b.id());
+                    b.destroy();
+                }
+                keep
+            });
+        }
+    }
+
+    /// The picture of an imported frame: its dma-buf `wl_buffer`, waiting (at most
+    /// [`DMABUF_CREATE_WAIT`]) for the compositor's answer if still pending. A buffer
+    /// the compositor cannot take is refused ([`OutputError::ImportRefused`]): the
+    /// caller copies that buffer from then on. Without a compositor the frame is taken
+    /// (its flip completes on the timer) and checked once one is connected.
+    fn dma_pic(&mut self, id: ConnectorId, f: &ImportedFrame) -> Result<Pic, OutputError> {
+        let key = f.fb.0;
+        let Some(d) = self.dfbs.get(&key) else {
+            return Err(OutputError::NotConfigured);
+        };
+        let whole = (f.x, f.y, f.width, f.height) == (0, 0, d.layout.width, d.layout.height);
+        if !whole {
+            return Err(self.refuse_dma(
+                id,
+                key,
+                "a source rectangle other than the whole framebuffer",
+            ));
+        }
+        self.create_dmabufs();
+        let end = Instant::now() + DMABUF_CREATE_WAIT;
+        while self
+            .dfbs
+            .get(&key)
+            .is_some_and(|d| matches!(d.state, DmaState::Pending))
+        {
+            let now = Instant::now();
+            if now >= end {
+                return Err(self.refuse_dma(id, key, "the compositor did not answer in time"));
+            }
+            let Link::Up(up) = &mut self.link else {
+                break;
+            };
+            if let Err(why) = Self::pump(up) {
+                self.broken = Some(why);
+                break;
+            }
+            self.handle_dmabuf();
+            if self
+                .dfbs
+                .get(&key)
+                .is_some_and(|d| matches!(d.state, DmaState::Pending))
+            {
+                // Readiness of the socket (or the connect waker) wakes this early.
+                let _ = self.poll.poll(&mut self.events, Some(end - now));
+            }
+        }
+        match self.dfbs.get(&key).map(|d| &d.state) {
+            Some(DmaState::Failed(why)) => Err(self.refuse_dma(id, key, why)),
+            _ => Ok(Pic::Dma(key)),
+        }
+    }
+
+    fn refuse_dma(&mut self, id: ConnectorId, key: u64, why: &str) -> OutputError {
+        self.stats.dmabuf_refused += 1;
+        warn_limited!(
+            ?id,
+            fb = key,
+            refused = self.stats.dmabuf_refused,
+            "wayland: the compositor cannot show a guest dma-buf ({why}); that buffer is copied"
+        );
+        OutputError::ImportRefused(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+
+    /// Forget dma-buf framebuffer `key`; its `wl_buffer` is destroyed now if the
+    /// compositor does not hold it, else when it is released.
+    fn remove_dfb(&mut self, key: u64) {
+        let Some(d) = self.dfbs.remove(&key) else {
+            return;
+        };
+        for c in self.conns.values_mut() {
+            if c.front == Some(Pic::Dma(key)) {
+                c.front = None;
+            }
+        }
+        if let DmaState::Ready(b) = d.state {
+            if d.held {
+                self.doomed.push((key, d.conn, b));
+            } else {
+                if let Link::Up(up) = &mut self.link {
+                    up.st.dmabuf_ids.remove(&b.id());
+                    let _ = up.conn.flush();
+                }
+                b.destroy();
+            }
+        }
+    }
+
     /// Commit `slot` as a tracked flip of `conn` (it has no flip in flight).
-    fn submit(&mut self, id: ConnectorId, slot: usize, cookies: Vec<u64>, now: Instant) {
+    fn submit(&mut self, id: ConnectorId, slot: Pic, cookies: Vec<u64>, now: Instant) {
         match self.commit(id, slot, true) {
             Some(seq) => {
                 if let Some(c) = self.conns.get_mut(&id) {
@@ -1112,7 +1405,7 @@ impl Wayland {
     }
 
     /// No surface to show `slot` on: complete at the next 60 Hz tick (latest wins).
-    fn simulate(&mut self, id: ConnectorId, slot: usize, mut cookies: Vec<u64>, now: Instant) {
+    fn simulate(&mut self, id: ConnectorId, slot: Pic, mut cookies: Vec<u64>, now: Instant) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
@@ -1130,6 +1423,7 @@ impl Wayland {
     }
 
     fn handle_events(&mut self, now: Instant) {
+        self.handle_dmabuf();
         let events = match &mut self.link {
             Link::Up(up) => std::mem::take(&mut up.st.events),
             Link::Down { .. } => return,
@@ -1198,7 +1492,7 @@ impl Wayland {
         self.finish_flips(now);
         // Catch up: a picture that could not be committed (buffers not released) goes
         // out once the compositor gives buffers back.
-        let behind: Vec<(ConnectorId, usize)> = self
+        let behind: Vec<(ConnectorId, Pic)> = self
             .conns
             .iter()
             .filter(|(_, c)| c.inflight.is_none() && c.sim.is_none() && c.front != c.committed)
@@ -1221,7 +1515,13 @@ impl Wayland {
                 continue;
             };
             let prev_free = match (f.prev, c.store.as_ref()) {
-                (Some(p), Some(s)) if p != f.slot => !s.held[p],
+                (Some(p), _) if p == f.slot => true,
+                (Some(Pic::Shm(p)), Some(s)) => !s.held[p],
+                // A dma-buf picture: its wl_buffer (live or removed) came back.
+                (Some(Pic::Dma(k)), _) => {
+                    !self.dfbs.get(&k).is_some_and(|d| d.held)
+                        && !self.doomed.iter().any(|(d, _, _)| *d == k)
+                }
                 _ => true,
             };
             let late = now >= f.deadline;
@@ -1279,10 +1579,31 @@ impl Wayland {
                         st.forget_held();
                     }
                 }
+                // Off the destroyed surface, its dma-buf buffers are the compositor's no
+                // more: live ones are ours again, removed ones can go.
+                for d in self.dfbs.values_mut().filter(|d| d.conn == Some(id)) {
+                    d.held = false;
+                }
+                self.doomed.retain(|(_, conn, b)| {
+                    let keep = *conn != Some(id);
+                    if !keep {
+                        up.st.dmabuf_ids.remove(&b.id());
+                        b.destroy();
+                    }
+                    keep
+                });
                 up.st.toplevel_size.remove(&id);
                 let _ = up.conn.flush();
             }
         }
+    }
+}
+
+/// The `wl_shm` slot of a picture, if it is one.
+fn shm_slot(pic: Option<Pic>) -> Option<usize> {
+    match pic {
+        Some(Pic::Shm(i)) => Some(i),
+        _ => None,
     }
 }
 
@@ -1424,18 +1745,31 @@ impl Output for Wayland {
         if !self.conns.contains_key(&conn) {
             return Err(OutputError::NotConfigured);
         }
-        let frame = frame.map(mapped).transpose()?;
-        self.flush_pending(conn);
-        let Some(frame) = frame else {
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.enabled = false;
-                c.front = None;
-                c.last_tick = None;
-            }
-            self.destroy_surface(conn);
-            return Ok(());
+        let dma = match frame {
+            Some(FrameSource::Imported(f)) => Some(self.dma_pic(conn, f)?),
+            _ => None,
         };
-        let slot = self.render(conn, frame)?;
+        self.flush_pending(conn);
+        let slot = match (frame, dma) {
+            (Some(_), Some(pic)) => {
+                self.stats.zero_copy += 1;
+                pic
+            }
+            (Some(FrameSource::Mapped(f)), _) => {
+                let slot = Pic::Shm(self.render(conn, f)?);
+                self.stats.copied += 1;
+                slot
+            }
+            _ => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.enabled = false;
+                    c.front = None;
+                    c.last_tick = None;
+                }
+                self.destroy_surface(conn);
+                return Ok(());
+            }
+        };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.enabled = true;
             c.front = Some(slot);
@@ -1446,11 +1780,22 @@ impl Output for Wayland {
     }
 
     fn page_flip(&mut self, conn: ConnectorId, frame: &FrameSource<'_>) -> Result<(), OutputError> {
-        let frame = mapped(frame)?;
         if !self.conns.get(&conn).is_some_and(|c| c.enabled) {
             return Err(OutputError::NotConfigured);
         }
-        let slot = self.render(conn, frame)?;
+        let slot = match frame {
+            FrameSource::Mapped(f) => {
+                let slot = Pic::Shm(self.render(conn, f)?);
+                self.stats.copied += 1;
+                slot
+            }
+            FrameSource::Imported(f) => {
+                let pic = self.dma_pic(conn, f)?;
+                self.stats.zero_copy += 1;
+                pic
+            }
+        };
+        let fb_cookie = frame.fb_cookie();
         let now = Instant::now();
         let Some(c) = self.conns.get_mut(&conn) else {
             return Err(OutputError::NotConfigured);
@@ -1458,15 +1803,15 @@ impl Output for Wayland {
         if c.inflight.is_some() {
             // Latest wins: the queued one is replaced, its cookies ride along.
             let mut cookies = c.queued.take().map(|q| q.cookies).unwrap_or_default();
-            cookies.push(frame.fb_cookie);
+            cookies.push(fb_cookie);
             c.queued = Some(Waiting { slot, cookies });
             return Ok(());
         }
         if c.sim.is_some() {
-            self.simulate(conn, slot, vec![frame.fb_cookie], now);
+            self.simulate(conn, slot, vec![fb_cookie], now);
             return Ok(());
         }
-        self.submit(conn, slot, vec![frame.fb_cookie], now);
+        self.submit(conn, slot, vec![fb_cookie], now);
         Ok(())
     }
 
@@ -1482,7 +1827,11 @@ impl Output for Wayland {
 
     fn next_deadline(&self) -> Option<Instant> {
         let now = Instant::now();
-        if !self.immediate.is_empty() || self.broken.is_some() {
+        // Events read while waiting for a dma-buf buffer's creation are handled at once.
+        let unhandled = matches!(&self.link, Link::Up(up)
+            if !up.st.events.is_empty() || !up.st.dmabuf_released.is_empty()
+                || !up.st.dmabuf_created.is_empty());
+        if !self.immediate.is_empty() || self.broken.is_some() || unhandled {
             return Some(now);
         }
         let link = match &self.link {
@@ -1528,6 +1877,7 @@ impl Output for Wayland {
                 Err(why) => self.disconnect(now, why),
                 Ok(()) => {
                     if !was_ready && self.connected() {
+                        self.create_dmabufs();
                         self.sync_surfaces();
                         if let Link::Up(up) = &mut self.link {
                             let _ = up.conn.flush();
@@ -1554,6 +1904,61 @@ impl Output for Wayland {
         out.append(&mut self.seat_ready);
     }
 
+    /// Keep our own reference to the guest's dma-buf; whether the compositor can
+    /// import it is known per framebuffer (a simulated fd cannot be passed: copied).
+    fn import_dmabuf(&mut self, dmabuf: &DmaBufFd) -> Result<ImportId, OutputError> {
+        let fd = dmabuf.as_fd().ok_or(OutputError::Unsupported)?;
+        let own = fd.try_clone_to_owned()?;
+        let id = ImportId(self.next_import);
+        self.next_import += 1;
+        self.imports.insert(id, own);
+        Ok(id)
+    }
+
+    /// A dma-buf framebuffer: its `wl_buffer` is asked for now (answered before the
+    /// first flip of it, normally), and again on each new connection.
+    fn add_imported_fb(
+        &mut self,
+        import: ImportId,
+        layout: &FbLayout,
+    ) -> Result<ImportedFb, OutputError> {
+        if !self.imports.contains_key(&import) {
+            return Err(OutputError::NotConfigured);
+        }
+        let key = self.next_dfb;
+        self.next_dfb += 1;
+        self.dfbs.insert(
+            key,
+            DmaFb {
+                import,
+                layout: *layout,
+                state: DmaState::Unsent,
+                held: false,
+                conn: None,
+            },
+        );
+        self.create_dmabufs();
+        Ok(ImportedFb(key))
+    }
+
+    fn remove_imported_fb(&mut self, fb: ImportedFb) {
+        self.remove_dfb(fb.0);
+    }
+
+    fn release_import(&mut self, import: ImportId) {
+        let keys: Vec<u64> = self
+            .dfbs
+            .iter()
+            .filter(|(_, d)| d.import == import)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            self.remove_dfb(k);
+        }
+        // The compositor holds its own reference for as long as it holds a buffer.
+        self.imports.remove(&import);
+    }
+
     fn target(&self, conn: ConnectorId) -> Option<String> {
         let c = self.conns.get(&conn)?;
         let state = match &self.link {
@@ -1565,14 +1970,6 @@ impl Output for Wayland {
             _ => "no compositor",
         };
         Some(format!("wayland {} ({state})", c.unique_id))
-    }
-}
-
-/// The Wayland output copies, so it shows only what it can read.
-fn mapped<'a, 'b>(frame: &'b FrameSource<'a>) -> Result<&'b Frame<'a>, OutputError> {
-    match frame {
-        FrameSource::Mapped(f) => Ok(f),
-        FrameSource::Imported(_) => Err(OutputError::Unsupported),
     }
 }
 

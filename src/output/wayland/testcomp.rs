@@ -878,13 +878,27 @@ impl Dispatch<ZwpLinuxBufferParamsV1, std::sync::Mutex<Vec<Plane>>> for Comp {
 
 impl Dispatch<WlBuffer, DmabufInfo> for Comp {
     fn request(
-        _: &mut Self,
+        st: &mut Self,
         _: &Client,
-        _: &WlBuffer,
-        _: wl_buffer::Request,
+        buf: &WlBuffer,
+        req: wl_buffer::Request,
         _: &DmabufInfo,
         _: &DisplayHandle,
         _: &mut DataInit<'_, Self>,
     ) {
+        if let wl_buffer::Request::Destroy = req {
+            // A client must not destroy a buffer the compositor still uses (on screen,
+            // or replaced but not released yet).
+            let held = st.unreleased.contains(buf)
+                || st
+                    .surfaces
+                    .values()
+                    .any(|s| s.current.as_ref() == Some(buf));
+            st.log.push(if held {
+                "dmabuf wl_buffer.destroy WHILE HELD".into()
+            } else {
+                "dmabuf wl_buffer.destroy".into()
+            });
+        }
     }
 }

@@ -1178,3 +1178,354 @@ mod dmabuf_proto {
             .any(|l| l.starts_with("zwp_linux_dmabuf_v1")));
     }
 }
+
+// Flips of guest dma-bufs through their own `wl_buffer` (zero-copy), and the fallback.
+mod dmabuf_flips {
+    use std::os::fd::OwnedFd;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    use super::super::dmabuf::MOD_LINEAR;
+    use super::super::testcomp::DmabufInfo;
+    use super::*;
+    use crate::output::{FbLayout, ImportedFrame};
+    use crate::zcopy::DmaBufFd;
+    use wayland_server::Resource;
+
+    /// A stand-in dma-buf (the test compositor only looks at the fd's file): a 4x2
+    /// XRGB8888 picture of `v`, and the file's (device, inode).
+    fn guest_dmabuf(v: u32) -> (DmaBufFd, (u64, u64)) {
+        let p = sock(&format!("gbuf-{v:x}-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        std::fs::remove_file(&p).unwrap();
+        for i in 0..8u64 {
+            f.write_all_at(&v.to_le_bytes(), i * 4).unwrap();
+        }
+        let m = f.metadata().unwrap();
+        (DmaBufFd::from_owned(OwnedFd::from(f)), (m.dev(), m.ino()))
+    }
+
+    fn layout() -> FbLayout {
+        FbLayout {
+            width: 4,
+            height: 2,
+            format: PixelFormat::Xrgb8888,
+            pitch: 16,
+            offset: 0,
+        }
+    }
+
+    fn imported(fb: ImportedFb, cookie: u64) -> FrameSource<'static> {
+        FrameSource::Imported(ImportedFrame {
+            fb,
+            x: 0,
+            y: 0,
+            width: 4,
+            height: 2,
+            format: PixelFormat::Xrgb8888,
+            fb_cookie: cookie,
+        })
+    }
+
+    fn xr24() -> u32 {
+        fourcc(b"XR24")
+    }
+
+    /// The dma-buf buffer on the only surface.
+    fn shown_dmabuf(comp: &TestCompositor) -> Option<DmabufInfo> {
+        comp.surface()
+            .current
+            .as_ref()
+            .and_then(|b| b.data::<DmabufInfo>().cloned())
+    }
+
+    fn connected(name: &str, offer: Offer) -> (TestCompositor, Wayland) {
+        let path = sock(name);
+        let mut comp = TestCompositor::start(&path, offer);
+        let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+        out.add_connector(cid(0), "Virtual-1", 4, 2).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "connect", |o, _, _| {
+            o.connected()
+        });
+        (comp, out)
+    }
+
+    #[test]
+    fn created_buffers_flip_without_copies_and_are_destroyed_after_release() {
+        let offer = Offer {
+            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+            ..Offer::default()
+        };
+        let (mut comp, mut out) = connected("dmabuf-flips", offer);
+        comp.state.hold_releases = true;
+        let c = cid(0);
+        let (da, file_a) = guest_dmabuf(0x0011_2233);
+        let (db, file_b) = guest_dmabuf(0x0044_5566);
+        let ia = out.import_dmabuf(&da).unwrap();
+        let ib = out.import_dmabuf(&db).unwrap();
+        // Our own references: the caller may close its fds.
+        drop((da, db));
+        let fa = out.add_imported_fb(ia, &layout()).unwrap();
+        let fb = out.add_imported_fb(ib, &layout()).unwrap();
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "buffers created",
+            |_, _, c| c.is_some_and(|c| c.state.dmabufs.len() == 2),
+        );
+        // Asked for at FB_ATTACH, in the guest's own layout, linear.
+        for (info, file) in comp.state.dmabufs.iter().zip([file_a, file_b]) {
+            assert_eq!((info.width, info.height, info.format), (4, 2, xr24()));
+            assert_eq!(info.planes, vec![(0, 0, 16, MOD_LINEAR)]);
+            assert_eq!(info.file, file);
+        }
+        out.set_config(c, Some(&imported(fa, 1))).unwrap();
+        surface_up(&mut out, &mut comp);
+        comp.configure_all(0, 0);
+        run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, c| {
+            o.surface_ready(c0()) && c.is_some_and(|c| c.surface().current.is_some())
+        });
+        assert_eq!(shown_dmabuf(&comp).map(|i| i.file), Some(file_a));
+
+        // A flip of B: attached, presented, but not done while A is held.
+        out.page_flip(c, &imported(fb, 2)).unwrap();
+        assert!(out.flip_busy(c));
+        run_until(&mut out, &mut Some(&mut comp), "commit B", |_, _, c| {
+            c.is_some_and(|c| shown_dmabuf(c).is_some_and(|i| i.file == file_b))
+        });
+        comp.present_all();
+        let t = Instant::now();
+        let mut done = Vec::new();
+        while t.elapsed() < Duration::from_millis(30) {
+            comp.pump();
+            out.dispatch(Instant::now(), &mut done);
+        }
+        assert!(done.is_empty(), "done before A was released: {done:?}");
+        comp.release_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip B done", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+
+        // The guest destroys B while it is on screen: its wl_buffer stays until released.
+        out.remove_imported_fb(fb);
+        out.release_import(ib);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(30) {
+            comp.pump();
+            out.dispatch(Instant::now(), &mut Vec::new());
+        }
+        assert!(
+            !comp
+                .state
+                .log
+                .iter()
+                .any(|l| l.starts_with("dmabuf wl_buffer.destroy")),
+            "a held buffer was destroyed: {:?}",
+            comp.state.log
+        );
+        // A flip of A replaces it on screen; once released, B's buffer goes.
+        out.page_flip(c, &imported(fa, 3)).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "commit A", |_, _, c| {
+            c.is_some_and(|c| shown_dmabuf(c).is_some_and(|i| i.file == file_a))
+        });
+        comp.present_all();
+        comp.release_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "B destroyed", |_, d, c| {
+            !d.is_empty()
+                && c.is_some_and(|c| {
+                    c.state
+                        .log
+                        .iter()
+                        .any(|l| l.starts_with("dmabuf wl_buffer.destroy"))
+                })
+        });
+        assert_eq!(cookies(&done), vec![3]);
+        let destroys: Vec<&String> = comp
+            .state
+            .log
+            .iter()
+            .filter(|l| l.starts_with("dmabuf wl_buffer.destroy"))
+            .collect();
+        assert_eq!(
+            destroys,
+            vec!["dmabuf wl_buffer.destroy"],
+            "exactly B, after its release"
+        );
+        // Nothing was copied: no wl_shm pool, no shm buffer, the counters agree.
+        assert!(
+            !comp.state.log.iter().any(|l| l.starts_with("wl_shm")),
+            "{:?}",
+            comp.state.log
+        );
+        let s = out.stats();
+        assert_eq!((s.zero_copy, s.copied, s.dmabuf_refused), (3, 0, 0));
+        assert_eq!(s.presented, 2);
+    }
+
+    /// Wait until the compositor has the surface (its first, bufferless commit).
+    fn surface_up(out: &mut Wayland, comp: &mut TestCompositor) {
+        run_until(out, &mut Some(comp), "surface", |_, _, c| {
+            c.is_some_and(|c| c.state.surfaces.len() == 1 && c.surface().commits >= 1)
+        });
+    }
+
+    fn c0() -> ConnectorId {
+        cid(0)
+    }
+
+    /// `failed`, a format the compositor does not import, no linux-dmabuf at all: the
+    /// import is refused per buffer, and the copy of that buffer shows the right pixels.
+    #[test]
+    fn failed_import_is_refused_and_the_copy_shows_the_pixels() {
+        let tiled = 0x0100_0000_0000_0001;
+        let cases = [
+            (
+                "dmabuf-failed-flip",
+                Some(vec![(xr24(), MOD_LINEAR)]),
+                true,
+                true,
+            ),
+            (
+                "dmabuf-tiled-only",
+                Some(vec![(xr24(), tiled)]),
+                false,
+                false,
+            ),
+            ("dmabuf-none", None, false, false),
+        ];
+        for (name, dmabuf, fail, asked) in cases {
+            let offer = Offer {
+                dmabuf,
+                dmabuf_fail: fail,
+                ..Offer::default()
+            };
+            let (mut comp, mut out) = connected(name, offer);
+            let c = cid(0);
+            let (d, _) = guest_dmabuf(0x0077_8899);
+            let i = out.import_dmabuf(&d).unwrap();
+            let fb = out.add_imported_fb(i, &layout()).unwrap();
+            if asked {
+                run_until(&mut out, &mut Some(&mut comp), "create asked", |_, _, c| {
+                    c.is_some_and(|c| {
+                        c.state
+                            .log
+                            .iter()
+                            .any(|l| l == "zwp_linux_buffer_params_v1.create")
+                    })
+                });
+            }
+            let err = out.set_config(c, Some(&imported(fb, 1))).unwrap_err();
+            assert!(
+                matches!(err, OutputError::ImportRefused(_)),
+                "{name}: {err:?}"
+            );
+            assert_eq!(
+                comp.state
+                    .log
+                    .iter()
+                    .any(|l| l == "zwp_linux_buffer_params_v1.create"),
+                asked,
+                "{name}"
+            );
+            // As the connection does: drop the import, show the buffer's pages copied.
+            out.remove_imported_fb(fb);
+            out.release_import(i);
+            let m = filled(0x0077_8899);
+            out.set_config(c, Some(&frame(&m, 1))).unwrap();
+            surface_up(&mut out, &mut comp);
+            comp.configure_all(0, 0);
+            run_until(&mut out, &mut Some(&mut comp), "shown", |_, _, c| {
+                c.is_some_and(|c| c.surface().current.is_some())
+            });
+            let info = comp.shown();
+            assert_eq!(info.format, SHM_XRGB8888, "{name}");
+            assert_eq!(
+                words(&info.bytes(), info.stride as usize),
+                vec![0x0077_8899; 8],
+                "{name}"
+            );
+            let s = out.stats();
+            assert_eq!(
+                (s.zero_copy, s.copied, s.dmabuf_refused),
+                (0, 1, 1),
+                "{name}"
+            );
+            // The connection lives.
+            assert_eq!(s.disconnects, 0, "{name}");
+        }
+    }
+
+    /// A compositor restart: the dma-buf buffers died with the connection and are asked
+    /// for again; the picture on screen comes back as the guest's own buffer (no copy).
+    #[test]
+    fn buffers_are_made_again_after_a_reconnect() {
+        let offer = Offer {
+            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+            ..Offer::default()
+        };
+        let path = sock("dmabuf-reconnect");
+        let (mut comp, mut out) = connected("dmabuf-reconnect", offer.clone());
+        let c = cid(0);
+        let (d, file) = guest_dmabuf(0x0012_3456);
+        let i = out.import_dmabuf(&d).unwrap();
+        let fb = out.add_imported_fb(i, &layout()).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "created", |_, _, c| {
+            c.is_some_and(|c| c.state.dmabufs.len() == 1)
+        });
+        out.set_config(c, Some(&imported(fb, 1))).unwrap();
+        surface_up(&mut out, &mut comp);
+        comp.configure_all(0, 0);
+        run_until(&mut out, &mut Some(&mut comp), "shown", |_, _, c| {
+            c.is_some_and(|c| shown_dmabuf(c).is_some())
+        });
+        drop(comp);
+        run_until(&mut out, &mut None, "gone", |o, _, _| !o.connected());
+        let mut comp = TestCompositor::start(&path, offer);
+        run_until(&mut out, &mut Some(&mut comp), "reconnect", |o, _, c| {
+            o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+        });
+        comp.configure_all(0, 0);
+        run_until(&mut out, &mut Some(&mut comp), "shown again", |_, _, c| {
+            c.is_some_and(|c| shown_dmabuf(c).is_some())
+        });
+        assert_eq!(comp.state.dmabufs.len(), 1, "asked for again");
+        assert_eq!(shown_dmabuf(&comp).map(|i| i.file), Some(file));
+        // And flips of it keep working on the new connection.
+        let presented = out.stats().presented;
+        let commits = comp.surface().commits;
+        out.page_flip(c, &imported(fb, 2)).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "commit", |_, _, c| {
+            c.is_some_and(|c| c.surface().commits > commits)
+        });
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+        assert_eq!(
+            out.stats().presented,
+            presented + 1,
+            "done by its presentation"
+        );
+        assert!(!comp.state.log.iter().any(|l| l.starts_with("wl_shm")));
+        let s = out.stats();
+        assert_eq!((s.zero_copy, s.copied, s.connects), (2, 0, 2));
+    }
+
+    /// A simulated dma-buf (no fd) is not imported: the caller copies.
+    #[test]
+    fn simulated_fd_is_not_imported() {
+        let mut out = Wayland::with_socket(sock("dmabuf-sim"), WaylandConfig::default()).unwrap();
+        let d = DmaBufFd::simulated(1234, || {});
+        assert!(matches!(
+            out.import_dmabuf(&d),
+            Err(OutputError::Unsupported)
+        ));
+    }
+}
