@@ -6,7 +6,7 @@ screendump and checks every pixel of the pattern rectangle."""
 import os
 import time
 
-from . import cpio, pixels, vm
+from . import cpio, pixels, scenarios, vm
 from .common import ERROR_RX, HOLD_RX, Result, Stopwatch, hold_info, program_cmd
 
 DISPLAYS = {
@@ -14,17 +14,10 @@ DISPLAYS = {
     "virtio": ["-vga", "none", "-device", "virtio-gpu-pci"],
 }
 
-# name -> (display, program, format). No guest-client rgb565 here: neither bochs-drm nor
-# virtio-gpu accepts RGB565 framebuffers (EINVAL); the demo converts, xen-drm-front takes it.
-SCENARIOS = {
-    "kms-bochs": ("bochs", "guest-client", "xrgb8888"),
-    "kms-virtio": ("virtio", "guest-client", "xrgb8888"),
-    "kms-demo-bochs": ("bochs", "demo", "xrgb8888"),
-    "kms-demo-virtio": ("virtio", "demo", "xrgb8888"),
-    "kms-demo-bochs-rgb565": ("bochs", "demo", "rgb565"),
-    "kms-demo-virtio-reconfig": ("virtio", "demo-reconfig", "xrgb8888"),
-    "kms-demo-bochs-legacy": ("bochs", "demo-legacy", "xrgb8888"),
-}
+# name -> (display, program, format): the `spec` of the kms rows of lib/scenarios.py. No
+# guest-client rgb565 there: neither bochs-drm nor virtio-gpu accepts RGB565 framebuffers
+# (EINVAL); the demo converts, xen-drm-front takes it.
+SCENARIOS = {s.name: s.spec for s in scenarios.TABLE if s.group == "kms"}
 
 INIT = """#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
