@@ -15,6 +15,8 @@
 //!   `xen-drm-front`, for tests and `displback demo`.
 //! * [`notify`], [`control`], [`status`]: readiness (sd_notify), the control socket and
 //!   what `displback status` shows.
+//! * [`harness_broken`]: deliberate defects for the VM harness's self-test (feature
+//!   `harness-broken` only).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod backend;
@@ -23,6 +25,7 @@ pub mod control;
 pub mod demo;
 pub mod displif;
 pub mod domain_name;
+pub mod harness_broken;
 pub mod input;
 pub mod kbdif;
 pub mod launch;

@@ -388,8 +388,10 @@ fn write_journal_lines(
 }
 
 fn main() -> Result<()> {
+    displback::harness_broken::announce();
     let cli = Cli::parse();
     init_logging(&cli)?;
+    displback::harness_broken::log();
     match cli.cmd {
         Cmd::Serve(args) => serve(args),
         Cmd::Status(args) => status(args),

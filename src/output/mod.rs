@@ -260,7 +260,7 @@ pub fn open(
     kind: crate::config::OutputKind,
     opts: &OutputOptions,
 ) -> anyhow::Result<Box<dyn Output + Send>> {
-    Ok(match kind {
+    let output: Box<dyn Output + Send> = match kind {
         crate::config::OutputKind::Kms => {
             Box::new(kms::Kms::open(opts.card.as_deref(), opts.mapping.clone())?)
         }
@@ -268,5 +268,6 @@ pub fn open(
         crate::config::OutputKind::Wayland => {
             Box::new(wayland::Wayland::open(None, opts.wayland.clone())?)
         }
-    })
+    };
+    Ok(crate::harness_broken::wrap_output(output))
 }

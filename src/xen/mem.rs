@@ -169,6 +169,11 @@ pub fn full_barrier() {
 impl Drop for MappedRegion {
     fn drop(&mut self) {
         if let Some(release) = self.release.take() {
+            if crate::harness_broken::is(crate::harness_broken::Mode::LeakMaps) {
+                // The harness self-test's defect: the mapping outlives its owner.
+                std::mem::forget(release);
+                return;
+            }
             release(self.ptr.as_ptr(), self.len);
         }
     }

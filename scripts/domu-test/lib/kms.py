@@ -6,7 +6,7 @@ screendump and checks every pixel of the pattern rectangle."""
 import os
 import time
 
-from . import cpio, pixels, vm
+from . import cpio, pixels, scenarios, vm
 from .common import ERROR_RX, HOLD_RX, Result, Stopwatch, hold_info, program_cmd
 
 DISPLAYS = {
@@ -14,20 +14,10 @@ DISPLAYS = {
     "virtio": ["-vga", "none", "-device", "virtio-gpu-pci"],
 }
 
-# name -> (display, program, format). No guest-client rgb565 here: neither bochs-drm nor
-# virtio-gpu accepts RGB565 framebuffers (EINVAL); the demo converts, xen-drm-front takes it.
-SCENARIOS = {
-    "kms-bochs": ("bochs", "guest-client", "xrgb8888"),
-    "kms-virtio": ("virtio", "guest-client", "xrgb8888"),
-    "kms-demo-bochs": ("bochs", "demo", "xrgb8888"),
-    "kms-demo-virtio": ("virtio", "demo", "xrgb8888"),
-    "kms-demo-bochs-rgb565": ("bochs", "demo", "rgb565"),
-    "kms-demo-virtio-reconfig": ("virtio", "demo-reconfig", "xrgb8888"),
-    "kms-demo-bochs-legacy": ("bochs", "demo-legacy", "xrgb8888"),
-    # Zero-copy without Xen: VKMS and udmabuf (with its vmap patch) built out of tree for
-    # Debian's kernel, see run_udmabuf. Needs the `zcopy` images.
-    "kms-demo-udmabuf": ("vkms", "demo", "xrgb8888"),
-}
+# name -> (display, program, format): the `spec` of the kms rows of lib/scenarios.py. No
+# guest-client rgb565 there: neither bochs-drm nor virtio-gpu accepts RGB565 framebuffers
+# (EINVAL); the demo converts, xen-drm-front takes it.
+SCENARIOS = {s.name: s.spec for s in scenarios.TABLE if s.group == "kms"}
 
 # The plain VM of kms-demo-udmabuf: Debian's kernel; its DRM modules (the base's
 # /etc/modules.load), then the out-of-tree vkms.ko and udmabuf.ko (lib/zcopy.sh) from the

@@ -36,6 +36,30 @@ class Timeout(Exception):
     pass
 
 
+class DeadlineExceeded(Timeout):
+    """The VM's boot deadline or the run's deadline passed: nothing more is waited for."""
+
+
+# Deadlines (monotonic seconds; None = none). The runner sets RUN_DEADLINE once and
+# NEXT_BOOT_SECS before it starts each boot; every VM gets min(start + NEXT_BOOT_SECS,
+# RUN_DEADLINE) as its own, and every wait_for stops there. BOOTS records each VM's budget
+# and what it used, for the summary.
+RUN_DEADLINE: float | None = None
+NEXT_BOOT_SECS: float | None = None
+BOOTS: list[dict] = []
+
+
+def boot_budget(override: float, n: int) -> None:
+    """The deadline of the VMs started from now on, each running `n` scenarios: `override`
+    seconds if > 0, else 600 s + 150 s per scenario."""
+    global NEXT_BOOT_SECS
+    NEXT_BOOT_SECS = override if override > 0 else 600 + 150 * n
+
+
+def run_deadline_passed() -> bool:
+    return RUN_DEADLINE is not None and time.monotonic() >= RUN_DEADLINE
+
+
 class VM:
     """A QEMU instance whose serial console is its stdout."""
 
@@ -56,7 +80,17 @@ class VM:
         with open(os.path.join(workdir, f"{name}.cmdline"), "w") as f:
             f.write(" ".join(cmd) + "\n")
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        ends = []
+        if NEXT_BOOT_SECS is not None:
+            ends.append((self.t0 + NEXT_BOOT_SECS, f"boot deadline ({NEXT_BOOT_SECS:.0f} s)"))
+        if RUN_DEADLINE is not None:
+            ends.append((RUN_DEADLINE, "run deadline"))
+        self.deadline, self.deadline_what = min(ends) if ends else (None, "")
+        self.boot = {"name": name, "budget": (self.deadline - self.t0) if self.deadline else None,
+                     "used": None, "what": self.deadline_what, "hit": False}
+        BOOTS.append(self.boot)
+        # stdin is the serial console's input (Xen passes it to Dom0's hvc0): send().
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         self.lines: list[tuple[float, str]] = []
         self.cond = threading.Condition()
@@ -90,15 +124,29 @@ class VM:
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
+    def deadline_passed(self) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.boot["hit"] = True
+            return True
+        return False
+
+    def send(self, text: str) -> None:
+        """Type `text` on the serial console (a line: end it with a newline)."""
+        self.proc.stdin.write(text.encode())  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+
     def wait_for(self, pattern: str, timeout: float, start: int = 0,
                  fail: str | None = None, what: str | None = None) -> tuple[int, re.Match]:
         """Wait for a serial line matching `pattern` (searched from line index `start`).
         Returns (index, match). Raises Timeout on timeout, on QEMU exit, or when a line
-        matches `fail` first."""
+        matches `fail` first; raises DeadlineExceeded once the VM's deadline passed."""
         what = what or repr(pattern)
         rx = re.compile(pattern)
         frx = re.compile(fail) if fail else None
         deadline = time.monotonic() + timeout
+        hard = self.deadline is not None and self.deadline < deadline
+        if hard:
+            deadline = self.deadline
         i = start
         with self.cond:
             while True:
@@ -114,6 +162,9 @@ class VM:
                     raise Timeout(f"QEMU exited (rc={self.proc.poll()}) before {what}")
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    if hard:
+                        self.boot["hit"] = True
+                        raise DeadlineExceeded(f"no {what}: {self.deadline_what} of {self.name} passed")
                     raise Timeout(f"no {what} within {timeout:.0f} s")
                 self.cond.wait(min(left, 1.0))
 
@@ -178,8 +229,13 @@ class VM:
             raise RuntimeError("screendump produced no file")
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """Wait for QEMU to exit by itself, killing it after `timeout` s."""
+        """Wait for QEMU to exit by itself, killing it after `timeout` s (at once if the
+        deadline passed)."""
+        if self.deadline_passed():
+            timeout = 0.1
         try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
@@ -189,3 +245,4 @@ class VM:
             if self._qmp:
                 self._qmp.close()
             self.reader.join(timeout=5)
+            self.boot["used"] = self.elapsed()

@@ -14,7 +14,7 @@ import re
 import subprocess
 import time
 
-from . import cpio, pattern, pixels, vm, weston
+from . import cpio, pattern, pixels, scenarios, vm, weston
 from .common import HOLD_RX, Result, Stopwatch, hold_info
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,14 +23,12 @@ WESTON_DIR = os.path.join(os.path.dirname(HERE), "weston")
 
 # Two Xen boots share this driver. "stock": Debian's kernel as Dom0, two bochs devices
 # (-vga std and a secondary-vga, for two guests at once). "zcopy": the same kernel with an
-# out-of-tree xen-gntdev that has dma-buf (lib/zcopy.sh) and a virtio-gpu whose dumb
-# buffers can be granted (IMP_TO_REFS; bochs VRAM cannot).
-STOCK_SCENARIOS = ["xen-boot", "xen-pvh-boots", "xen-flip", "xen-rgb565", "xen-destroy", "xen-restart", "xen-two-domus",
-                   "xen-noisy-neighbour", "xen-destroy-loop", "xen-refused", "xen-bealloc", "xen-zcopy-auto-fallback",
-                   "xen-launch", "xen-input", "xen-weston-guest", "xen-modetest-guest", "xen-wayland"]
+# out-of-tree xen-gntdev that has dma-buf (lib/zcopy.sh) and a virtio-gpu whose dumb buffers can be
+# granted (IMP_TO_REFS; bochs VRAM cannot).
+STOCK_SCENARIOS = scenarios.own("xen")
 # Scenarios whose DomU runs third-party programs from the Weston image (lib/weston.sh).
 THIRD_PARTY = ("xen-weston-guest", "xen-modetest-guest", "xen-wayland")
-ZCOPY_SCENARIOS = ["xen-zcopy-bealloc", "xen-zcopy-destroy", "xen-zcopy-pv-fallback", "xen-drvdom-bealloc", "xen-drvdom-copy"]
+ZCOPY_SCENARIOS = scenarios.own("zcopy")
 # PCI slots of the display devices (Dom0 finds its cards by them) and QMP device ids.
 VGA_PCI, VGA2_PCI, ZC_PCI = "00:02.0", "00:10.0", "00:11.0"
 VGA2_ID, ZC_ID = "vga2", "zgpu"
@@ -735,75 +733,101 @@ def _input(r: Run, res: Result, end: str) -> None:
                   + ("" if frames_ok else f"\n  frames got {frames}\n  want {want_frames}"))
 
 
+def _check_boot(r: Run, s: str, res: Result, end: str) -> None:
+    """xen-boot: the DomU booted and exited."""
+    sw = Stopwatch()
+    r.wait(r"\[boot\].*HARNESS-DOMU BOOTED", 120, fail=end)
+    res.timings["create→domu-init"] = sw.lap()
+    r.wait(r"\[boot\].*HARNESS-DOMU EXIT", 60, fail=end)
+    xs = _xl_secs(r, "boot")
+    if xs is not None:
+        res.timings["xl-create"] = xs
+    res.status, res.detail = "PASS", "DomU without vdispl: xl create, boot, console relay, power-off"
+
+
+def _check_pvh_boots(r: Run, s: str, res: Result, end: str) -> None:
+    """xen-pvh-boots: every PVH DomU booted and powered off."""
+    m = r.wait(rf"HARNESS SCENARIO {s} END rc=(\d+)", 1200)
+    boots = r.marker_lines(r"HARNESS PVH-BOOT i=")
+    bad = [l for l in boots if "ok=0" in l]
+    res.status = "PASS" if boots and not bad and m.group(1) == "0" else "FAIL"
+    res.detail = f"{len(boots) - len(bad)} of {len(boots)} PVH DomUs booted and powered off"
+
+
+def _check_destroy(r: Run, s: str, res: Result, end: str) -> None:
+    """xen-destroy: destroyed mid-flip, mappings gone, backend alive; a second DomU draws."""
+    m = r.wait(r"HARNESS GNTDEV (before=.*)", 400, fail=end)
+    g = dict(re.findall(r"(\w+)=(\S+)", m.group(1)))
+    need = ("before", "after", "destroy_rc", "destroy_secs", "backend_alive", "flipping",
+            "ended_before_destroy", "unmap_wait_secs")
+    missing = [k for k in need if k not in g]
+    if not missing:
+        res.timings["xl-destroy"] = float(g["destroy_secs"])
+        res.timings["unmap-wait"] = float(g["unmap_wait_secs"])
+    _flip(r, s, "destroy2", "xrgb8888", res, end)
+    # Destroyed mid-flip (the guest said it flips and had not ended), mappings there
+    # before and all gone after, the backend alive.
+    ok = not missing and (int(g["before"]) > 0 and g["after"] == "0" and g["destroy_rc"] == "0"
+                          and g["backend_alive"] == "1" and int(g["flipping"]) > 0
+                          and g["ended_before_destroy"] == "0")
+    res.detail = (f"gntdev_before={g.get('before')} gntdev_after={g.get('after')} destroy_rc={g.get('destroy_rc')} "
+                  f"backend_alive={g.get('backend_alive')} flipping={g.get('flipping')} "
+                  f"ended_before_destroy={g.get('ended_before_destroy')}"
+                  + (f" MISSING {missing}" if missing else "") + f"; second DomU: {res.detail}")
+    if not ok:
+        res.status = "FAIL"
+
+
+def _check_restart(r: Run, s: str, res: Result, end: str) -> None:
+    """xen-restart: exact pixels before the kill and after the restart."""
+    sw = Stopwatch()
+    m = r.wait(rf"\[restart\].*(?:{HOLD_RX})", 400, fail=end)
+    res.timings["create→hold1"] = sw.lap()
+    c1 = r.check_hold("restart", m, "hold1")
+    # Dom0 kills the backend once told the screendump is taken (dom0-init wait_host).
+    r.wait(r"HARNESS HOST-WAIT tag=restart-hold1", 60, fail=end)
+    r.v.send("HOST-ACK restart-hold1\n")
+    r.wait(r"HARNESS BACKEND KILLED", 60, fail=end + r"|HOST-ACK-TIMEOUT")
+    sw.lap()
+    m = r.wait(rf"\[restart\].*(?:{HOLD_RX})", 400, fail=_guest_fail("restart", end))
+    res.timings["restart→hold2"] = sw.lap()
+    c2 = r.check_hold("restart", m, "hold2")
+    res.status = "PASS" if c1.ok and c2.ok else "FAIL"
+    res.detail = f"before kill: {c1.detail}\nafter restart: {c2.detail}"
+
+
+# How the host checks each Xen scenario: lib/scenarios.py rows name a key here (and give
+# extra arguments in their `spec`). A check sets res.status/res.detail; the Dom0 script's
+# own rc (SCENARIO ... END rc=) is checked after it.
+CHECKS = {
+    "boot": _check_boot,
+    "pvh_boots": _check_pvh_boots,
+    "flip": lambda r, s, res, end, dom, fmt: _flip(r, s, dom, fmt, res, end),
+    "destroy": _check_destroy,
+    "restart": _check_restart,
+    "two_domus": lambda r, s, res, end: _two_domus(r, res, end),
+    "noisy_neighbour": lambda r, s, res, end: _noisy_neighbour(r, res, end),
+    "destroy_loop": lambda r, s, res, end: _destroy_loop(r, res, end),
+    "refused": lambda r, s, res, end: _refused(r, res, end),
+    "xen_wayland": lambda r, s, res, end: _xen_wayland(r, res, end),
+    "weston_guest": lambda r, s, res, end: _weston_guest(r, res, end),
+    "modetest_guest": lambda r, s, res, end: _modetest_guest(r, res, end),
+    "launch": lambda r, s, res, end: _launch(r, res, end),
+    "input": lambda r, s, res, end: _input(r, res, end),
+    "drvdom": lambda r, s, res, end, bealloc: _drvdom(r, res, end, bealloc=bealloc),
+    "zero_copy": _zero_copy,
+}
+_unchecked = [x.name for x in scenarios.TABLE if x.group in ("xen", "zcopy") and x.check not in CHECKS]
+assert not _unchecked, f"lib/scenarios.py rows without a check in lib/xen.py CHECKS: {_unchecked}"
+
+
 def _scenario(r: Run, s: str, res: Result) -> None:
     end = rf"HARNESS SCENARIO {s} END"
-    if s == "xen-boot":
-        sw = Stopwatch()
-        r.wait(r"\[boot\].*HARNESS-DOMU BOOTED", 120, fail=end)
-        res.timings["create→domu-init"] = sw.lap()
-        r.wait(r"\[boot\].*HARNESS-DOMU EXIT", 60, fail=end)
-        xs = _xl_secs(r, "boot")
-        if xs is not None:
-            res.timings["xl-create"] = xs
-        res.status, res.detail = "PASS", "DomU without vdispl: xl create, boot, console relay, power-off"
-    elif s == "xen-pvh-boots":
-        m = r.wait(rf"HARNESS SCENARIO {s} END rc=(\d+)", 1200)
-        boots = r.marker_lines(r"HARNESS PVH-BOOT i=")
-        bad = [l for l in boots if "ok=0" in l]
-        res.status = "PASS" if boots and not bad and m.group(1) == "0" else "FAIL"
-        res.detail = f"{len(boots) - len(bad)} of {len(boots)} PVH DomUs booted and powered off"
-    elif s == "xen-flip":
-        _flip(r, s, "flip", "xrgb8888", res, end)
-    elif s == "xen-rgb565":
-        _flip(r, s, "rgb565", "rgb565", res, end)
-    elif s == "xen-destroy":
-        m = r.wait(r"HARNESS GNTDEV before=(\d+) after=(\d+) destroy_rc=(\d+) destroy_secs=([\d.-]+) backend_alive=(\d)",
-                   400, fail=end)
-        before, after, drc, dsecs, alive = m.groups()
-        res.timings["xl-destroy"] = float(dsecs)
-        _flip(r, s, "destroy2", "xrgb8888", res, end)
-        ok = int(before) > 0 and int(after) == 0 and drc == "0" and alive == "1"
-        res.detail = (f"gntdev maps before={before} after={after} xl-destroy rc={drc} backend alive={alive}; "
-                      f"second DomU: {res.detail}")
-        if not ok:
-            res.status = "FAIL"
-    elif s == "xen-restart":
-        sw = Stopwatch()
-        m = r.wait(rf"\[restart\].*(?:{HOLD_RX})", 400, fail=end)
-        res.timings["create→hold1"] = sw.lap()
-        c1 = r.check_hold("restart", m, "hold1")
-        r.wait(r"HARNESS BACKEND KILLED", 60, fail=end)
-        sw.lap()
-        m = r.wait(rf"\[restart\].*(?:{HOLD_RX})", 400, fail=_guest_fail("restart", end))
-        res.timings["restart→hold2"] = sw.lap()
-        c2 = r.check_hold("restart", m, "hold2")
-        res.status = "PASS" if c1.ok and c2.ok else "FAIL"
-        res.detail = f"before kill: {c1.detail}\nafter restart: {c2.detail}"
-    elif s == "xen-two-domus":
-        _two_domus(r, res, end)
-    elif s == "xen-noisy-neighbour":
-        _noisy_neighbour(r, res, end)
-    elif s == "xen-destroy-loop":
-        _destroy_loop(r, res, end)
-    elif s == "xen-refused":
-        _refused(r, res, end)
-    elif s == "xen-wayland":
-        _xen_wayland(r, res, end)
-    elif s == "xen-weston-guest":
-        _weston_guest(r, res, end)
-    elif s == "xen-modetest-guest":
-        _modetest_guest(r, res, end)
-    elif s == "xen-launch":
-        _launch(r, res, end)
-    elif s == "xen-input":
-        _input(r, res, end)
-    elif s in ("xen-drvdom-bealloc", "xen-drvdom-copy"):
-        _drvdom(r, res, end, bealloc=s == "xen-drvdom-bealloc")
-    elif s in ("xen-bealloc", "xen-zcopy-auto-fallback") or s in ZCOPY_SCENARIOS:
-        _zero_copy(r, s, res, end)
-    else:
-        res.detail = "not implemented"
+    row = scenarios.BY_NAME.get(s)
+    if row is None or row.group not in ("xen", "zcopy"):
+        res.detail = "no Xen row in lib/scenarios.py"
         return
+    CHECKS[row.check](r, s, res, end, *row.spec)
     m = r.wait(rf"HARNESS SCENARIO {s} END rc=(\d+)", 400)
     if m.group(1) != "0" and res.status == "PASS":
         res.status, res.detail = "FAIL", f"Dom0 scenario script rc={m.group(1)}; {res.detail}"
@@ -814,7 +838,10 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
     out: list[Result] = []
     for kind, kind_names in (("stock", STOCK_SCENARIOS), ("zcopy", ZCOPY_SCENARIOS)):
         mine = [n for n in names if n in kind_names]
-        if mine:
+        if mine and vm.run_deadline_passed():
+            out += [Result(n, "FAIL", "not run: run deadline") for n in mine]
+        elif mine:
+            vm.boot_budget(args.boot_deadline, len(mine))
             out += run_boot(kind, mine, bins, args, accel, build_images)
     return out
 
@@ -967,8 +994,15 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
         boot["toolstack"] = sw.lap()
         print(f"--- Dom0 ready at {v.elapsed():.1f}s: " + " ".join(f"{k}={t:.1f}s" for k, t in boot.items())
               + f" cards: {m.group(1)}", flush=True)
+        dead = ""  # why the rest of this boot's scenarios are not run
         for idx, s in enumerate(names):
             res = results[idx]
+            if not dead and v.deadline_passed():
+                dead = f"{v.deadline_what} passed"
+            if dead:
+                res.detail = f"not run: {dead}"
+                print(f"--- {s}: FAIL {res.detail}", flush=True)
+                continue
             res.timings.update({f"boot:{k}": t for k, t in boot.items()} if idx == 0 else {})
             t0 = time.monotonic()
             begin = r.i
@@ -983,18 +1017,26 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
                     r"HARNESS (BACKEND|XL-CREATE|TIMEOUT|GAVE-UP|GNTDEV|ZC|TWO|NN|DLOOP|MAPS|REFUSED|LAUNCH)|GUEST-CLIENT ERROR|unable to add|panic|\[diag:"
                     r"|\[be-log:\S+\].*(WARN|ERROR)", l)][:10]
                 res.detail = f"{e}" + "".join(f"\n  {l}" for l in extra)
-                # resynchronise on this scenario's end marker
-                try:
-                    r.wait(rf"HARNESS SCENARIO {s} END", 400)
-                except vm.Timeout:
-                    pass
+                if isinstance(e, vm.DeadlineExceeded):
+                    dead = f"{v.deadline_what} passed"
+                else:
+                    # Resynchronise on this scenario's end marker; a Dom0 that does not get
+                    # there is taken as hung: the rest of the boot is not waited for.
+                    try:
+                        r.wait(rf"HARNESS SCENARIO {s} END", 400)
+                    except vm.DeadlineExceeded:
+                        dead = f"{v.deadline_what} passed"
+                    except vm.Timeout as e2:
+                        dead = f"Dom0 did not end scenario {s} ({e2}): boot abandoned"
             res.timings["scenario"] = time.monotonic() - t0
             print(f"--- {s}: {res.status} {res.timing_str()}\n    {res.detail}", flush=True)
-        r.wait(r"HARNESS DOM0 DONE", 120)
+        if not dead:
+            r.wait(r"HARNESS DOM0 DONE", 120)
     except (vm.Timeout, RuntimeError) as e:
         for res in results.values():
             if res.detail == "not run":
-                res.detail = f"Xen boot/run ({kind}): {e}\n{v.tail()}"
+                why = "boot deadline: " if isinstance(e, vm.DeadlineExceeded) else ""
+                res.detail = f"not run: {why}Xen boot/run ({kind}): {e}\n{v.tail()}"
     finally:
         rc = v.stop(timeout=60)
         total = v.elapsed()
