@@ -77,7 +77,7 @@ class Prebuild:
         self.procs.clear()
 
 
-def kinds_for(names: list[str], kms_scenarios, xen_stock, xen_zcopy, third_party, wayland_scenarios,
+def kinds_for(names: list[str], kms_scenarios, xen_stock, xen_zcopy, zcopy_kind, third_party, wayland_scenarios,
               arm64_scenarios) -> list[str]:
     """The build kinds the scenario list needs, in the order the run uses them."""
     kinds = []
@@ -86,7 +86,7 @@ def kinds_for(names: list[str], kms_scenarios, xen_stock, xen_zcopy, third_party
     if any(n in xen_stock or n in xen_zcopy for n in names):
         kinds.append("xen")
     if any(n in xen_zcopy for n in names):
-        kinds.append("zcopy")
+        kinds.append(zcopy_kind([n for n in names if n in xen_zcopy]))
     if any(n in third_party or n in wayland_scenarios for n in names):
         kinds.append("weston")
     if any(n in arm64_scenarios for n in names):
