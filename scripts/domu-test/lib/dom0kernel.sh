@@ -43,7 +43,12 @@ prepare_dom0_kernel() {
     done
     [[ -e /usr/include/libelf.h ]] || need+=(libelf-dev)
     [[ -e /usr/include/openssl/ssl.h ]] || need+=(libssl-dev)
-    if ((${#need[@]})); then apt_install "${need[@]}"; fi
+    if ((${#need[@]})); then
+        apt_updated
+        log "installing kernel build tools: ${need[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null \
+            || die "apt-get install ${need[*]} failed"
+    fi
     apt_updated
     DOM0K_SRC_DEB=$(fetch_deb linux-source-6.1)
     DOM0K_DIR=$CACHE/dom0kernel-$(content_hash "$DOM0K_SRC_DEB" "$DOM0K_FRAGMENT" "$LIB_DIR/dom0kernel.sh")
