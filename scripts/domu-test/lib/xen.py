@@ -814,8 +814,10 @@ def zcopy_kind(names: list[str]) -> str:
     dma-buf and VKMS modules (lib/zcopy.sh, ~1-2.5 min cold), "dom0kernel" = the whole
     kernel built from linux-source-6.1 (lib/dom0kernel.sh, 8-26 min cold). The xen-drvdom-*
     scenarios still need the latter: with Debian's kernel in the driver domain its first
-    VKMS modeset took 7.4 and 7.8 s (0.18 s with the built kernel), past xen-drm-front's 3 s
-    request timeout (guest: "Failed to enable display: -110"); cause not found yet.
+    VKMS modeset took 7.4 and 7.8 s, past xen-drm-front's 3 s request timeout (guest:
+    "Failed to enable display: -110"), at host load 17-22. The built kernel took 0.18 s in an
+    earlier run, but 4.8 s (the same FAIL) at load ~15: load, not only the kernel; until a
+    run on a quieter host passes with the modules, the drvdom ones keep the built kernel.
     DISPLBACK_ZCOPY_DOM0=modules|source overrides."""
     force = os.environ.get("DISPLBACK_ZCOPY_DOM0", "")
     if force in ("modules", "source"):
