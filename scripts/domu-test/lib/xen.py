@@ -467,7 +467,7 @@ def _drvdom(r: Run, res: Result, end: str, bealloc: bool) -> None:
     DBUF_DESTROY replies and mappings, all from the driver domain's console. be-alloc
     buffers must be scanned out without a copy; guest buffers take the copy path (x86)."""
     sw = Stopwatch()
-    # Debian's kernel as PVH: >100 s to its init under TCG on a loaded host (dom0-init waits 300 s).
+    # 81-131 s to its init under TCG at host load 15-22, either kernel (dom0-init waits 300 s).
     booted = r.wait(r"\[drvdom\].*HARNESS-DRVDOM BOOTED .*guest_type=(\S*)", 330,
                     fail=_guest_fail("drvdom", end), what="the driver domain's init")
     r.wait(r"\[drvdom\].*HARNESS-DRVDOM WATCHING", 120, fail=_guest_fail("drvdom", end) + "|BACKEND-FAILED",
