@@ -65,6 +65,14 @@ zcopy)
     ;;
 dom0kernel)
     source "$HERE/dom0kernel.sh"
+    # Its build tools under the apt lock first (builds run concurrently; prepare_dom0_kernel
+    # would install them without it, and its text is part of the cached kernel's key).
+    need=()
+    for b in bison flex bc; do command -v "$b" >/dev/null 2>&1 || need+=("$b"); done
+    command -v gcc >/dev/null 2>&1 && command -v make >/dev/null 2>&1 || need+=(build-essential)
+    [[ -e /usr/include/libelf.h ]] || need+=(libelf-dev)
+    [[ -e /usr/include/openssl/ssl.h ]] || need+=(libssl-dev)
+    ((${#need[@]} == 0)) || apt_install "${need[@]}"
     prepare_dom0_kernel
     echo "DOM0K_VMLINUX=$DOM0K_VMLINUX"
     echo "DOM0K_RELEASE=$DOM0K_RELEASE"

@@ -77,7 +77,7 @@ class Prebuild:
         self.procs.clear()
 
 
-def kinds_for(names: list[str], kms_scenarios, xen_stock, xen_zcopy, third_party, wayland_scenarios,
+def kinds_for(names: list[str], kms_scenarios, xen_stock, xen_zcopy, zcopy_kind, third_party, wayland_scenarios,
               arm64_scenarios) -> list[str]:
     """The build kinds the scenario list needs, in the order the run uses them."""
     kinds = []
@@ -85,8 +85,10 @@ def kinds_for(names: list[str], kms_scenarios, xen_stock, xen_zcopy, third_party
         kinds.append("kms")
     if any(n in xen_stock or n in xen_zcopy for n in names):
         kinds.append("xen")
-    # kms-demo-udmabuf's VKMS + udmabuf modules come from the zcopy build too.
-    if any(n in xen_zcopy or (n in kms_scenarios and kms_scenarios[n][0] == "vkms") for n in names):
+    if any(n in xen_zcopy for n in names):
+        kinds.append(zcopy_kind([n for n in names if n in xen_zcopy]))
+    # kms-demo-udmabuf's VKMS + udmabuf modules come from the zcopy build.
+    if "zcopy" not in kinds and any(n in kms_scenarios and kms_scenarios[n][0] == "vkms" for n in names):
         kinds.append("zcopy")
     if any(n in third_party or n in wayland_scenarios for n in names):
         kinds.append("weston")
