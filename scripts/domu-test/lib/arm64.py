@@ -118,6 +118,9 @@ def _check_cost(r: Run, res: Result) -> None:
         problems.append(f"copy backend's KMS counters (copied, zero_copy) = {counters['copy']}: want copies only")
     if counters["zcopy"] is None or counters["zcopy"][0] != 0 or counters["zcopy"][1] == 0:
         problems.append(f"zero-copy backend's KMS counters (copied, zero_copy) = {counters['zcopy']}: want no copies")
+    idle = {m.group(1): (int(m.group(2)), int(m.group(3)))
+            for l in r.lines(r"HARNESS COST-IDLE ")
+            if (m := re.search(r"path=(\w+) secs=5 cpu_ticks=(-?\d+) cpu_ns=(-?\d+)", l))}
     us: dict[tuple[str, str], float] = {}
     table = ["  path       size        flips  cpu_ms  us/flip(stat)  us/flip(schedstat)  guest p50_ms  p99_ms"]
     keyvals = []
@@ -152,6 +155,12 @@ def _check_cost(r: Run, res: Result) -> None:
                            f"p50_ms={p50} p99_ms={p99}")
             table.append(f"  {want_path:<10} {size:<10} {flips:>6} {ticks * 1e3 / USER_HZ:>7.0f} "
                          f"{us[(path, size)]:>14.0f} {us_ns:>19.0f} {p50:>13} {p99:>7}")
+    for path in COST_PATHS:
+        if path in idle:
+            keyvals.append(f"ARM64-COST-IDLE path={path} secs=5 cpu_ticks={idle[path][0]} cpu_ns={idle[path][1]}")
+            table.append(f"  {COST_PATHS[path]:<10} idle 5 s, no guest: {idle[path][0] * 1e3 / USER_HZ:.0f} ms CPU")
+        else:
+            problems.append(f"{path}: no idle measurement")
     goals = []
 
     def goal(name: str, num: tuple[str, str], den: tuple[str, str], limit: float, what: str) -> None:

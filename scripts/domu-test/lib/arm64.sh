@@ -4,7 +4,8 @@
 #   $CACHE/arm64-kmods-<hash>   xen-gntdev.ko with CONFIG_XEN_GNTDEV_DMABUF, drm_xen_front.ko
 #                               (DomU), vkms.ko (Dom0), each with its lib/arm64/<module>-*.patch:
 #                               gntdev vmap + dma_dev; xen-drm-front max height 4095 (stock
-#                               2047 rules out 3840x2160 guests); VKMS a 3840x2160 mode
+#                               2047 rules out 3840x2160 guests) and a 30 s wait for the
+#                               backend (3 s is too short under TCG at 4K); VKMS a 3840x2160 mode
 #                               and a second CRTC + connector (module parameter outputs=2)
 #   $CACHE/arm64-images-<hash>  xen, Image, dom0-base.cpio.gz, domu-base.cpio.gz
 # Sets ARM64_XEN ARM64_IMAGE ARM64_DOM0_BASE ARM64_DOMU_BASE ARM64_XEN_VERSION.
