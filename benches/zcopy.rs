@@ -1,15 +1,22 @@
-//! Per-flip backend CPU time: zero-copy vs copy, at 1024x768, 1920x1080 and 3840x2160
-//! (XRGB8888). Prints medians and the ratios, all measured in this run.
+//! A SIMULATION, not the zero-copy cost: per-flip time of a memcpy of the whole frame vs a
+//! HashMap lookup standing in for the zero-copy flip, at 1024x768, 1920x1080 and 3840x2160
+//! (XRGB8888). It shows only that a copy grows with the frame and a lookup does not; it
+//! says nothing about what a real zero-copy flip costs, and its ratios are not goals.
 //!
-//! What is measured, honestly:
+//! The real per-flip cost (backend CPU time from /proc over >= 300 flips, real gntdev
+//! dma-buf export, PRIME import and KMS commits, copy vs zero-copy at the same three sizes)
+//! is measured on Xen 4.20 arm64 by the harness scenario `arm64-cost`
+//! (`scripts/domu-test/run --scenario arm64-cost`); README's headline table is that one.
+//!
+//! What this bench times:
 //! * copy: one memcpy of the whole frame out of a `MappedRegion` (anonymous memory
 //!   standing in for the guest's mapped grants) into a private buffer — the least the
 //!   copy path does per flip (the KMS copy writes into a dumb buffer instead, which is
 //!   often write-combined and slower).
-//! * zero-copy: the simulated per-flip work of the zero-copy path — look the imported
-//!   framebuffer up by cookie and issue the flip (`SimScanout::flip`, a constant-cost
-//!   call). On hardware the flip is one `DRM_IOCTL_MODE_PAGE_FLIP` whose cost does not
-//!   depend on the resolution either; that syscall is NOT measured here.
+//! * "zero-copy": a HashMap lookup of a simulated imported framebuffer and
+//!   `SimScanout::flip` (a constant-cost call). No ioctl is made: neither the DRM commit
+//!   nor anything the kernel does per flip (a driver that vmaps the buffer, as VKMS does,
+//!   pays per page) is in it.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -85,10 +92,12 @@ fn zero_copy_ns(bytes: usize) -> f64 {
 
 fn main() {
     let start = Instant::now();
-    println!("zcopy bench: per-flip backend CPU time, XRGB8888, median of {SAMPLES} batches");
+    println!("zcopy bench (SIMULATED zero-copy): XRGB8888, median of {SAMPLES} batches");
     println!("method: copy = memcpy of the whole frame from a MappedRegion (anonymous memory) into a Vec;");
-    println!("        zero-copy = SIMULATED per-flip work: HashMap lookup of the imported fb + SimScanout::flip");
-    println!("        (constant cost; the real DRM page-flip ioctl is not measured)");
+    println!(
+        "        \"zero-copy\" = a HashMap lookup + SimScanout::flip: no ioctl, no kernel work;"
+    );
+    println!("        not the real zero-copy cost (that is the harness's arm64-cost table)");
     let mut zc = Vec::new();
     for (w, h) in [(1024u32, 768u32), (1920, 1080), (3840, 2160)] {
         let bytes = w as usize * h as usize * 4;
@@ -96,17 +105,15 @@ fn main() {
         let z = zero_copy_ns(bytes);
         zc.push(z);
         println!(
-            "{w:>4}x{h:<4}  copy {:>10.1} us/flip ({:>6.2} GB/s)   zero-copy {:>8.1} ns/flip   zero-copy/copy = {:.2e}",
+            "{w:>4}x{h:<4}  copy {:>10.1} us/flip ({:>6.2} GB/s)   simulated lookup {:>8.1} ns/flip",
             c / 1000.0,
             bytes as f64 / c,
             z,
-            z / c
         );
     }
-    let ratio = zc[2] / zc[1];
     println!(
-        "zero-copy 3840x2160 / 1920x1080 = {ratio:.2} (goal <= 1.2: {})",
-        if ratio <= 1.2 { "met" } else { "NOT met" }
+        "simulated lookup 3840x2160 / 1920x1080 = {:.2} (a lookup; no goal is checked here)",
+        zc[2] / zc[1]
     );
     println!("total {:.1} s", start.elapsed().as_secs_f64());
 }

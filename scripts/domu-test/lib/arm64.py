@@ -26,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 XEN_DIR = os.path.join(os.path.dirname(HERE), "xen")
 REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
 
-SCENARIOS = ["arm64-zcopy-frontend", "arm64-zcopy-bealloc", "arm64-zcopy-destroy", "arm64-copy"]
+SCENARIOS = ["arm64-zcopy-frontend", "arm64-zcopy-bealloc", "arm64-zcopy-destroy", "arm64-two-domus",
+             "arm64-cost", "arm64-copy"]
 # The gntdev module each scenario needs, one kind per boot (xenstored and xenconsoled keep
 # /dev/xen/gntdev open, so it cannot be swapped): "dmabuf" = the harness's gntdev with
 # CONFIG_XEN_GNTDEV_DMABUF, "stock" = Debian's (no dma-buf). A boot takes ~25 s to Dom0.
@@ -34,6 +35,14 @@ GNTDEV_KIND = {"arm64-copy": "stock"}
 TARGET = "aarch64-unknown-linux-gnu"
 BINS = ["displback", "guest_client", "scanout_check"]
 FRAMES = 120  # flips per guest (TCG on arm64 is slow; 120 keeps the warm run near 3 min)
+# arm64-cost: flips per flooding guest; the measured window (first answered flip to the
+# guest's HOLD) must hold at least COST_MIN_FLIPS of them.
+COST_FLIPS, COST_MIN_FLIPS = 360, 300
+COST_SIZES = ["1024x768", "1920x1080", "3840x2160"]
+COST_PATHS = {"copy": "copy", "zcopy": "zero-copy"}  # run name -> displback status path
+USER_HZ = 100  # /proc/PID/stat ticks: USER_HZ is 100 on arm64
+# Goals (issue 13 item 5): zero-copy per-flip CPU flat in resolution, and cheap next to a copy.
+GOAL_FLAT, GOAL_VS_COPY = 1.2, 0.1
 XEN_CMDLINE = "console=dtuart dom0_mem=1G,max:1G dom0_max_vcpus=1 loglvl=all guest_loglvl=all"
 DOM0_CMDLINE = "console=hvc0 earlycon=xen loglevel=4 rdinit=/init"
 # QEMU puts the device tree at RAM base + 128 MiB (0x48000000) when there is no -initrd:
@@ -91,10 +100,97 @@ def _kv(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(-?\d+)", text)}
 
 
+def _check_cost(r: Run, res: Result) -> None:
+    """arm64-cost: the six HARNESS COST lines (copy / zero-copy x three sizes) and the two
+    backends' KMS counters. A missing or short measurement is a FAIL; a missed goal is
+    reported as "NOT met" (TCG figures, see README) and does not fail the scenario."""
+    problems: list[str] = []
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for l in r.lines(r"HARNESS COST path="):
+        kv = dict(re.findall(r"(\w+)=(\S+)", l.split("HARNESS COST ", 1)[1]))
+        rows[(kv.get("path", "?"), kv.get("size", "?"))] = kv
+    counters = {}
+    for path in COST_PATHS:
+        line = next((l for l in r.lines(rf"^\[be-log:cost-{path}\] .*KMS frames shown")), "")
+        m = re.search(r"copied=(\d+) zero_copy=(\d+)", line)
+        counters[path] = (int(m.group(1)), int(m.group(2))) if m else None
+    if counters["copy"] is None or counters["copy"][0] == 0 or counters["copy"][1] != 0:
+        problems.append(f"copy backend's KMS counters (copied, zero_copy) = {counters['copy']}: want copies only")
+    if counters["zcopy"] is None or counters["zcopy"][0] != 0 or counters["zcopy"][1] == 0:
+        problems.append(f"zero-copy backend's KMS counters (copied, zero_copy) = {counters['zcopy']}: want no copies")
+    idle = {m.group(1): (int(m.group(2)), int(m.group(3)))
+            for l in r.lines(r"HARNESS COST-IDLE ")
+            if (m := re.search(r"path=(\w+) secs=5 cpu_ticks=(-?\d+) cpu_ns=(-?\d+)", l))}
+    us: dict[tuple[str, str], float] = {}
+    table = ["  path       size        flips  cpu_ms  us/flip(stat)  us/flip(schedstat)  guest p50_ms  p99_ms"]
+    keyvals = []
+    for path, want_path in COST_PATHS.items():
+        for size in COST_SIZES:
+            kv = rows.get((path, size))
+            if kv is None or "error" in kv:
+                problems.append(f"{path} {size}: no measurement ({kv.get('error') if kv else 'no COST line'})")
+                continue
+            try:
+                flips, ticks, ns = int(kv["flips"]), int(kv["cpu_ticks"]), int(kv["cpu_ns"])
+            except (KeyError, ValueError):
+                problems.append(f"{path} {size}: unreadable COST line {kv}")
+                continue
+            bad = []
+            if flips < COST_MIN_FLIPS:
+                bad.append(f"only {flips} flips measured (want >= {COST_MIN_FLIPS})")
+            if kv.get("guest_ok") != "1":
+                bad.append(f"guest client ok={kv.get('guest_ok')}")
+            if kv.get("status_path") != want_path:
+                bad.append(f"status says path={kv.get('status_path')} (want {want_path})")
+            if ticks <= 0:
+                bad.append("no CPU time measured")
+            if bad:
+                problems.append(f"{path} {size}: " + "; ".join(bad))
+                continue
+            us[(path, size)] = ticks * 1e6 / USER_HZ / flips
+            us_ns = ns / 1e3 / flips
+            p50, p99 = kv.get("guest_p50_ms", "?"), kv.get("guest_p99_ms", "?")
+            keyvals.append(f"ARM64-COST path={path} size={size} flips={flips} cpu_ticks={ticks} "
+                           f"us_per_flip={us[(path, size)]:.0f} schedstat_us_per_flip={us_ns:.0f} "
+                           f"p50_ms={p50} p99_ms={p99}")
+            table.append(f"  {want_path:<10} {size:<10} {flips:>6} {ticks * 1e3 / USER_HZ:>7.0f} "
+                         f"{us[(path, size)]:>14.0f} {us_ns:>19.0f} {p50:>13} {p99:>7}")
+    for path in COST_PATHS:
+        if path in idle:
+            keyvals.append(f"ARM64-COST-IDLE path={path} secs=5 cpu_ticks={idle[path][0]} cpu_ns={idle[path][1]}")
+            table.append(f"  {COST_PATHS[path]:<10} idle 5 s, no guest: {idle[path][0] * 1e3 / USER_HZ:.0f} ms CPU")
+        else:
+            problems.append(f"{path}: no idle measurement")
+    goals = []
+
+    def goal(name: str, num: tuple[str, str], den: tuple[str, str], limit: float, what: str) -> None:
+        if num in us and den in us and us[den] > 0:
+            ratio = us[num] / us[den]
+            met = ratio <= limit
+            keyvals.append(f"ARM64-COST-GOAL name={name} ratio={ratio:.3f} limit={limit} met={int(met)}")
+            goals.append(f"{what}: {ratio:.2f} (goal <= {limit}): {'met' if met else 'NOT met'}")
+        else:
+            goals.append(f"{what}: not measured")
+
+    goal("zcopy-flat", ("zcopy", "3840x2160"), ("zcopy", "1920x1080"), GOAL_FLAT,
+         "zero-copy per-flip CPU 3840x2160 / 1920x1080")
+    goal("zcopy-vs-copy", ("zcopy", "1920x1080"), ("copy", "1920x1080"), GOAL_VS_COPY,
+         "zero-copy / copy per-flip CPU at 1920x1080")
+    res.cost_lines = keyvals  # printed by run_all at the end of the group
+    res.status = "PASS" if not problems else "FAIL"
+    res.detail = ("backend CPU per flip (utime+stime over the window; TCG, VKMS vmaps each buffer per commit), "
+                  f"KMS counters copy={counters['copy']} zero-copy={counters['zcopy']}\n"
+                  + "\n".join(table) + "\n" + "\n".join(goals)
+                  + "".join(f"\nPROBLEM: {p}" for p in problems))
+
+
 def _check(r: Run, s: str, res: Result) -> None:
     """Reads a finished scenario's markers (between its BEGIN and END) and judges it."""
+    if s == "arm64-cost":
+        _check_cost(r, res)
+        return
     name = {"arm64-zcopy-frontend": "zfront", "arm64-zcopy-bealloc": "zbealloc", "arm64-copy": "zcopy",
-            "arm64-zcopy-destroy": "zdestroy"}[s]
+            "arm64-zcopy-destroy": "zdestroy", "arm64-two-domus": "ztwo"}[s]
     problems: list[str] = []
 
     def need(cond: bool, why: str) -> None:
@@ -127,6 +223,19 @@ def _check(r: Run, s: str, res: Result) -> None:
          f"backend mappings after the guest was gone: {gone or 'not reported'} (want gntdev/gntalloc/dma-bufs 0)")
     need(stopped.get("dmabufs_sys", -1) == r.dmabufs_base,
          f"dma-bufs alive in Dom0 after the backend stopped: {stopped.get('dmabufs_sys')} (before: {r.dmabufs_base})")
+    if s == "arm64-two-domus":  # one readback per guest (pattern connectors 0 and 1)
+        for tag, conn in (("ztwo", "left=Virtual-1"), ("ztwo2", "right=Virtual-2")):
+            sc = [l.split("] ", 1)[1] for l in r.lines(rf"^\[scan:{tag}\] SCANOUT-CHECK ")]
+            need(bool(sc) and sc[-1].startswith("SCANOUT-CHECK ok=1"),
+                 f"guest on {conn}: {sc[-1] if sc else 'no SCANOUT-CHECK line'}")
+        n_ok = len([l for l in r.lines(r"GUEST-CLIENT RESULT ok=1")])
+        need(n_ok == 2, f"{n_ok} guest clients reported ok=1 (want 2)")
+        # At the same time: both were flipping before either held (console order in Dom0).
+        seen = [(j, l) for j, (_, l) in enumerate(r.v.lines[r.begin:r.i + 1])]
+        flipping = [next((j for j, l in seen if f"[ztwo{g}] GUEST-CLIENT FLIPPING" in l), None) for g in "ab"]
+        first_hold = next((j for j, l in seen if re.search(r"\[ztwo[ab]\] GUEST-CLIENT HOLD", l)), None)
+        need(None not in flipping and first_hold is not None and max(flipping) < first_hold,
+             f"the guests did not flip at the same time (FLIPPING lines at {flipping}, first HOLD at {first_hold})")
     if s == "arm64-copy":
         ref = next((l for l in r.lines(r"HARNESS REFUSED rc=")), "")
         rm = re.search(r"rc=(\d+) reason=(.*?) uptime=", ref)
@@ -157,7 +266,8 @@ def _check(r: Run, s: str, res: Result) -> None:
                      f"before [{dm.group(4)}] after [{dm.group(5)}]; next guest: ")
             res.timings["xl-destroy"] = float(dm.group(2))
     res.status = "PASS" if not problems else "FAIL"
-    res.detail = (f"{extra}{scans[-1] if scans else '(no readback)'} | {stats}\n"
+    shown = " / ".join(scans[-2:]) if s == "arm64-two-domus" else (scans[-1] if scans else "(no readback)")
+    res.detail = (f"{extra}{shown} | {stats}\n"
                   f"backend: {startup or '(no zero-copy line)'}; KMS frames copied={copied} zero_copy={zc}\n"
                   f"mappings " + " ".join(f"{k}:{','.join(f'{a}={b}' for a, b in v.items())}" for k, v in maps.items())
                   + f" stopped:dmabufs_sys={stopped.get('dmabufs_sys')} (base {r.dmabufs_base})"
@@ -190,6 +300,12 @@ def run_all(names: list[str], args, build_images) -> list[Result]:
             res[0].timings["images"] = art["build_secs"]
             res[0].timings["aarch64-build"] = bins_secs
         out += res
+    cost = [x for x in out if getattr(x, "cost_lines", None) is not None]
+    for x in cost:  # the per-flip table, at the end of the group
+        print("=== arm64 per-flip cost (real ioctls, Xen 4.20 arm64 under TCG)", flush=True)
+        for l in x.cost_lines:
+            print(l, flush=True)
+        print(x.detail, flush=True)
     return out
 
 
@@ -201,7 +317,8 @@ def run_boot(kind: str, names: list[str], bins: dict, art: dict, args) -> list[R
         "init": (0o755, _read(os.path.join(XEN_DIR, "domu-init"))),
         "bin/guest_client": (0o755, _read(bins["guest_client"])),
     }, art["ARM64_DOMU_BASE"])
-    params = f"FRAMES={FRAMES}\nHOLD={max(args.hold, 5)}\nSCENARIOS=\"{' '.join(names)}\"\nGNTDEV_KIND={kind}\n"
+    params = (f"FRAMES={FRAMES}\nHOLD={max(args.hold, 5)}\nSCENARIOS=\"{' '.join(names)}\"\nGNTDEV_KIND={kind}\n"
+              f"COST_FLIPS={COST_FLIPS}\n")
     dom0 = _initrd(workdir, f"arm64-dom0-{kind}", {
         "init": (0o755, _read(os.path.join(XEN_DIR, "arm64-dom0-init"))),
         "harness/params": (0o644, params.encode()),
@@ -245,7 +362,7 @@ def run_boot(kind: str, names: list[str], bins: dict, art: dict, args) -> list[R
                               what="a guest's HOLD")
                 res.timings["to-hold"] = sw.lap()
                 del hold
-                m = r.wait(rf"HARNESS SCENARIO {s} END rc=(\d+)", 600)
+                m = r.wait(rf"HARNESS SCENARIO {s} END rc=(\d+)", 1800 if s == "arm64-cost" else 600)
                 _check(r, s, res)
                 if m.group(1) != "0" and res.status == "PASS":
                     res.status, res.detail = "FAIL", f"Dom0 scenario script rc={m.group(1)}; {res.detail}"

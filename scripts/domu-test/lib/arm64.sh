@@ -1,8 +1,12 @@
 # The `arm64` group's images (sourced by build.sh after common.sh and arm64-chroot.sh):
 # Xen 4.20 and Linux 6.12 from Debian trixie arm64, three out-of-tree modules built in the
 # chroot against Debian's arm64 headers, and two base initramfs images. Cached by content:
-#   $CACHE/arm64-kmods-<hash>   xen-gntdev.ko with CONFIG_XEN_GNTDEV_DMABUF (+ the patches
-#                               in lib/arm64/), drm_xen_front.ko (DomU), vkms.ko (Dom0)
+#   $CACHE/arm64-kmods-<hash>   xen-gntdev.ko with CONFIG_XEN_GNTDEV_DMABUF, drm_xen_front.ko
+#                               (DomU), vkms.ko (Dom0), each with its lib/arm64/<module>-*.patch:
+#                               gntdev vmap + dma_dev; xen-drm-front max height 4095 (stock
+#                               2047 rules out 3840x2160 guests) and a 30 s wait for the
+#                               backend (3 s is too short under TCG at 4K); VKMS a 3840x2160 mode
+#                               and a second CRTC + connector (module parameter outputs=2)
 #   $CACHE/arm64-images-<hash>  xen, Image, dom0-base.cpio.gz, domu-base.cpio.gz
 # Sets ARM64_XEN ARM64_IMAGE ARM64_DOM0_BASE ARM64_DOMU_BASE ARM64_XEN_VERSION.
 
@@ -28,8 +32,11 @@ _build_arm64_kmods() { # $1 = output dir
     cp "$k"/drivers/xen/gntdev* "$k/gntdev/"
     cp "$k"/drivers/gpu/drm/xen/*.[ch] "$k/xenfront/"
     cp "$k"/drivers/gpu/drm/vkms/*.[ch] "$k/vkms/"
+    # lib/arm64/<module>-*.patch applies to that module's sources (gntdev, xenfront, vkms).
     for p in "$LIB_DIR"/arm64/*.patch; do
-        patch -d "$k/gntdev" -p1 --no-backup-if-mismatch < "$p" >&2 || { log "patch $p failed"; return 1; }
+        m=${p##*/}; m=${m%%-*}
+        [ -d "$k/$m" ] || { log "patch $p: no module '$m'"; return 1; }
+        patch -d "$k/$m" -p1 --no-backup-if-mismatch < "$p" >&2 || { log "patch $p failed"; return 1; }
     done
     printf 'ccflags-y += -DCONFIG_XEN_GNTDEV_DMABUF=1\nobj-m := xen-gntdev.o\nxen-gntdev-y := gntdev.o gntdev-dmabuf.o\n' \
         > "$k/gntdev/Kbuild"

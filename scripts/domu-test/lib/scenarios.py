@@ -89,6 +89,9 @@ TABLE: list[Scenario] = [
     S("arm64-zcopy-frontend", "arm64", "be-alloc=0 guest, `--zero-copy on` on VKMS: EXP_FROM_REFS, PRIME import"),
     S("arm64-zcopy-bealloc", "arm64", "be-alloc=1 guest: VKMS dumb buffers granted with IMP_TO_REFS"),
     S("arm64-zcopy-destroy", "arm64", "`xl destroy` while a guest flips zero-copy buffers"),
+    S("arm64-two-domus", "arm64", "two guests, one `--zero-copy on` backend, two VKMS outputs (test-bed patch): each read back"),
+    S("arm64-cost", "arm64", "backend CPU per flip (/proc), copy vs zero-copy at 1024x768/1920x1080/3840x2160, "
+      "guest p50/p99: the per-flip table (goals printed met/NOT met)"),
     S("arm64-copy", "arm64", "Debian's gntdev: `--zero-copy on` refuses, `auto` copies"),
 ]
 del S
