@@ -19,27 +19,6 @@ DISPLAYS = {
 # (EINVAL); the demo converts, xen-drm-front takes it.
 SCENARIOS = {s.name: s.spec for s in scenarios.TABLE if s.group == "kms"}
 
-# The plain VM of kms-demo-udmabuf: Debian's kernel; its DRM modules (the base's
-# /etc/modules.load), then the out-of-tree vkms.ko and udmabuf.ko (lib/zcopy.sh) from the
-# overlay's /lib/modules/extra.
-INIT_VKMS = """#!/bin/sh
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-/bin/busybox mkdir -p /usr/bin /usr/sbin
-/bin/busybox --install -s
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-echo "HARNESS BOOTED uptime=$(cut -d' ' -f1 /proc/uptime)"
-for m in $(cat /etc/modules.load) /lib/modules/extra/vkms.ko /lib/modules/extra/udmabuf.ko; do
-  insmod $m || echo "HARNESS insmod $m failed"
-done
-i=0; while [ ! -e /dev/dri/card0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-echo "HARNESS DRM cards=$(ls /dev/dri 2>/dev/null | tr '\\n' ' ')"
-sh /etc/test.cmd
-echo "HARNESS-EXIT rc=$?"
-poweroff -f
-"""
-
 # In the VM: (1) the demo with --zero-copy on, its scan-out read back; (2) the same with
 # udmabuf's vmap switched off (VKMS then refuses every commit of an imported
 # framebuffer: the per-buffer fallback must copy and show the right picture); (3) the
@@ -198,13 +177,18 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "HARNESS BOOTED uptime=$(cut -d' ' -f1 /proc/uptime)"
-for m in $(cat /etc/modules.load); do insmod $m || echo "HARNESS insmod $m failed"; done
+for m in $(cat /etc/modules.load) EXTRA_MODULES; do insmod $m || echo "HARNESS insmod $m failed"; done
 i=0; while [ ! -e /dev/dri/card0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 echo "HARNESS DRM uptime=$(cut -d' ' -f1 /proc/uptime) cards=$(ls /dev/dri 2>/dev/null | tr '\\n' ' ')"
 sh /etc/test.cmd
 echo "HARNESS-EXIT rc=$?"
 poweroff -f
 """
+# The plain VM of kms-demo-udmabuf: Debian's kernel; its DRM modules (the base's
+# /etc/modules.load), then the out-of-tree vkms.ko and udmabuf.ko (lib/zcopy.sh) from the
+# overlay's /lib/modules/extra.
+INIT_VKMS = INIT.replace("EXTRA_MODULES", "/lib/modules/extra/vkms.ko /lib/modules/extra/udmabuf.ko")
+INIT = INIT.replace(" EXTRA_MODULES", "")
 
 
 def kv(line: str) -> dict[str, str]:
