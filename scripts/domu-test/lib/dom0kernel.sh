@@ -6,7 +6,6 @@
 # Sets DOM0K_DIR (vmlinux, bzImage, config, build-secs), DOM0K_VMLINUX, DOM0K_RELEASE.
 
 DOM0K_FRAGMENT=$LIB_DIR/dom0-kernel.config
-DOM0K_PATCH=$LIB_DIR/dom0-udmabuf-vmap.patch
 
 _build_dom0_kernel() { # $1 = output dir
     local out=$1 src=$1/src t0 missing
@@ -15,7 +14,6 @@ _build_dom0_kernel() { # $1 = output dir
     dpkg-deb --fsys-tarfile "$DOM0K_SRC_DEB" | tar -x -O --wildcards './usr/src/linux-source-*.tar.xz' \
         | xz -d | tar -x -C "$out" || return 1
     mv "$out"/linux-source-* "$src"
-    patch -d "$src" -p1 -s < "$DOM0K_PATCH" || return 1
     (
         cd "$src"
         make -s x86_64_defconfig && make -s xen.config \
@@ -53,7 +51,7 @@ prepare_dom0_kernel() {
     fi
     apt_updated
     DOM0K_SRC_DEB=$(fetch_deb linux-source-6.1)
-    DOM0K_DIR=$CACHE/dom0kernel-$(content_hash "$DOM0K_SRC_DEB" "$DOM0K_FRAGMENT" "$DOM0K_PATCH" "$LIB_DIR/dom0kernel.sh")
+    DOM0K_DIR=$CACHE/dom0kernel-$(content_hash "$DOM0K_SRC_DEB" "$DOM0K_FRAGMENT" "$LIB_DIR/dom0kernel.sh")
     [[ -e $DOM0K_DIR/.done ]] || log "building the zero-copy Dom0 kernel (not cached: expect 10-25 min on 2 cores)"
     build_once "$DOM0K_DIR" _build_dom0_kernel
     DOM0K_VMLINUX=$DOM0K_DIR/vmlinux
