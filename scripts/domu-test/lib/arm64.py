@@ -20,7 +20,7 @@ import subprocess
 import time
 
 from . import cpio, vm
-from .common import Result, Stopwatch
+from .common import Result, Stopwatch, refusals
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 XEN_DIR = os.path.join(os.path.dirname(HERE), "xen")
@@ -212,7 +212,7 @@ def _check(r: Run, s: str, res: Result) -> None:
     scans = [l.split("] ", 1)[1] for l in r.lines(rf"^\[scan:{name}2?\] SCANOUT-CHECK ")]
     stats = next((l.split("GUEST-CLIENT ", 1)[1] for l in r.lines(r"GUEST-CLIENT .*p50_us=")), "")
     stats = " ".join(t for t in stats.split() if t.split("=")[0] in ("frames", "p50_us", "p99_us", "max_us"))
-    refused = [l.split("] ", 1)[1] for l in belog if "refused" in l]
+    refused = [l.split("] ", 1)[1] for l in refusals(belog)]
 
     need(bool(scans) and scans[-1].startswith("SCANOUT-CHECK ok=1"),
          f"scan-out readback: {scans[-1] if scans else 'no SCANOUT-CHECK line'}")

@@ -1,5 +1,6 @@
 """Scenario results, the summary table, and shared constants for the runners."""
 
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,17 @@ PROGRAMS = {
 HOLD_RX = (r"(?:GUEST-CLIENT HOLD frame=(?P<frame>\d+) width=(?P<w>\d+) height=(?P<h>\d+)(?: conn=(?P<gconn>\d+))?)"
            r"|(?:DEMO HOLD frame=(?P<dframe>\d+) conn=(?P<conn>\d+) width=(?P<dw>\d+) height=(?P<dh>\d+))")
 ERROR_RX = r"GUEST-CLIENT ERROR|HARNESS-EXIT rc=[1-9]|Kernel panic"
+
+
+# The backend's line for a request it refused with an errno (src/displif/connection.rs:
+# "refused <Request>: <why>"); not the counters that merely name refusals
+# (`imports_refused=0` in the KMS exit line).
+REFUSED_RX = re.compile(r"\brefused [A-Z][A-Za-z]*")
+
+
+def refusals(lines) -> list[str]:
+    """The backend log lines that report a refused request."""
+    return [l for l in lines if REFUSED_RX.search(l)]
 
 
 def hold_info(m) -> tuple[int, int, int, int]:

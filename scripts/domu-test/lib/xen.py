@@ -15,7 +15,7 @@ import subprocess
 import time
 
 from . import cpio, pattern, pixels, scenarios, vm, weston
-from .common import HOLD_RX, Result, Stopwatch, hold_info
+from .common import HOLD_RX, Result, Stopwatch, hold_info, refusals
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 XEN_DIR = os.path.join(os.path.dirname(HERE), "xen")
@@ -340,7 +340,7 @@ def _refused(r: Run, res: Result, end: str) -> None:
     err = r.guest_lines("refused", r"GUEST-CLIENT ERROR")
     runs = [re.search(r"rc=(\d+)", l).group(1) for l in r.guest_lines("refused", r"HARNESS-DOMU RUN n=")]
     results = _results(r, "refused")
-    refusal = [l for l in _be_log(r, "refused") if "refused" in l]
+    refusal = refusals(_be_log(r, "refused"))
     problems = []
     if not err or "logged an error" not in err[0]:
         problems.append(f"no GUEST-CLIENT ERROR naming the driver's error: {err[:1]}")
@@ -407,7 +407,7 @@ def _zero_copy(r: Run, s: str, res: Result, end: str) -> None:
     copied, zc = (int(cm.group(1)), int(cm.group(2))) if cm else (None, None)
     replies = [re.search(r"op=(\d+) status=(-?\d+)", l) for l in log if " reply" in l]
     destroys = [int(x.group(2)) for x in replies if x and int(x.group(1)) == DBUF_DESTROY]
-    refused = [l for l in log if "refused" in l]
+    refused = refusals(log)
     for step in ("card", "hold", "exited", "gone"):
         need(step in maps, f"no backend mappings reported at step '{step}'")
     # The guest paused at CARD-READY and CLIENT-EXITED until Dom0 had taken those
