@@ -119,6 +119,19 @@ def check_udmabuf(lines) -> tuple[str, str]:
     return ("FAIL" if problems else "PASS"), "\n".join(out + [f"problem: {p}" for p in problems])
 
 
+def _initrd(name: str, workdir: str, files: dict, base: str) -> str:
+    """The VM's initramfs: an overlay cpio of `files` (path -> (mode, bytes)), then the
+    cached `base`; returns its path."""
+    overlay = os.path.join(workdir, f"{name}.overlay.cpio")
+    cpio.write_newc(overlay, files)
+    initrd = os.path.join(workdir, f"{name}.initrd")
+    with open(initrd, "wb") as out:
+        # Uncompressed overlay first: the kernel cannot continue after a gzip member.
+        out.write(open(overlay, "rb").read())
+        out.write(open(base, "rb").read())
+    return initrd
+
+
 def run_udmabuf(name: str, art: dict, bins: dict, workdir: str, accel: list[str],
                 frames: int, boot_timeout: float) -> Result:
     """kms-demo-udmabuf: one boot of a plain VM, Debian's kernel with VKMS and udmabuf."""
@@ -138,13 +151,8 @@ def run_udmabuf(name: str, art: dict, bins: dict, workdir: str, accel: list[str]
         "bin/displback": (0o755, open(need["displback"], "rb").read()),
         "bin/scanout_check": (0o755, open(need["scanout_check"], "rb").read()),
     }
-    overlay = os.path.join(workdir, f"{name}.overlay.cpio")
-    cpio.write_newc(overlay, files)
-    initrd = os.path.join(workdir, f"{name}.initrd")
-    with open(initrd, "wb") as out:
-        out.write(open(overlay, "rb").read())
-        # Busybox and Debian's DRM modules.
-        out.write(open(art["ZC_KMS_INITRAMFS"], "rb").read())
+    # Busybox and Debian's DRM modules.
+    initrd = _initrd(name, workdir, files, art["ZC_KMS_INITRAMFS"])
     qargs = [*accel, "-m", "1G", "-smp", "2", "-machine", "pc", "-display", "none", "-vga", "none",
              "-kernel", art["VMLINUX"], "-initrd", initrd,
              "-append", "console=ttyS0 loglevel=4 panic=-1"]
@@ -238,13 +246,7 @@ def run_one(name: str, art: dict, bins: dict, workdir: str, accel: list[str],
         "etc/test.cmd": (0o644, (cmd + "\n").encode()),
         f"bin/{binary}": (0o755, open(path, "rb").read()),
     }
-    overlay = os.path.join(workdir, f"{name}.overlay.cpio")
-    cpio.write_newc(overlay, files)
-    initrd = os.path.join(workdir, f"{name}.initrd")
-    with open(initrd, "wb") as out:
-        # Uncompressed overlay first: the kernel cannot continue after a gzip member.
-        out.write(open(overlay, "rb").read())
-        out.write(open(art["KMS_INITRAMFS"], "rb").read())
+    initrd = _initrd(name, workdir, files, art["KMS_INITRAMFS"])
     qargs = [*accel, "-m", "1G", "-smp", "2", "-machine", "pc", "-display", "none",
              *DISPLAYS[display], "-kernel", art["VMLINUX"], "-initrd", initrd,
              "-append", "console=ttyS0 loglevel=4 panic=-1"]

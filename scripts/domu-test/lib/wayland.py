@@ -55,6 +55,23 @@ echo "HARNESS-EXIT rc=0"
 poweroff -f
 """
 
+
+def _demo_script(start: str, demo_args: str) -> str:
+    """Start Weston (`start`), run `displback demo --output wayland DEMO_ARGS` as its client
+    and print its DEMO HOLD/WAYLAND lines (frame, size: what the host looks for)."""
+    return f"""
+{start} || exit 1
+displback demo --output wayland {demo_args} --frames 120 --hold-secs {HOLD} > /tmp/demo.log 2>&1 &
+d=$!
+i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+grep -E 'DEMO (HOLD|WAYLAND)' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
+echo "HARNESS SHOWING client=displback-demo pid=$d hold={HOLD}"
+wait $d; rc=$?
+sed 's/^/[demo] /' /tmp/demo.log | grep -v -E 'DEMO (HOLD|WAYLAND)' | tail -5
+weston-run stop
+exit $rc
+"""
+
 STEPS = {
     "wayland-weston": f"""
 weston-run start desktop card0 || exit 1
@@ -70,34 +87,12 @@ weston-run stop
 """,
     # displback demo as a Wayland client of Weston; its DEMO HOLD line (frame, size) tells
     # the host which picture to look for.
-    "wayland-demo": f"""
-weston-run start desktop card0 || exit 1
-displback demo --output wayland --resolution {DEMO_RES[0]}x{DEMO_RES[1]} --frames 120 --hold-secs {HOLD} \\
-    > /tmp/demo.log 2>&1 &
-d=$!
-i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
-grep -E 'DEMO (HOLD|WAYLAND)' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
-echo "HARNESS SHOWING client=displback-demo pid=$d hold={HOLD}"
-wait $d; rc=$?
-sed 's/^/[demo] /' /tmp/demo.log | grep -v -E 'DEMO (HOLD|WAYLAND)' | tail -5
-weston-run stop
-exit $rc
-""",
+    "wayland-demo": _demo_script("weston-run start desktop card0",
+                                 f"--resolution {DEMO_RES[0]}x{DEMO_RES[1]}"),
     # The IVI shell: an ivi-application surface whose id is the connector's unique-id;
     # hmi-controller places it (the host checks where).
-    "wayland-ivi": f"""
-WESTON_INI=/etc/weston/weston-ivi.ini weston-run start ivi card0 || exit 1
-displback demo --output wayland --wayland-shell ivi --unique-id {IVI_ID} \\
-    --resolution {IVI_TILE[0]}x{IVI_TILE[1]} --frames 120 --hold-secs {HOLD} > /tmp/demo.log 2>&1 &
-d=$!
-i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
-grep -E 'DEMO (HOLD|WAYLAND)' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
-echo "HARNESS SHOWING client=displback-demo pid=$d hold={HOLD}"
-wait $d; rc=$?
-sed 's/^/[demo] /' /tmp/demo.log | grep -v -E 'DEMO (HOLD|WAYLAND)' | tail -5
-weston-run stop
-exit $rc
-""",
+    "wayland-ivi": _demo_script("WESTON_INI=/etc/weston/weston-ivi.ini weston-run start ivi card0",
+                                f"--wayland-shell ivi --unique-id {IVI_ID} --resolution {IVI_TILE[0]}x{IVI_TILE[1]}"),
     # Weston stopped (SIGTERM) 8 s into a 1200-frame demo and started again: displback must
     # reconnect and its last frame must be on the new Weston's screen.
     "wayland-restart": f"""
