@@ -61,6 +61,9 @@ def _demo_script(start: str, demo_args: str) -> str:
     and print its DEMO HOLD/WAYLAND lines (frame, size: what the host looks for)."""
     return f"""
 {start} || exit 1
+# The previous step's log goes first: its DEMO HOLD line would end the wait below before
+# the new demo's `>` has emptied the file (wayland-ivi read wayland-demo's lines so).
+rm -f /tmp/demo.log
 displback demo --output wayland {demo_args} --frames 120 --hold-secs {HOLD} > /tmp/demo.log 2>&1 &
 d=$!
 i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
