@@ -208,7 +208,15 @@ def main() -> int:
     # Worklist of in-image ELF paths; each resolved with its libraries.
     todo = [e.lstrip("/") for e in spec.get("elf", [])]
     done: set[str] = set()
-    todo.append("lib64/ld-linux-x86-64.so.2")
+    # The programs' PT_INTERP is /lib64/ld-linux-x86-64.so.2; a /usr-merged suite (trixie)
+    # ships the loader as /usr/lib64/... only, so the tree gets the /lib64 -> usr/lib64 link.
+    if pool.find("lib64/ld-linux-x86-64.so.2"):
+        todo.append("lib64/ld-linux-x86-64.so.2")
+    else:
+        todo.append("usr/lib64/ld-linux-x86-64.so.2")
+        os.makedirs(out, exist_ok=True)
+        if not os.path.lexists(os.path.join(out, "lib64")):
+            os.symlink("usr/lib64", os.path.join(out, "lib64"))
     while todo:
         rel = todo.pop()
         if rel in done:
