@@ -3,6 +3,7 @@
 #   build.sh kms   -> kernel + busybox/module initramfs for the plain KMS VMs
 #   build.sh xen   -> kernel, Xen, Dom0 rootfs + stage-1 initramfs, DomU base initramfs
 #   build.sh weston -> Weston + modetest tree (uncompressed cpio, lib/weston.sh)
+#   build.sh weston-gl -> trixie Weston 14 + GL renderer on llvmpipe tree (lib/weston-gl.sh)
 #   build.sh zcopy -> out-of-tree xen-gntdev (dma-buf) + vkms for Debian's kernel, driver-domain initramfs
 #   build.sh dom0kernel -> the zero-copy Dom0 kernel (built from source; slow) + stage 1 without modules
 #                          (replaced by `zcopy`; the harness uses it only with DISPLBACK_ZCOPY_DOM0=source)
@@ -51,6 +52,12 @@ weston)
     echo "WESTON_CPIO=$WESTON_CPIO"
     echo "WESTON_BUILD_SECS=$WESTON_BUILD_SECS"
     ;;
+weston-gl)
+    source "$HERE/weston-gl.sh"
+    prepare_weston_gl
+    echo "WESTON_GL_CPIO=$WESTON_GL_CPIO"
+    echo "WESTON_GL_BUILD_SECS=$WESTON_GL_BUILD_SECS"
+    ;;
 zcopy)
     source "$HERE/zcopy.sh"
     prepare_zcopy
@@ -79,6 +86,6 @@ dom0kernel)
     echo "DOM0K_BUILD_SECS=$(cat "$DOM0K_DIR/build-secs")"
     echo "STAGE1_NOMOD_INITRAMFS=$(build_base_initramfs stage1-nomod "")"
     ;;
-*) die "usage: build.sh kms|xen|weston|zcopy|dom0kernel|arm64" ;;
+*) die "usage: build.sh kms|xen|weston|weston-gl|zcopy|dom0kernel|arm64" ;;
 esac
 echo "BUILD_SECS=$SECONDS"

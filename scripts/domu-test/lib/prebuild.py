@@ -78,7 +78,7 @@ class Prebuild:
 
 
 def kinds_for(names: list[str], kms_scenarios, xen_stock, xen_zcopy, zcopy_kind, third_party, wayland_scenarios,
-              arm64_scenarios) -> list[str]:
+              arm64_scenarios, wayland_gl_scenarios=()) -> list[str]:
     """The build kinds the scenario list needs, in the order the run uses them."""
     kinds = []
     if any(n in kms_scenarios or n in wayland_scenarios for n in names):
@@ -87,11 +87,15 @@ def kinds_for(names: list[str], kms_scenarios, xen_stock, xen_zcopy, zcopy_kind,
         kinds.append("xen")
     if any(n in xen_zcopy for n in names):
         kinds.append(zcopy_kind([n for n in names if n in xen_zcopy]))
-    # kms-demo-udmabuf's VKMS + udmabuf modules come from the zcopy build.
-    if "zcopy" not in kinds and any(n in kms_scenarios and kms_scenarios[n][0] == "vkms" for n in names):
+    # kms-demo-udmabuf's VKMS + udmabuf modules come from the zcopy build, and so does
+    # wayland-dmabuf's udmabuf.ko.
+    if "zcopy" not in kinds and any((n in kms_scenarios and kms_scenarios[n][0] == "vkms")
+                                    or n in wayland_gl_scenarios for n in names):
         kinds.append("zcopy")
-    if any(n in third_party or n in wayland_scenarios for n in names):
+    if any(n in third_party or (n in wayland_scenarios and n not in wayland_gl_scenarios) for n in names):
         kinds.append("weston")
+    if any(n in wayland_gl_scenarios for n in names):
+        kinds.append("weston-gl")
     if any(n in arm64_scenarios for n in names):
         kinds.append("arm64")
     return kinds

@@ -14,6 +14,13 @@ and looks for the expected picture anywhere on the screen (Weston places windows
                          resolution is that tile (320x365 on the 1280x800 head) so the
                          picture must be exact at +0+0
   wayland-restart        Weston killed and restarted mid-demo: the picture must come back
+  wayland-dmabuf         a second boot (GL_SCENARIOS): Debian 13's Weston 14 with the GL
+                         renderer on Mesa's llvmpipe (lib/weston-gl.sh; Weston's pixman
+                         renderer takes no dma-bufs), udmabuf.ko (lib/zcopy.sh):
+                         `displback demo --output wayland --zero-copy on`, its udmabuf
+                         frames imported through zwp_linux_dmabuf_v1: the picture exact on
+                         the screen and the demo's counters zero_copy>0 copied=0
+                         dmabuf_refused=0; Weston's XR24/LINEAR offer read by wayland-info
 """
 
 import os
@@ -23,7 +30,9 @@ import subprocess
 from . import cpio, pattern, vm, weston
 from .common import Result, Stopwatch
 
-SCENARIOS = ["wayland-weston", "wayland-demo", "wayland-ivi", "wayland-restart"]
+SCENARIOS = ["wayland-weston", "wayland-demo", "wayland-ivi", "wayland-restart", "wayland-dmabuf"]
+# The scenarios of the second boot: the GL Weston image (trixie) instead of Debian 12's.
+GL_SCENARIOS = ["wayland-dmabuf"]
 DEMO_RES = (320, 240)
 # hmi-controller's tile for the first application surface (mode_divided_into_tiling):
 # (screen width / 4) x ((screen height - 70 px panel) / 2) at +0+0; Weston sets the bochs
@@ -75,6 +84,21 @@ weston-run stop
 exit $rc
 """
 
+# The GL boot's Weston: udmabuf.ko first (the demo's zero-copy buffers), then Weston with
+# the GL renderer; wayland-info's linux-dmabuf table as machine-readable counts.
+DMABUF_START = r"""
+insmod /lib/modules/extra/udmabuf.ko || echo "HARNESS insmod udmabuf.ko failed"
+echo "HARNESS UDMABUF dev=$(ls /dev/udmabuf 2>/dev/null)"
+WESTON_TIMEOUT=150 WESTON_RENDERER=gl weston-run start desktop card0 || exit 1
+wayland-info > /tmp/wayland-info.txt 2>&1
+sed -n '/zwp_linux_dmabuf_v1/,/^interface/p' /tmp/wayland-info.txt > /tmp/dmabuf.txt
+echo "HARNESS DMABUF-OFFER version=$(sed -n "s/.*'zwp_linux_dmabuf_v1', *version: *\([0-9]*\).*/\1/p" /tmp/dmabuf.txt)" \
+     "pairs=$(grep -c " = " /tmp/dmabuf.txt)" \
+     "xr24_linear=$(grep -c "'XR24'; 0x0000000000000000" /tmp/dmabuf.txt)" \
+     "ar24_linear=$(grep -c "'AR24'; 0x0000000000000000" /tmp/dmabuf.txt)"
+grep -i -E 'GL renderer|GL version|dmabuf' /run/weston/weston.log | sed 's/^/[weston-gl] /' | head -5
+true"""
+
 STEPS = {
     "wayland-weston": f"""
 weston-run start desktop card0 || exit 1
@@ -96,6 +120,8 @@ weston-run stop
     # hmi-controller places it (the host checks where).
     "wayland-ivi": _demo_script("WESTON_INI=/etc/weston/weston-ivi.ini weston-run start ivi card0",
                                 f"--wayland-shell ivi --unique-id {IVI_ID} --resolution {IVI_TILE[0]}x{IVI_TILE[1]}"),
+    # A real compositor importing the demo's udmabuf dma-bufs (GL boot).
+    "wayland-dmabuf": _demo_script(DMABUF_START, f"--zero-copy on --resolution {DEMO_RES[0]}x{DEMO_RES[1]}"),
     # Weston stopped (SIGTERM) 8 s into a 1200-frame demo and started again: displback must
     # reconnect and its last frame must be on the new Weston's screen.
     "wayland-restart": f"""
@@ -122,7 +148,6 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
     results = {n: Result(n) for n in names}
     try:
         art = build_images("kms", args.workdir)
-        w = build_images("weston", args.workdir)
     except RuntimeError as e:
         for r in results.values():
             r.detail = str(e)
@@ -139,29 +164,60 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
         for n in demo:
             results[n].status, results[n].detail = "FAIL", why
         steps = [n for n in steps if n not in demo]
-    if not steps:
-        return list(results.values())
+    plain = [n for n in steps if n not in GL_SCENARIOS]
+    gl = [n for n in steps if n in GL_SCENARIOS]
+    if plain:
+        _boot("wayland", plain, results, art, "weston", {}, None if why else be, args, accel, build_images)
+    if gl:
+        extra = {}
+        try:
+            zc = build_images("zcopy", args.workdir)
+            extra["lib/modules/extra/udmabuf.ko"] = (0o644, open(zc["ZC_UDMABUF_KO"], "rb").read())
+        except (RuntimeError, KeyError) as e:
+            for n in gl:
+                results[n].status, results[n].detail = "FAIL", f"no udmabuf.ko (build.sh zcopy): {e}"
+            gl = []
+        if gl:
+            _boot("wayland-gl", gl, results, art, "weston-gl", extra, be, args, accel, build_images)
+    return list(results.values())
+
+
+def _boot(label: str, steps: list[str], results: dict, art: dict, image: str, extra: dict, be: str | None,
+          args, accel: list[str], build_images) -> None:
+    """One plain VM with the `image` Weston tree (build.sh IMAGE: `weston` = Debian 12's,
+    pixman; `weston-gl` = Debian 13's, GL on llvmpipe) running `steps` in order."""
+    try:
+        w = build_images(image, args.workdir)
+    except RuntimeError as e:
+        for s in steps:
+            results[s].status, results[s].detail = "FAIL", str(e)
+        return
+    cpio_key = "WESTON_GL_CPIO" if image == "weston-gl" else "WESTON_CPIO"
+    secs_key = "WESTON_GL_BUILD_SECS" if image == "weston-gl" else "WESTON_BUILD_SECS"
     files = {
         "init": (0o755, INIT.encode()),
         "etc/steps": (0o644, " ".join(steps).encode()),
         **weston.overlay_files(args.workdir),
+        **extra,
     }
     for s in steps:
         files[f"etc/step-{s}.sh"] = (0o644, STEPS[s].encode())
-    if not why:
+    if be:
         files["bin/displback"] = (0o755, open(be, "rb").read())
-    initrd = os.path.join(args.workdir, "wayland.initrd")
-    ov = os.path.join(args.workdir, "wayland.overlay.cpio")
+    initrd = os.path.join(args.workdir, f"{label}.initrd")
+    ov = os.path.join(args.workdir, f"{label}.overlay.cpio")
     cpio.write_newc(ov, files)
     with open(initrd, "wb") as out:
-        for p in (ov, w["WESTON_CPIO"], art["KMS_INITRAMFS"]):
+        for p in (ov, w[cpio_key], art["KMS_INITRAMFS"]):
             out.write(open(p, "rb").read())
-    print(f"=== wayland VM: images in {art['build_secs'] + w['build_secs']:.1f}s "
-          f"(weston cpio {os.path.getsize(w['WESTON_CPIO']) / 1e6:.1f} MB, cold build {w['WESTON_BUILD_SECS']} s)",
+    print(f"=== {label} VM: images in {art['build_secs'] + w['build_secs']:.1f}s "
+          f"({image} cpio {os.path.getsize(w[cpio_key]) / 1e6:.1f} MB, cold build {w[secs_key]} s)",
           flush=True)
-    qargs = [*accel, "-m", "1G", "-smp", "2", "-machine", "pc", "-display", "none", "-vga", "std",
+    # The GL tree (Mesa + LLVM) is ~230 MB unpacked in the initramfs.
+    mem = "2G" if image == "weston-gl" else "1G"
+    qargs = [*accel, "-m", mem, "-smp", "2", "-machine", "pc", "-display", "none", "-vga", "std",
              "-kernel", art["VMLINUX"], "-initrd", initrd, "-append", "console=ttyS0 loglevel=4 panic=-1"]
-    v = vm.VM(qargs, args.workdir, "wayland")
+    v = vm.VM(qargs, args.workdir, label)
     i = 0
     try:
         i, _ = v.wait_for(r"HARNESS BOOTED", args.boot_timeout)
@@ -170,7 +226,9 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
             res, sw = results[s], Stopwatch()
             try:
                 i, _ = v.wait_for(rf"HARNESS STEP {s} BEGIN", 120, i)
-                i, _ = v.wait_for(r"WESTON READY", 90, i, fail=rf"WESTON ERROR|HARNESS STEP {s} END")
+                # llvmpipe compiles Weston's shaders under TCG: the GL Weston starts slower.
+                i, _ = v.wait_for(r"WESTON READY", 180 if s in GL_SCENARIOS else 90, i,
+                                  fail=rf"WESTON ERROR|HARNESS STEP {s} END")
                 res.timings["weston-start"] = sw.lap()
                 i, m = v.wait_for(r"HARNESS SHOWING client=(\S+) .*hold=(\d+)", 120, i,
                                   fail=rf"WESTON ERROR|HARNESS STEP {s} END")
@@ -203,6 +261,8 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
                     if ivi and (int(c.get("ivi_surfaces", 0)) < 1 or int(c.get("xdg_surfaces", -1)) != 0):
                         ok = False
                         detail += " (want ivi_surfaces>=1 xdg_surfaces=0)"
+                    if s in GL_SCENARIOS:
+                        ok, detail = _check_dmabuf(v.lines[:i], c, ok, detail)
                 res.timings["window"] = sw.lap()
                 i, e = v.wait_for(rf"HARNESS STEP {s} END rc=(\d+)", HOLD + 60, i)
                 res.status = "PASS" if ok and e.group(1) == "0" else "FAIL"
@@ -211,11 +271,29 @@ def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) 
                 res.status, res.detail = "FAIL", f"{e}\n{v.tail()}"
         v.wait_for(r"HARNESS-EXIT", 60, i)
     except vm.Timeout as e:
-        for r in results.values():
-            if r.detail == "not run":
-                r.detail = f"wayland VM: {e}\n{v.tail()}"
+        for s in steps:
+            if results[s].detail == "not run":
+                results[s].detail = f"{label} VM: {e}\n{v.tail()}"
     finally:
         v.stop(timeout=20)
-    first = results[names[0]]
-    first.timings["vm-total"] = v.elapsed()
-    return list(results.values())
+    results[steps[0]].timings[f"{label}-vm-total"] = v.elapsed()
+
+
+def _check_dmabuf(lines, c: dict, ok: bool, detail: str) -> tuple[bool, str]:
+    """wayland-dmabuf: /dev/udmabuf was there, the compositor offered XR24 with the linear
+    modifier, and every frame the demo showed went through an imported dma-buf (no copy,
+    no refused import)."""
+    ud = next((l for _, l in reversed(lines) if "HARNESS UDMABUF " in l), "")
+    offer = next((l for _, l in reversed(lines) if "HARNESS DMABUF-OFFER " in l), "")
+    o = dict(re.findall(r"(\w+)=(\d+)", offer))
+    detail += f" | udmabuf {'present' if '/dev/udmabuf' in ud else 'MISSING'}" \
+              f" | linux-dmabuf offer " + (" ".join(f"{k}={x}" for k, x in o.items()) or "line missing")
+    if "/dev/udmabuf" not in ud:
+        ok = False
+    if int(o.get("xr24_linear", 0)) < 1:
+        ok = False
+        detail += " (want xr24_linear>=1)"
+    if int(c.get("zero_copy", 0)) == 0 or c.get("copied") != "0" or c.get("dmabuf_refused") != "0":
+        ok = False
+        detail += " (want zero_copy>0 copied=0 dmabuf_refused=0)"
+    return ok, detail
