@@ -329,7 +329,8 @@ pub fn run(opts: DemoOptions) -> Result<()> {
                 .map_err(|_| anyhow::anyhow!("stats lock poisoned"))?;
             println!(
                 "DEMO WAYLAND connects={} disconnects={} presented={} unshown={} simulated={} \
-                 ivi_surfaces={} xdg_surfaces={} zero_copy={} copied={} dmabuf_refused={}",
+                 ivi_surfaces={} xdg_surfaces={} zero_copy={} copied={} dmabuf_refused={} \
+                 dmabuf_imported={}",
                 s.connects,
                 s.disconnects,
                 s.presented,
@@ -339,7 +340,8 @@ pub fn run(opts: DemoOptions) -> Result<()> {
                 s.xdg_surfaces,
                 s.zero_copy,
                 s.copied,
-                s.dmabuf_refused
+                s.dmabuf_refused,
+                s.dmabuf_imported
             );
         }
         for c in 0..opts.connectors {

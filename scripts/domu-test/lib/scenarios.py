@@ -24,7 +24,8 @@ class Scenario:
     # How the host checks it: kms: unused (see spec); xen/zcopy: a key of lib/xen.py CHECKS;
     # wayland/arm64: their runner's own.
     check: str = ""
-    # kms: (display, program, format); xen checks: extra arguments of the check.
+    # kms: (display, program, format); xen checks: extra arguments of the check; wayland:
+    # () or ("weston-gl",), the Weston image (and so the boot) it runs in.
     spec: tuple = ()
     also: tuple = ()
     # False: displback does not run in it (toolstack/program self-checks), so the
@@ -86,7 +87,8 @@ TABLE: list[Scenario] = [
       "hmi-controller's first tile"),
     S("wayland-restart", "wayland", "Weston restarted under a running demo: its last frame on the new Weston"),
     S("wayland-dmabuf", "wayland", "second boot: Debian 13's Weston 14, GL renderer on llvmpipe; `demo --zero-copy on`: "
-      "udmabuf frames imported via zwp_linux_dmabuf_v1, picture exact, zero_copy>0 copied=0 dmabuf_refused=0"),
+      "udmabuf frames imported via zwp_linux_dmabuf_v1, picture exact, zero_copy>0 copied=0 dmabuf_refused=0",
+      spec=("weston-gl",)),
     # --- arm64: Xen 4.20 arm64 under qemu-system-aarch64 (lib/arm64.py) ---
     S("arm64-zcopy-frontend", "arm64", "be-alloc=0 guest, `--zero-copy on` on VKMS: EXP_FROM_REFS, PRIME import"),
     S("arm64-zcopy-bealloc", "arm64", "be-alloc=1 guest: VKMS dumb buffers granted with IMP_TO_REFS"),

@@ -27,12 +27,15 @@ import os
 import re
 import subprocess
 
-from . import cpio, pattern, vm, weston
+from . import cpio, pattern, scenarios, vm, weston
 from .common import Result, Stopwatch
 
-SCENARIOS = ["wayland-weston", "wayland-demo", "wayland-ivi", "wayland-restart", "wayland-dmabuf"]
-# The scenarios of the second boot: the GL Weston image (trixie) instead of Debian 12's.
-GL_SCENARIOS = ["wayland-dmabuf"]
+# The group's scenarios and their descriptions are lib/scenarios.py's `wayland` rows (in
+# table order; each needs a STEPS entry below). A row's spec names its Weston image
+# (build.sh kind): ("weston-gl",) puts it in the second boot, the GL Weston (trixie)
+# instead of Debian 12's.
+SCENARIOS = scenarios.own("wayland")
+GL_SCENARIOS = [n for n in SCENARIOS if scenarios.BY_NAME[n].spec[:1] == ("weston-gl",)]
 DEMO_RES = (320, 240)
 # hmi-controller's tile for the first application surface (mode_divided_into_tiling):
 # (screen width / 4) x ((screen height - 70 px panel) / 2) at +0+0; Weston sets the bochs
@@ -143,6 +146,8 @@ exit $rc
 """,
 }
 
+
+assert set(SCENARIOS) <= set(STEPS), f"wayland rows without steps: {set(SCENARIOS) - set(STEPS)}"
 
 def run_all(names: list[str], bins: dict, args, accel: list[str], build_images) -> list[Result]:
     results = {n: Result(n) for n in names}
@@ -293,7 +298,10 @@ def _check_dmabuf(lines, c: dict, ok: bool, detail: str) -> tuple[bool, str]:
     if int(o.get("xr24_linear", 0)) < 1:
         ok = False
         detail += " (want xr24_linear>=1)"
-    if int(c.get("zero_copy", 0)) == 0 or c.get("copied") != "0" or c.get("dmabuf_refused") != "0":
+    # zero_copy counts frames handed over as dma-buf wl_buffers (also while no compositor
+    # is there); dmabuf_imported the compositor's `created` answers: both must be > 0.
+    if int(c.get("zero_copy", 0)) == 0 or c.get("copied") != "0" or c.get("dmabuf_refused") != "0" \
+            or int(c.get("dmabuf_imported", 0)) == 0:
         ok = False
-        detail += " (want zero_copy>0 copied=0 dmabuf_refused=0)"
+        detail += " (want zero_copy>0 copied=0 dmabuf_refused=0 dmabuf_imported>0)"
     return ok, detail

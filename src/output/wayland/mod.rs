@@ -395,6 +395,8 @@ pub struct WaylandStats {
     pub copied: u64,
     /// dma-buf framebuffers the compositor could not import (refused: copied instead).
     pub dmabuf_refused: u64,
+    /// dma-buf framebuffers the compositor imported (`created`: a `wl_buffer` of its own).
+    pub dmabuf_imported: u64,
 }
 
 /// The Wayland [`Output`].
@@ -1271,7 +1273,10 @@ impl Wayland {
                 .get_mut(&key.0)
                 .filter(|d| matches!(d.state, DmaState::Pending));
             match (d, answer) {
-                (Some(d), dmabuf::Created::Buffer(b)) => d.state = DmaState::Ready(b),
+                (Some(d), dmabuf::Created::Buffer(b)) => {
+                    d.state = DmaState::Ready(b);
+                    self.stats.dmabuf_imported += 1;
+                }
                 (Some(d), dmabuf::Created::Failed) => {
                     d.state = DmaState::Failed("the compositor failed to import it")
                 }

@@ -1365,6 +1365,8 @@ mod dmabuf_flips {
         );
         let s = out.stats();
         assert_eq!((s.zero_copy, s.copied, s.dmabuf_refused), (3, 0, 0));
+        // Both framebuffers (A, B) were imported by the compositor (`created`).
+        assert_eq!(s.dmabuf_imported, 2);
         assert_eq!(s.presented, 2);
     }
 
@@ -1452,8 +1454,8 @@ mod dmabuf_flips {
             );
             let s = out.stats();
             assert_eq!(
-                (s.zero_copy, s.copied, s.dmabuf_refused),
-                (0, 1, 1),
+                (s.zero_copy, s.copied, s.dmabuf_refused, s.dmabuf_imported),
+                (0, 1, 1, 0),
                 "{name}"
             );
             // The connection lives.
