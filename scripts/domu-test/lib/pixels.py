@@ -37,6 +37,51 @@ def read_ppm(path: str) -> Image:
     return Image(w, h, rgb)
 
 
+def read_png(path: str) -> Image:
+    """An 8-bit RGB or RGBA, non-interlaced PNG (what weston-screenshooter writes) as an
+    Image (alpha dropped)."""
+    import struct
+    import zlib
+
+    data = open(path, "rb").read()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path}: not a PNG")
+    pos, idat, hdr = 8, b"", None
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            hdr = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        elif kind == b"IEND":
+            break
+        pos += 12 + n
+    if not hdr or hdr[2] != 8 or hdr[3] not in (2, 6) or hdr[6] != 0:
+        raise ValueError(f"{path}: PNG not 8-bit RGB/RGBA non-interlaced: {hdr}")
+    w, h, bpp = hdr[0], hdr[1], 3 if hdr[3] == 2 else 4
+    raw, stride = zlib.decompress(idat), w * bpp
+    prev, out = bytearray(stride), bytearray()
+    for y in range(h):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for x in range(stride):
+            a = line[x - bpp] if x >= bpp else 0
+            b, c = prev[x], prev[x - bpp] if x >= bpp else 0
+            if f == 1:
+                line[x] = (line[x] + a) & 0xFF
+            elif f == 2:
+                line[x] = (line[x] + b) & 0xFF
+            elif f == 3:
+                line[x] = (line[x] + (a + b) // 2) & 0xFF
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[x] = (line[x] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
+        out += line if bpp == 3 else b"".join(line[i:i + 3] for i in range(0, stride, 4))
+        prev = line
+    return Image(w, h, bytes(out))
+
+
 @dataclass
 class CheckResult:
     ok: bool

@@ -8,7 +8,9 @@ per line and grouped by group, so parallel additions merge as separate lines.
 
 Groups and boots: `kms` one plain VM per scenario (lib/kms.py); `xen` one Xen boot with
 Debian's Dom0 kernel (lib/xen.py, kind "stock"); `zcopy` one Xen boot with the zero-copy
-Dom0 kernel (kind "zcopy"); `wayland` one plain VM with Weston (lib/wayland.py); `arm64`
+Dom0 kernel (kind "zcopy"); `wayland` plain VMs with Weston (lib/wayland.py, which takes its
+list from here: one boot with Debian 12's Weston, one with the GL Weston for rows whose spec
+is ("weston-gl",)); `arm64`
 Xen on arm64 (lib/arm64.py, which keeps its own scenario list; rows here describe them).
 `also` puts a scenario in more groups (it still runs in its own group's boot).
 """

@@ -23,11 +23,12 @@ and looks for the expected picture anywhere on the screen (Weston places windows
                          dmabuf_refused=0; Weston's XR24/LINEAR offer read by wayland-info
 """
 
+import base64
 import os
 import re
 import subprocess
 
-from . import cpio, pattern, scenarios, vm, weston
+from . import cpio, pattern, pixels, scenarios, vm, weston
 from .common import Result, Stopwatch
 
 # The group's scenarios and their descriptions are lib/scenarios.py's `wayland` rows (in
@@ -68,9 +69,10 @@ poweroff -f
 """
 
 
-def _demo_script(start: str, demo_args: str) -> str:
+def _demo_script(start: str, demo_args: str, during: str = "") -> str:
     """Start Weston (`start`), run `displback demo --output wayland DEMO_ARGS` as its client
-    and print its DEMO HOLD/WAYLAND lines (frame, size: what the host looks for)."""
+    and print its DEMO HOLD/WAYLAND lines (frame, size: what the host looks for); `during`
+    runs while the demo holds its last frame."""
     return f"""
 {start} || exit 1
 # The previous step's log goes first: its DEMO HOLD line would end the wait below before
@@ -81,6 +83,7 @@ d=$!
 i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
 grep -E 'DEMO (HOLD|WAYLAND)' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
 echo "HARNESS SHOWING client=displback-demo pid=$d hold={HOLD}"
+{during}
 wait $d; rc=$?
 sed 's/^/[demo] /' /tmp/demo.log | grep -v -E 'DEMO (HOLD|WAYLAND)' | tail -5
 weston-run stop
@@ -92,7 +95,7 @@ exit $rc
 DMABUF_START = r"""
 insmod /lib/modules/extra/udmabuf.ko || echo "HARNESS insmod udmabuf.ko failed"
 echo "HARNESS UDMABUF dev=$(ls /dev/udmabuf 2>/dev/null)"
-WESTON_TIMEOUT=150 WESTON_RENDERER=gl weston-run start desktop card0 || exit 1
+WESTON_TIMEOUT=150 WESTON_RENDERER=gl WESTON_BACKEND=headless weston-run start desktop || exit 1
 wayland-info > /tmp/wayland-info.txt 2>&1
 sed -n '/zwp_linux_dmabuf_v1/,/^interface/p' /tmp/wayland-info.txt > /tmp/dmabuf.txt
 echo "HARNESS DMABUF-OFFER version=$(sed -n "s/.*'zwp_linux_dmabuf_v1', *version: *\([0-9]*\).*/\1/p" /tmp/dmabuf.txt)" \
@@ -100,7 +103,25 @@ echo "HARNESS DMABUF-OFFER version=$(sed -n "s/.*'zwp_linux_dmabuf_v1', *version
      "xr24_linear=$(grep -c "'XR24'; 0x0000000000000000" /tmp/dmabuf.txt)" \
      "ar24_linear=$(grep -c "'AR24'; 0x0000000000000000" /tmp/dmabuf.txt)"
 grep -i -E 'GL renderer|GL version|dmabuf' /run/weston/weston.log | sed 's/^/[weston-gl] /' | head -5
+# llvmpipe under TCG: let Weston draw its first frames (shader compiles) before the demo
+# connects, or the demo's frames run out before its connection is set up.
+sleep 10
 true"""
+# While the demo holds: Weston's own read-back of its output (weston-screenshooter, allowed
+# by --debug), sent to the host as base64 between HARNESS PNG markers.
+SCREENSHOT = r"""
+sleep 4
+mkdir -p /tmp/shot && rm -f /tmp/shot/*
+(cd /tmp/shot && XDG_PICTURES_DIR=/tmp/shot HOME=/tmp/shot weston-screenshooter > /tmp/shot.log 2>&1)
+f=$(ls /tmp/shot/*.png 2>/dev/null | head -n 1)
+if [ -n "$f" ]; then
+    echo "HARNESS PNG BEGIN bytes=$(wc -c < "$f")"
+    base64 "$f"
+    echo "HARNESS PNG END"
+else
+    sed 's/^/[screenshooter] /' /tmp/shot.log | tail -5
+    echo "HARNESS PNG NONE"
+fi"""
 
 STEPS = {
     "wayland-weston": f"""
@@ -124,7 +145,8 @@ weston-run stop
     "wayland-ivi": _demo_script("WESTON_INI=/etc/weston/weston-ivi.ini weston-run start ivi card0",
                                 f"--wayland-shell ivi --unique-id {IVI_ID} --resolution {IVI_TILE[0]}x{IVI_TILE[1]}"),
     # A real compositor importing the demo's udmabuf dma-bufs (GL boot).
-    "wayland-dmabuf": _demo_script(DMABUF_START, f"--zero-copy on --resolution {DEMO_RES[0]}x{DEMO_RES[1]}"),
+    "wayland-dmabuf": _demo_script(DMABUF_START, f"--zero-copy on --resolution {DEMO_RES[0]}x{DEMO_RES[1]}",
+                                   SCREENSHOT),
     # Weston stopped (SIGTERM) 8 s into a 1200-frame demo and started again: displback must
     # reconnect and its last frame must be on the new Weston's screen.
     "wayland-restart": f"""
@@ -246,12 +268,18 @@ def _boot(label: str, steps: list[str], results: dict, art: dict, image: str, ex
                     f, c, w_, h_ = (int(x) for x in h.groups())
                     rows = [pattern.row_rgb(f, c, y, w_) for y in range(h_)]
                 ivi = s == "wayland-ivi"
-                # The IVI screen is hmi-controller's background image and panel, not
-                # desktop-shell's background colour: the place of the picture is checked.
-                ok, detail = weston.poll_window(v, os.path.join(args.workdir, f"{s}.ppm"), int(m.group(2)) - 5,
-                                                rows=rows, background=None if ivi else weston.BACKGROUND,
-                                                at=(0, 0) if ivi else None,
-                                                screen=IVI_SCREEN if ivi else None)
+                if s in GL_SCENARIOS:
+                    # Headless Weston: its own screenshot instead of QMP's screendump.
+                    i, _ = v.wait_for(r"HARNESS PNG (END|NONE)", 90, i, fail=rf"HARNESS STEP {s} END")
+                    ok, detail = _check_png(v.lines[:i], rows, os.path.join(args.workdir, f"{s}.png"))
+                else:
+                    # The IVI screen is hmi-controller's background image and panel, not
+                    # desktop-shell's background colour: the place of the picture is checked.
+                    ok, detail = weston.poll_window(v, os.path.join(args.workdir, f"{s}.ppm"),
+                                                    int(m.group(2)) - 5, rows=rows,
+                                                    background=None if ivi else weston.BACKGROUND,
+                                                    at=(0, 0) if ivi else None,
+                                                    screen=IVI_SCREEN if ivi else None)
                 if m.group(1) == "displback-demo":
                     # displback's Wayland counters (src/demo.rs): a restart must show as a
                     # disconnect and a second connect.
@@ -282,6 +310,28 @@ def _boot(label: str, steps: list[str], results: dict, art: dict, image: str, ex
     finally:
         v.stop(timeout=20)
     results[steps[0]].timings[f"{label}-vm-total"] = v.elapsed()
+
+
+def _check_png(lines, rows: list[bytes], path: str) -> tuple[bool, str]:
+    """The screenshot between the last HARNESS PNG BEGIN/END: the picture `rows` exact
+    somewhere and Weston's background on >= 30 % of the screen."""
+    begin = max((k for k, (_, l) in enumerate(lines) if "HARNESS PNG BEGIN" in l), default=None)
+    if begin is None:
+        return False, "no screenshot (HARNESS PNG NONE: weston-screenshooter wrote no file)"
+    body = []
+    for _, l in lines[begin + 1:]:
+        if "HARNESS PNG END" in l:
+            break
+        body.append(l.strip())
+    with open(path, "wb") as f:
+        f.write(base64.b64decode("".join(body)))
+    img = pixels.read_png(path)
+    found = pixels.find_image(img, rows)
+    bg = pixels.count_colour(img, weston.BACKGROUND) / (img.width * img.height)
+    ok = found is not None and bg >= 0.3
+    return ok, (f"screenshot {img.width}x{img.height}: picture {len(rows[0]) // 3}x{len(rows)} "
+                f"{'exact at +%d+%d' % found if found else 'NOT found'}; background #{weston.BACKGROUND:06x} "
+                f"on {bg:.1%} of the screen (want >= 30%)")
 
 
 def _check_dmabuf(lines, c: dict, ok: bool, detail: str) -> tuple[bool, str]:
