@@ -239,8 +239,8 @@ enum Pic {
 enum DmaState {
     /// Not asked for on this connection (no compositor yet, or a new connection).
     Unsent,
-    /// `create` sent, no answer yet.
-    Pending,
+    /// `create` sent at this instant, no answer yet.
+    Pending(Instant),
     Ready(WlBuffer),
     /// The compositor cannot import it (`failed`, no linux-dmabuf, format not offered):
     /// the buffer is refused as an import and the caller copies it.
@@ -258,8 +258,10 @@ struct DmaFb {
     conn: Option<ConnectorId>,
 }
 
-/// Waiting this long at most for the compositor's answer to a dma-buf buffer creation
-/// (asked for at FB_ATTACH, so normally answered long before the first flip of it).
+/// A flip of a dma-buf whose buffer creation the compositor has not answered yet (it is
+/// asked for at FB_ATTACH, so normally answered long before the first flip of it) is
+/// deferred, never waited for: it goes out once the answer is in, or as a copy when the
+/// answer is `failed` or has not come this long after the creation was asked for.
 pub const DMABUF_CREATE_WAIT: Duration = Duration::from_millis(200);
 
 struct Inflight {
@@ -277,6 +279,16 @@ struct Waiting {
     cookies: Vec<u64>,
 }
 
+/// A flip of a dma-buf whose `wl_buffer` the compositor has not answered yet: it is
+/// the connector's next flip (like one submitted: a later flip queues behind it, it is
+/// never superseded), committed once the buffer is created, or copied if the creation
+/// fails or is not answered by `deadline` (checked from the loop's timer).
+struct Deferred {
+    key: u64,
+    cookies: Vec<u64>,
+    deadline: Instant,
+}
+
 /// A flip with no surface to show it on: completes at the next 60 Hz tick.
 struct Simulated {
     slot: Pic,
@@ -291,7 +303,9 @@ struct Conn {
     /// The picture on screen (or to show once a surface is back).
     front: Option<Pic>,
     inflight: Option<Inflight>,
-    /// Flip waiting for `inflight` to finish (latest wins).
+    /// A flip waiting for its dma-buf `wl_buffer` (then `inflight` is `None`).
+    deferred: Option<Deferred>,
+    /// Flip waiting for `inflight` (or `deferred`) to finish (latest wins).
     queued: Option<Waiting>,
     sim: Option<Simulated>,
     /// 60 Hz phase of simulated flips.
@@ -437,6 +451,8 @@ pub struct Wayland {
     /// `wl_buffer`s of removed dma-buf framebuffers the compositor still holds, with
     /// the connector they were last on: destroyed when released, never before.
     doomed: Vec<(u64, Option<ConnectorId>, WlBuffer)>,
+    /// [`DMABUF_CREATE_WAIT`] (tests lengthen it).
+    create_wait: Duration,
 }
 
 const TOK_WL: Token = Token(0);
@@ -497,6 +513,7 @@ impl Wayland {
             dfbs: BTreeMap::new(),
             next_dfb: 1,
             doomed: Vec::new(),
+            create_wait: DMABUF_CREATE_WAIT,
         })
     }
 
@@ -668,6 +685,13 @@ impl Wayland {
             {
                 f.prev = None;
             }
+            if let Some(d) = c.deferred.take() {
+                self.immediate
+                    .extend(d.cookies.into_iter().map(|fb_cookie| FlipDone {
+                        conn: id,
+                        fb_cookie,
+                    }));
+            }
             for w in c.queued.take().into_iter() {
                 self.immediate
                     .extend(w.cookies.into_iter().map(|fb_cookie| FlipDone {
@@ -791,6 +815,9 @@ impl Wayland {
         let mut cookies = Vec::new();
         if let Some(f) = c.inflight.take() {
             cookies.extend(f.cookies);
+        }
+        if let Some(d) = c.deferred.take() {
+            cookies.extend(d.cookies);
         }
         if let Some(q) = c.queued.take() {
             cookies.extend(q.cookies);
@@ -946,6 +973,10 @@ impl Wayland {
             if let Some(f) = c.inflight.take() {
                 c.front = Some(f.slot);
                 cookies.extend(f.cookies);
+            }
+            if let Some(d) = c.deferred.take() {
+                c.front = Some(Pic::Dma(d.key));
+                cookies.extend(d.cookies);
             }
             if let Some(q) = c.queued.take() {
                 c.front = Some(q.slot);
@@ -1244,7 +1275,7 @@ impl Wayland {
                 &qh,
             ) {
                 Some(_) => {
-                    d.state = DmaState::Pending;
+                    d.state = DmaState::Pending(Instant::now());
                     sent = true;
                 }
                 None => d.state = DmaState::Failed("layout too large for the protocol"),
@@ -1269,7 +1300,7 @@ impl Wayland {
             let d = self
                 .dfbs
                 .get_mut(&key.0)
-                .filter(|d| matches!(d.state, DmaState::Pending));
+                .filter(|d| matches!(d.state, DmaState::Pending(_)));
             match (d, answer) {
                 (Some(d), dmabuf::Created::Buffer(b)) => d.state = DmaState::Ready(b),
                 (Some(d), dmabuf::Created::Failed) => {
@@ -1298,11 +1329,11 @@ impl Wayland {
         }
     }
 
-    /// The picture of an imported frame: its dma-buf `wl_buffer`, waiting (at most
-    /// [`DMABUF_CREATE_WAIT`]) for the compositor's answer if still pending. A buffer
-    /// the compositor cannot take is refused ([`OutputError::ImportRefused`]): the
-    /// caller copies that buffer from then on. Without a compositor the frame is taken
-    /// (its flip completes on the timer) and checked once one is connected.
+    /// The picture of an imported frame: its dma-buf `wl_buffer`, created or still
+    /// pending (the flip is then deferred, never waited for: [`Deferred`]). A buffer the
+    /// compositor cannot take is refused ([`OutputError::ImportRefused`]): the caller
+    /// copies that buffer from then on. Without a compositor the frame is taken (its
+    /// flip completes on the timer) and checked once one is connected.
     fn dma_pic(&mut self, id: ConnectorId, f: &ImportedFrame) -> Result<Pic, OutputError> {
         let key = f.fb.0;
         let Some(d) = self.dfbs.get(&key) else {
@@ -1317,37 +1348,60 @@ impl Wayland {
             ));
         }
         self.create_dmabufs();
-        let end = Instant::now() + DMABUF_CREATE_WAIT;
-        while self
-            .dfbs
-            .get(&key)
-            .is_some_and(|d| matches!(d.state, DmaState::Pending))
-        {
-            let now = Instant::now();
-            if now >= end {
-                return Err(self.refuse_dma(id, key, "the compositor did not answer in time"));
-            }
-            let Link::Up(up) = &mut self.link else {
-                break;
-            };
-            if let Err(why) = Self::pump(up) {
-                self.broken = Some(why);
-                break;
-            }
-            self.handle_dmabuf();
-            if self
-                .dfbs
-                .get(&key)
-                .is_some_and(|d| matches!(d.state, DmaState::Pending))
-            {
-                // Readiness of the socket (or the connect waker) wakes this early.
-                let _ = self.poll.poll(&mut self.events, Some(end - now));
-            }
-        }
+        // Answers already read (by an earlier dispatch) count; nothing is waited for.
+        self.handle_dmabuf();
         match self.dfbs.get(&key).map(|d| &d.state) {
             Some(DmaState::Failed(why)) => Err(self.refuse_dma(id, key, why)),
             _ => Ok(Pic::Dma(key)),
         }
+    }
+
+    /// When a flip of dma-buf framebuffer `key` must stop waiting for its `wl_buffer`:
+    /// `Some` while the creation is pending.
+    fn create_deadline(&self, key: u64) -> Option<Instant> {
+        match self.dfbs.get(&key).map(|d| &d.state) {
+            Some(DmaState::Pending(asked)) => Some(*asked + self.create_wait),
+            _ => None,
+        }
+    }
+
+    /// A copy of dma-buf framebuffer `key`'s pixels in a `wl_shm` slot of `id` (our own
+    /// reference to the dma-buf, mapped for the copy and unmapped after).
+    fn copy_dfb(&mut self, id: ConnectorId, key: u64) -> Result<Pic, String> {
+        let d = self.dfbs.get(&key).ok_or("framebuffer removed")?;
+        let layout = d.layout;
+        let fd = self.imports.get(&d.import).ok_or("import released")?;
+        let need = (layout.pitch as usize)
+            .checked_mul(layout.height as usize)
+            .and_then(|n| n.checked_add(layout.offset as usize))
+            .ok_or("layout overflows")?;
+        let min_pitch = row_bytes(layout.format, layout.width).ok_or("layout overflows")?;
+        if (layout.pitch as usize) < min_pitch {
+            return Err("pitch shorter than a row".into());
+        }
+        // A mapping past the end of the file would fault on access: check the size.
+        let mut file = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?);
+        let size = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
+            .map_err(|e| format!("dma-buf size: {e}"))?;
+        if (size as usize) < need {
+            return Err(format!(
+                "dma-buf of {size} bytes, the framebuffer needs {need}"
+            ));
+        }
+        let mem = crate::backend::mem::shared(file.as_fd(), need)
+            .map_err(|e| format!("mapping the dma-buf: {e}"))?;
+        let frame = Frame {
+            mem: &mem,
+            offset: layout.offset as usize,
+            width: layout.width,
+            height: layout.height,
+            pitch: layout.pitch,
+            format: layout.format,
+            fb_cookie: 0,
+        };
+        let slot = self.render(id, &frame).map_err(|e| e.to_string())?;
+        self.stats.copied += 1;
+        Ok(Pic::Shm(slot))
     }
 
     fn refuse_dma(&mut self, id: ConnectorId, key: u64, why: &str) -> OutputError {
@@ -1385,8 +1439,45 @@ impl Wayland {
         }
     }
 
-    /// Commit `slot` as a tracked flip of `conn` (it has no flip in flight).
-    fn submit(&mut self, id: ConnectorId, slot: Pic, cookies: Vec<u64>, now: Instant) {
+    /// Commit `slot` as a tracked flip of `conn` (it has no flip in flight). A dma-buf
+    /// whose `wl_buffer` is still pending defers the flip ([`Deferred`]); one the
+    /// compositor failed (or did not answer in time) goes as a copy of its pixels.
+    fn submit(&mut self, id: ConnectorId, mut slot: Pic, cookies: Vec<u64>, now: Instant) {
+        if let Pic::Dma(key) = slot {
+            if let Some(deadline) = self.create_deadline(key) {
+                if now < deadline {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        c.deferred = Some(Deferred {
+                            key,
+                            cookies,
+                            deadline,
+                        });
+                    }
+                    return;
+                }
+                if let Some(d) = self.dfbs.get_mut(&key) {
+                    // A late `created` is destroyed when it comes (`handle_dmabuf`).
+                    d.state = DmaState::Failed("the compositor did not answer in time");
+                }
+            }
+            if let Some(DmaState::Failed(why)) = self.dfbs.get(&key).map(|d| &d.state) {
+                let _ = self.refuse_dma(id, key, why);
+                match self.copy_dfb(id, key) {
+                    Ok(pic) => slot = pic,
+                    Err(why) => {
+                        // Nothing new to show: the flip completes, counted as unshown.
+                        warn_limited!(
+                            ?id,
+                            fb = key,
+                            "wayland: copying a refused dma-buf failed ({why}); flip not shown"
+                        );
+                        self.stats.unshown += 1;
+                        self.complete(id, cookies);
+                        return;
+                    }
+                }
+            }
+        }
         match self.commit(id, slot, true) {
             Some(seq) => {
                 if let Some(c) = self.conns.get_mut(&id) {
@@ -1418,6 +1509,26 @@ impl Wayland {
             None => {
                 let due = Self::next_tick(c, now);
                 c.sim = Some(Simulated { slot, cookies, due });
+            }
+        }
+    }
+
+    /// Deferred flips whose dma-buf `wl_buffer` was answered (or whose deadline passed)
+    /// go out now: committed, or copied.
+    fn resolve_deferred(&mut self, now: Instant) {
+        let due: Vec<ConnectorId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.deferred
+                    .as_ref()
+                    .is_some_and(|d| now >= d.deadline || self.create_deadline(d.key).is_none())
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(d) = self.conns.get_mut(&id).and_then(|c| c.deferred.take()) {
+                self.submit(id, Pic::Dma(d.key), d.cookies, now);
             }
         }
     }
@@ -1495,7 +1606,12 @@ impl Wayland {
         let behind: Vec<(ConnectorId, Pic)> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.inflight.is_none() && c.sim.is_none() && c.front != c.committed)
+            .filter(|(_, c)| {
+                c.inflight.is_none()
+                    && c.deferred.is_none()
+                    && c.sim.is_none()
+                    && c.front != c.committed
+            })
             .filter_map(|(id, c)| c.front.map(|f| (*id, f)))
             .collect();
         for (id, slot) in behind {
@@ -1720,6 +1836,7 @@ impl Output for Wayland {
                 store: None,
                 front: None,
                 inflight: None,
+                deferred: None,
                 queued: None,
                 sim: None,
                 last_tick: None,
@@ -1800,8 +1917,9 @@ impl Output for Wayland {
         let Some(c) = self.conns.get_mut(&conn) else {
             return Err(OutputError::NotConfigured);
         };
-        if c.inflight.is_some() {
-            // Latest wins: the queued one is replaced, its cookies ride along.
+        if c.inflight.is_some() || c.deferred.is_some() {
+            // Latest wins (as the KMS flip queue): the queued one is replaced, its
+            // cookies ride along; the one in flight (or deferred) is never replaced.
             let mut cookies = c.queued.take().map(|q| q.cookies).unwrap_or_default();
             cookies.push(fb_cookie);
             c.queued = Some(Waiting { slot, cookies });
@@ -1818,7 +1936,7 @@ impl Output for Wayland {
     fn flip_busy(&self, conn: ConnectorId) -> bool {
         self.conns
             .get(&conn)
-            .is_some_and(|c| c.inflight.is_some() || c.sim.is_some())
+            .is_some_and(|c| c.inflight.is_some() || c.deferred.is_some() || c.sim.is_some())
     }
 
     fn event_fd(&self) -> Option<RawFd> {
@@ -1827,7 +1945,7 @@ impl Output for Wayland {
 
     fn next_deadline(&self) -> Option<Instant> {
         let now = Instant::now();
-        // Events read while waiting for a dma-buf buffer's creation are handled at once.
+        // Events read outside `dispatch` (none today) are handled at once.
         let unhandled = matches!(&self.link, Link::Up(up)
             if !up.st.events.is_empty() || !up.st.dmabuf_released.is_empty()
                 || !up.st.dmabuf_created.is_empty());
@@ -1849,6 +1967,7 @@ impl Output for Wayland {
                 .as_ref()
                 .map(|f| f.deadline)
                 .into_iter()
+                .chain(c.deferred.as_ref().map(|d| d.deadline))
                 .chain(c.sim.as_ref().map(|s| s.due))
         });
         link.into_iter().chain(flips).min()
@@ -1889,6 +2008,7 @@ impl Output for Wayland {
             }
         }
         self.finish_flips(now);
+        self.resolve_deferred(now);
         self.finish_simulated(now);
         if let Some(why) = self.broken.take() {
             self.disconnect(now, why);

@@ -150,6 +150,11 @@ pub struct Comp {
     /// dma-buf buffers created (`created` sent), in order, and their resources.
     pub dmabufs: Vec<DmabufInfo>,
     pub dmabuf_buffers: Vec<WlBuffer>,
+    /// Leave dma-buf buffer creations unanswered until
+    /// [`TestCompositor::answer_dmabufs`] (a slow or stuck compositor).
+    pub defer_dmabuf: bool,
+    /// Creations left unanswered: the params, their client, what would be created.
+    deferred_dmabufs: Vec<(ZwpLinuxBufferParamsV1, Client, DmabufInfo)>,
 }
 
 /// One plane of a dma-buf buffer as the client described it.
@@ -270,6 +275,24 @@ impl TestCompositor {
             }
         }
         self.display.flush_clients().unwrap();
+    }
+
+    /// Answer the creations left unanswered (`defer_dmabuf`): `created`, or `failed`.
+    pub fn answer_dmabufs(&mut self, ok: bool) {
+        let dh = self.display.handle();
+        for (params, client, info) in std::mem::take(&mut self.state.deferred_dmabufs) {
+            if ok {
+                self.state.create_dmabuf(&params, &client, info, &dh);
+            } else {
+                params.failed();
+            }
+        }
+        self.display.flush_clients().unwrap();
+    }
+
+    /// Creations not answered yet.
+    pub fn unanswered_dmabufs(&self) -> usize {
+        self.state.deferred_dmabufs.len()
     }
 
     /// Release replaced buffers at once again (as Weston does).
@@ -864,15 +887,32 @@ impl Dispatch<ZwpLinuxBufferParamsV1, std::sync::Mutex<Vec<Plane>>> for Comp {
                         .collect(),
                     file: (meta.dev(), meta.ino()),
                 };
-                let buf = client
-                    .create_resource::<WlBuffer, DmabufInfo, Comp>(dh, 1, info.clone())
-                    .unwrap();
-                params.created(&buf);
-                st.dmabufs.push(info);
-                st.dmabuf_buffers.push(buf);
+                if st.defer_dmabuf {
+                    st.deferred_dmabufs
+                        .push((params.clone(), client.clone(), info));
+                    return;
+                }
+                st.create_dmabuf(params, client, info, dh);
             }
             _ => {}
         }
+    }
+}
+
+impl Comp {
+    fn create_dmabuf(
+        &mut self,
+        params: &ZwpLinuxBufferParamsV1,
+        client: &Client,
+        info: DmabufInfo,
+        dh: &DisplayHandle,
+    ) {
+        let buf = client
+            .create_resource::<WlBuffer, DmabufInfo, Comp>(dh, 1, info.clone())
+            .unwrap();
+        params.created(&buf);
+        self.dmabufs.push(info);
+        self.dmabuf_buffers.push(buf);
     }
 }
 

@@ -1528,4 +1528,266 @@ mod dmabuf_flips {
             Err(OutputError::Unsupported)
         ));
     }
+
+    /// Connected, connector 0's surface configured and showing a copied picture of
+    /// `0x0101_0101` (cookie 1); dma-buf creations left unanswered from now on.
+    fn showing_a_copy(name: &str) -> (TestCompositor, Wayland, MappedRegion) {
+        let offer = Offer {
+            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+            ..Offer::default()
+        };
+        let (mut comp, mut out) = connected(name, offer);
+        let m = filled(0x0101_0101);
+        out.set_config(c0(), Some(&frame(&m, 1))).unwrap();
+        surface_up(&mut out, &mut comp);
+        comp.configure_all(0, 0);
+        run_until(&mut out, &mut Some(&mut comp), "shown", |_, _, c| {
+            c.is_some_and(|c| c.surface().current.is_some())
+        });
+        comp.state.defer_dmabuf = true;
+        (comp, out, m)
+    }
+
+    /// A framebuffer on a new guest dma-buf of `v`, its creation asked for and not
+    /// answered (the compositor defers it).
+    fn unanswered_fb(out: &mut Wayland, comp: &mut TestCompositor, v: u32) -> ImportedFb {
+        let (d, _) = guest_dmabuf(v);
+        let i = out.import_dmabuf(&d).unwrap();
+        let fb = out.add_imported_fb(i, &layout()).unwrap();
+        let before = comp.unanswered_dmabufs();
+        run_until(out, &mut Some(comp), "create asked", |_, _, c| {
+            c.is_some_and(|c| c.unanswered_dmabufs() > before)
+        });
+        fb
+    }
+
+    /// Dispatch both sides `n` times (no condition): what completed.
+    fn spin(out: &mut Wayland, comp: &mut TestCompositor, n: usize) -> Vec<FlipDone> {
+        let mut done = Vec::new();
+        for _ in 0..n {
+            comp.pump();
+            out.dispatch(Instant::now(), &mut done);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        done
+    }
+
+    /// The creation is answered (`created`) after the flip: the flip was not waited for
+    /// in `page_flip`, nothing went out meanwhile, then the guest's own buffer is
+    /// committed and its PG_FLIP comes after its presentation.
+    #[test]
+    fn late_created_answer_defers_the_flip() {
+        let (mut comp, mut out, _m) = showing_a_copy("dmabuf-late-created");
+        // Long enough that only the answer can end the wait.
+        out.create_wait = Duration::from_secs(30);
+        let c = c0();
+        let fb = unanswered_fb(&mut out, &mut comp, 0x0022_4466);
+        let commits = comp.surface().commits;
+        out.page_flip(c, &imported(fb, 2)).unwrap();
+        assert!(out.flip_busy(c), "a deferred flip is pending");
+        // A later flip queues behind it (latest wins among the queued ones).
+        let m3 = filled(0x0033_3333);
+        out.page_flip(c, &frame(&m3, 3)).unwrap();
+        let done = spin(&mut out, &mut comp, 20);
+        assert!(done.is_empty(), "done before it was shown: {done:?}");
+        assert_eq!(comp.surface().commits, commits, "nothing committed yet");
+        // The deadline is the loop's timer, not a sleep.
+        let d = out.next_deadline().expect("a deadline");
+        assert!(d > Instant::now() + Duration::from_secs(20), "{d:?}");
+        comp.answer_dmabufs(true);
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "dma-buf committed",
+            |_, _, c| c.is_some_and(|c| shown_dmabuf(c).is_some()),
+        );
+        let done = spin(&mut out, &mut comp, 10);
+        assert!(done.is_empty(), "done before presentation: {done:?}");
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 2", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+        // Then the queued copy.
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "flip 3 committed",
+            |_, _, c| c.is_some_and(|c| shown_dmabuf(c).is_none()),
+        );
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 3", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![3]);
+        let info = comp.shown();
+        assert_eq!(
+            words(&info.bytes(), info.stride as usize),
+            vec![0x0033_3333; 8]
+        );
+        let s = out.stats();
+        assert_eq!((s.zero_copy, s.copied, s.dmabuf_refused), (1, 2, 0));
+    }
+
+    /// `failed` comes after the flip: the deferred flip goes out as a copy with the
+    /// buffer's pixels, and later flips of that buffer are refused (the caller copies).
+    #[test]
+    fn late_failed_answer_copies_the_deferred_flip() {
+        let (mut comp, mut out, _m) = showing_a_copy("dmabuf-late-failed");
+        out.create_wait = Duration::from_secs(30);
+        let c = c0();
+        let fb = unanswered_fb(&mut out, &mut comp, 0x0055_6677);
+        out.page_flip(c, &imported(fb, 2)).unwrap();
+        assert!(spin(&mut out, &mut comp, 10).is_empty());
+        comp.answer_dmabufs(false);
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "copy committed",
+            |_, _, c| {
+                c.is_some_and(|c| {
+                    let i = c.shown();
+                    words(&i.bytes(), i.stride as usize) == vec![0x0055_6677; 8]
+                })
+            },
+        );
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 2", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+        let s = out.stats();
+        assert_eq!((s.zero_copy, s.copied, s.dmabuf_refused), (1, 2, 1));
+        assert!(matches!(
+            out.page_flip(c, &imported(fb, 4)),
+            Err(OutputError::ImportRefused(_))
+        ));
+        assert!(
+            comp.state.dmabufs.is_empty(),
+            "no dma-buf buffer was created"
+        );
+    }
+
+    /// No answer at all: the loop's timer ends the wait at the deadline and the flip
+    /// goes out as a copy; a `created` that comes later is destroyed, never shown.
+    #[test]
+    fn unanswered_creation_is_copied_at_the_deadline() {
+        let (mut comp, mut out, _m) = showing_a_copy("dmabuf-unanswered");
+        out.create_wait = Duration::from_millis(150);
+        let c = c0();
+        let asked = Instant::now();
+        let fb = unanswered_fb(&mut out, &mut comp, 0x0011_0022);
+        out.page_flip(c, &imported(fb, 2)).unwrap();
+        let d = out.next_deadline().expect("a deadline");
+        // Asked for after `asked`, before now: due at most 150 ms from now.
+        assert!(d <= Instant::now() + Duration::from_millis(150), "{d:?}");
+        assert!(d > Instant::now(), "not due yet");
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "copy committed",
+            |_, _, c| {
+                c.is_some_and(|c| {
+                    let i = c.shown();
+                    words(&i.bytes(), i.stride as usize) == vec![0x0011_0022; 8]
+                })
+            },
+        );
+        assert!(
+            asked.elapsed() >= Duration::from_millis(150),
+            "copied before the deadline"
+        );
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 2", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+        assert_eq!(out.stats().dmabuf_refused, 1);
+        // The answer after all: that buffer is destroyed unused.
+        comp.answer_dmabufs(true);
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "late buffer destroyed",
+            |_, _, c| {
+                c.is_some_and(|c| c.state.log.iter().any(|l| l == "dmabuf wl_buffer.destroy"))
+            },
+        );
+        assert!(shown_dmabuf(&comp).is_none());
+        assert_eq!(out.stats().disconnects, 0);
+    }
+
+    /// While connector 0's flip waits for its buffer, connector 1 keeps flipping: the
+    /// loop is not blocked (counted by connector 1's completed flips, not timed).
+    #[test]
+    fn other_connectors_flow_while_one_waits() {
+        let offer = Offer {
+            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+            ..Offer::default()
+        };
+        let (mut comp, mut out) = connected("dmabuf-two-conns", offer);
+        out.create_wait = Duration::from_secs(60);
+        let (a, b) = (cid(0), cid(1));
+        out.add_connector(b, "Virtual-2", 4, 2).unwrap();
+        let m = filled(0x0101_0101);
+        out.set_config(a, Some(&frame(&m, 1))).unwrap();
+        out.set_config(b, Some(&frame(&m, 1))).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "surfaces", |_, _, c| {
+            c.is_some_and(|c| c.state.surfaces.len() == 2)
+        });
+        comp.configure_all(0, 0);
+        run_until(&mut out, &mut Some(&mut comp), "both shown", |_, _, c| {
+            c.is_some_and(|c| c.state.surfaces.values().all(|s| s.current.is_some()))
+        });
+        comp.state.defer_dmabuf = true;
+        let fb = unanswered_fb(&mut out, &mut comp, 0x0044_0044);
+        out.page_flip(a, &imported(fb, 2)).unwrap();
+        let mut b_done = 0;
+        for i in 0..10u64 {
+            let mb = filled(0x0010_0000 * (i as u32 + 1));
+            out.page_flip(b, &frame(&mb, 100 + i)).unwrap();
+            let end = Instant::now() + Duration::from_secs(5);
+            loop {
+                comp.pump();
+                comp.present_all();
+                let mut done = Vec::new();
+                out.dispatch(Instant::now(), &mut done);
+                assert!(
+                    done.iter().all(|d| d.conn == b),
+                    "connector 0's deferred flip completed: {done:?}"
+                );
+                if done.iter().any(|d| d.fb_cookie == 100 + i) {
+                    b_done += 1;
+                    break;
+                }
+                assert!(Instant::now() < end, "connector 1's flip {i} stalled");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        assert_eq!(b_done, 10);
+        assert!(out.flip_busy(a), "connector 0 still waits for its buffer");
+        assert_eq!(comp.unanswered_dmabufs(), 1);
+        comp.answer_dmabufs(true);
+        run_until(&mut out, &mut Some(&mut comp), "a committed", |_, _, c| {
+            c.is_some_and(|c| {
+                c.state.surfaces.values().any(|s| {
+                    s.current
+                        .as_ref()
+                        .and_then(|b| b.data::<DmabufInfo>())
+                        .is_some()
+                })
+            })
+        });
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "a's flip", |_, d, _| {
+            d.iter().any(|d| d.conn == a)
+        });
+        assert_eq!(
+            done.iter()
+                .filter(|d| d.conn == a)
+                .map(|d| d.fb_cookie)
+                .collect::<Vec<_>>(),
+            vec![2]
+        );
+    }
 }
