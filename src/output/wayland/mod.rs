@@ -1418,6 +1418,10 @@ impl Wayland {
     /// Forget dma-buf framebuffer `key`; its `wl_buffer` is destroyed now if the
     /// compositor does not hold it, else when it is released.
     fn remove_dfb(&mut self, key: u64) {
+        if !self.dfbs.contains_key(&key) {
+            return;
+        }
+        self.copy_out(key, Instant::now());
         let Some(d) = self.dfbs.remove(&key) else {
             return;
         };
@@ -1435,6 +1439,113 @@ impl Wayland {
                     let _ = up.conn.flush();
                 }
                 b.destroy();
+            }
+        }
+    }
+
+    /// Dma-buf framebuffer `key` is being removed: each connector picture that still
+    /// names it (on screen, committed, in flight, deferred, queued, simulated) becomes a
+    /// copy of its pixels, and a copy replaces it on the surface at once: the compositor
+    /// then releases the dma-buf's `wl_buffer` (destroyed then, never before) without a
+    /// further guest flip, so that DBUF_DESTROY's wait for the guest's pages ends. The
+    /// picture stays as it was; nothing here waits.
+    fn copy_out(&mut self, key: u64, now: Instant) {
+        let dma = Pic::Dma(key);
+        let users: Vec<ConnectorId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.front == Some(dma)
+                    || c.committed == Some(dma)
+                    || c.inflight.as_ref().is_some_and(|f| f.slot == dma)
+                    || c.deferred.as_ref().is_some_and(|d| d.key == key)
+                    || c.queued.as_ref().is_some_and(|q| q.slot == dma)
+                    || c.sim.as_ref().is_some_and(|s| s.slot == dma)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in users {
+            let copy = match self.copy_dfb(id, key) {
+                Ok(pic) => Some(pic),
+                Err(why) => {
+                    // Taken off the surface all the same (below): the compositor must
+                    // let go of the guest's pages.
+                    warn_limited!(
+                        ?id,
+                        fb = key,
+                        "wayland: copying a removed dma-buf failed ({why}); its picture is dropped"
+                    );
+                    None
+                }
+            };
+            let Some(c) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            let mut done = Vec::new();
+            if c.front == Some(dma) {
+                c.front = copy;
+            }
+            if let Some(s) = c.sim.as_mut().filter(|s| s.slot == dma) {
+                match copy {
+                    Some(p) => s.slot = p,
+                    None => {
+                        if let Some(s) = c.sim.take() {
+                            done.extend(s.cookies);
+                        }
+                    }
+                }
+            }
+            if let Some(q) = c.queued.as_mut().filter(|q| q.slot == dma) {
+                match copy {
+                    Some(p) => q.slot = p,
+                    None => {
+                        if let Some(q) = c.queued.take() {
+                            done.extend(q.cookies);
+                        }
+                    }
+                }
+            }
+            let deferred = c.deferred.take_if(|d| d.key == key);
+            let retarget = c.inflight.as_ref().is_some_and(|f| f.slot == dma);
+            let committed = c.committed == Some(dma);
+            if !done.is_empty() {
+                self.stats.unshown += 1;
+                self.complete(id, done);
+            }
+            match (copy, deferred) {
+                (Some(p), Some(d)) => self.submit(id, p, d.cookies, now),
+                (None, Some(d)) => {
+                    self.stats.unshown += 1;
+                    self.complete(id, d.cookies);
+                }
+                _ => {}
+            }
+            let Some(p) = copy else {
+                if committed {
+                    // No copy to attach instead: a new surface (attaching no buffer
+                    // would unmap an xdg toplevel for good); the old one's buffers are
+                    // the compositor's no more.
+                    self.destroy_surface(id);
+                    self.sync_surfaces();
+                }
+                continue;
+            };
+            if retarget {
+                // The flip in flight now shows the copy; its presentation is tracked
+                // anew (the compositor discards the feedback of the replaced commit).
+                if let Some(seq) = self.commit(id, p, true) {
+                    if let Some(f) = self.conns.get_mut(&id).and_then(|c| c.inflight.as_mut()) {
+                        f.slot = p;
+                        f.seq = seq;
+                        f.shown = false;
+                    }
+                } else if let Some(f) = self.conns.get_mut(&id).and_then(|c| c.inflight.as_mut()) {
+                    // Not committed now (the compositor holds too many buffers): the
+                    // copy goes out when it releases them (`handle_events` catches up).
+                    f.slot = p;
+                }
+            } else if committed {
+                let _ = self.commit(id, p, false);
             }
         }
     }

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -154,7 +155,10 @@ pub struct Comp {
     /// [`TestCompositor::answer_dmabufs`] (a slow or stuck compositor).
     pub defer_dmabuf: bool,
     /// Creations left unanswered: the params, their client, what would be created.
-    deferred_dmabufs: Vec<(ZwpLinuxBufferParamsV1, Client, DmabufInfo)>,
+    deferred_dmabufs: Vec<(ZwpLinuxBufferParamsV1, Client, DmabufInfo, OwnedFd)>,
+    /// The dma-buf each live dma-buf `wl_buffer` holds (as a renderer's import does),
+    /// closed when the client destroys the buffer.
+    pub dmabuf_fds: Vec<(WlBuffer, OwnedFd)>,
 }
 
 /// One plane of a dma-buf buffer as the client described it.
@@ -280,9 +284,9 @@ impl TestCompositor {
     /// Answer the creations left unanswered (`defer_dmabuf`): `created`, or `failed`.
     pub fn answer_dmabufs(&mut self, ok: bool) {
         let dh = self.display.handle();
-        for (params, client, info) in std::mem::take(&mut self.state.deferred_dmabufs) {
+        for (params, client, info, fd) in std::mem::take(&mut self.state.deferred_dmabufs) {
             if ok {
-                self.state.create_dmabuf(&params, &client, info, &dh);
+                self.state.create_dmabuf(&params, &client, info, fd, &dh);
             } else {
                 params.failed();
             }
@@ -887,12 +891,13 @@ impl Dispatch<ZwpLinuxBufferParamsV1, std::sync::Mutex<Vec<Plane>>> for Comp {
                         .collect(),
                     file: (meta.dev(), meta.ino()),
                 };
+                let fd = planes[0].fd.try_clone().unwrap();
                 if st.defer_dmabuf {
                     st.deferred_dmabufs
-                        .push((params.clone(), client.clone(), info));
+                        .push((params.clone(), client.clone(), info, fd));
                     return;
                 }
-                st.create_dmabuf(params, client, info, dh);
+                st.create_dmabuf(params, client, info, fd, dh);
             }
             _ => {}
         }
@@ -905,12 +910,14 @@ impl Comp {
         params: &ZwpLinuxBufferParamsV1,
         client: &Client,
         info: DmabufInfo,
+        fd: OwnedFd,
         dh: &DisplayHandle,
     ) {
         let buf = client
             .create_resource::<WlBuffer, DmabufInfo, Comp>(dh, 1, info.clone())
             .unwrap();
         params.created(&buf);
+        self.dmabuf_fds.push((buf.clone(), fd));
         self.dmabufs.push(info);
         self.dmabuf_buffers.push(buf);
     }
@@ -934,6 +941,7 @@ impl Dispatch<WlBuffer, DmabufInfo> for Comp {
                     .surfaces
                     .values()
                     .any(|s| s.current.as_ref() == Some(buf));
+            st.dmabuf_fds.retain(|(b, _)| b != buf);
             st.log.push(if held {
                 "dmabuf wl_buffer.destroy WHILE HELD".into()
             } else {

@@ -1312,9 +1312,18 @@ mod dmabuf_flips {
         });
         assert_eq!(cookies(&done), vec![2]);
 
-        // The guest destroys B while it is on screen: its wl_buffer stays until released.
+        // The guest destroys B while it is on screen (and never flips again): a copy of
+        // B replaces it on the surface at once; B's wl_buffer stays until released.
         out.remove_imported_fb(fb);
         out.release_import(ib);
+        run_until(&mut out, &mut Some(&mut comp), "copy of B", |_, _, c| {
+            c.is_some_and(|c| {
+                shown_dmabuf(c).is_none() && {
+                    let i = c.shown();
+                    words(&i.bytes(), i.stride as usize) == vec![0x0044_5566; 8]
+                }
+            })
+        });
         let t = Instant::now();
         while t.elapsed() < Duration::from_millis(30) {
             comp.pump();
@@ -1329,21 +1338,24 @@ mod dmabuf_flips {
             "a held buffer was destroyed: {:?}",
             comp.state.log
         );
-        // A flip of A replaces it on screen; once released, B's buffer goes.
+        comp.release_all();
+        run_until(&mut out, &mut Some(&mut comp), "B destroyed", |_, _, c| {
+            c.is_some_and(|c| {
+                c.state
+                    .log
+                    .iter()
+                    .any(|l| l.starts_with("dmabuf wl_buffer.destroy"))
+            })
+        });
+        // A flip of A replaces the copy, zero-copy again.
         out.page_flip(c, &imported(fa, 3)).unwrap();
         run_until(&mut out, &mut Some(&mut comp), "commit A", |_, _, c| {
             c.is_some_and(|c| shown_dmabuf(c).is_some_and(|i| i.file == file_a))
         });
         comp.present_all();
         comp.release_all();
-        let done = run_until(&mut out, &mut Some(&mut comp), "B destroyed", |_, d, c| {
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 3", |_, d, _| {
             !d.is_empty()
-                && c.is_some_and(|c| {
-                    c.state
-                        .log
-                        .iter()
-                        .any(|l| l.starts_with("dmabuf wl_buffer.destroy"))
-                })
         });
         assert_eq!(cookies(&done), vec![3]);
         let destroys: Vec<&String> = comp
@@ -1357,14 +1369,9 @@ mod dmabuf_flips {
             vec!["dmabuf wl_buffer.destroy"],
             "exactly B, after its release"
         );
-        // Nothing was copied: no wl_shm pool, no shm buffer, the counters agree.
-        assert!(
-            !comp.state.log.iter().any(|l| l.starts_with("wl_shm")),
-            "{:?}",
-            comp.state.log
-        );
+        // One copy (B's pixels at its destroy), the flips themselves were not copied.
         let s = out.stats();
-        assert_eq!((s.zero_copy, s.copied, s.dmabuf_refused), (3, 0, 0));
+        assert_eq!((s.zero_copy, s.copied, s.dmabuf_refused), (3, 1, 0));
         assert_eq!(s.presented, 2);
     }
 
@@ -1789,5 +1796,159 @@ mod dmabuf_flips {
                 .collect::<Vec<_>>(),
             vec![2]
         );
+    }
+
+    /// Open fds of this process (ours, and the in-process test compositor's) on the
+    /// file `id`: the stand-in dma-buf is released (what gntdev's wait in DBUF_DESTROY
+    /// waits for) when this is 0.
+    fn open_refs(id: (u64, u64)) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
+            .filter(|m| (m.dev(), m.ino()) == id)
+            .count()
+    }
+
+    /// DBUF_DESTROY of the buffer on screen, with no flip after it: the picture stays
+    /// (a copy), the dma-buf `wl_buffer` is destroyed only once the compositor released
+    /// it, and then no reference to the guest's dma-buf is left (so DBUF_DESTROY is
+    /// answered 0 as soon as the compositor lets go, not at its release timeout).
+    #[test]
+    fn destroying_the_buffer_on_screen_releases_it_without_a_flip() {
+        let offer = Offer {
+            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+            ..Offer::default()
+        };
+        let (mut comp, mut out) = connected("dmabuf-destroy-front", offer);
+        comp.state.hold_releases = true;
+        let c = c0();
+        let (d, file) = guest_dmabuf(0x0066_1133);
+        let i = out.import_dmabuf(&d).unwrap();
+        drop(d);
+        let fb = out.add_imported_fb(i, &layout()).unwrap();
+        out.set_config(c, Some(&imported(fb, 1))).unwrap();
+        surface_up(&mut out, &mut comp);
+        comp.configure_all(0, 0);
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "dma-buf shown",
+            |_, _, c| c.is_some_and(|c| shown_dmabuf(c).is_some()),
+        );
+        assert!(open_refs(file) >= 2, "ours and the compositor's");
+        let commits = comp.surface().commits;
+        // DBUF_DESTROY, as the connection does it.
+        out.remove_imported_fb(fb);
+        out.release_import(i);
+        run_until(&mut out, &mut Some(&mut comp), "copy shown", |_, _, c| {
+            c.is_some_and(|c| c.surface().commits > commits && shown_dmabuf(c).is_none())
+        });
+        let info = comp.shown();
+        assert_eq!(info.format, SHM_XRGB8888);
+        assert_eq!(
+            words(&info.bytes(), info.stride as usize),
+            vec![0x0066_1133; 8]
+        );
+        assert_eq!(
+            out.front_pixels(c).map(|(g, _)| (g.width, g.height)),
+            Some((4, 2))
+        );
+        // Held by the compositor: not destroyed, still referenced.
+        let _ = spin(&mut out, &mut comp, 20);
+        assert!(!comp
+            .state
+            .log
+            .iter()
+            .any(|l| l.starts_with("dmabuf wl_buffer.destroy")));
+        assert_eq!(open_refs(file), 1, "only the compositor's import is left");
+        comp.release_all();
+        run_until(&mut out, &mut Some(&mut comp), "destroyed", |_, _, c| {
+            c.is_some_and(|c| {
+                c.state
+                    .log
+                    .iter()
+                    .any(|l| l.starts_with("dmabuf wl_buffer.destroy"))
+            })
+        });
+        assert_eq!(
+            comp.state
+                .log
+                .iter()
+                .filter(|l| l.starts_with("dmabuf wl_buffer.destroy"))
+                .collect::<Vec<_>>(),
+            vec!["dmabuf wl_buffer.destroy"],
+            "destroyed after the release, never while held"
+        );
+        assert_eq!(open_refs(file), 0, "the guest's dma-buf is released");
+        // The connector goes on: a copied flip works.
+        let m = filled(0x0012_3400);
+        out.page_flip(c, &frame(&m, 2)).unwrap();
+        comp.hold_releases_off();
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "flip committed",
+            |_, _, c| {
+                c.is_some_and(|c| {
+                    let i = c.shown();
+                    words(&i.bytes(), i.stride as usize) == vec![0x0012_3400; 8]
+                })
+            },
+        );
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 2", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+        let s = out.stats();
+        assert_eq!((s.copied, s.disconnects), (2, 0));
+    }
+
+    /// A deferred flip (buffer not answered yet) of a framebuffer the guest destroys:
+    /// it goes out as a copy of the pixels, its PG_FLIP after presentation.
+    #[test]
+    fn destroying_a_deferred_buffer_copies_its_flip() {
+        let (mut comp, mut out, _m) = showing_a_copy("dmabuf-destroy-deferred");
+        out.create_wait = Duration::from_secs(30);
+        let c = c0();
+        let (d, file) = guest_dmabuf(0x0013_5799);
+        let i = out.import_dmabuf(&d).unwrap();
+        drop(d);
+        let fb = out.add_imported_fb(i, &layout()).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "create asked", |_, _, c| {
+            c.is_some_and(|c| c.unanswered_dmabufs() == 1)
+        });
+        out.page_flip(c, &imported(fb, 2)).unwrap();
+        assert!(spin(&mut out, &mut comp, 5).is_empty());
+        out.remove_imported_fb(fb);
+        out.release_import(i);
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "copy committed",
+            |_, _, c| {
+                c.is_some_and(|c| {
+                    let i = c.shown();
+                    words(&i.bytes(), i.stride as usize) == vec![0x0013_5799; 8]
+                })
+            },
+        );
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 2", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+        // A late `created` is destroyed unused; the compositor's dup goes with it.
+        comp.answer_dmabufs(true);
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "late buffer destroyed",
+            |_, _, c| {
+                c.is_some_and(|c| c.state.log.iter().any(|l| l == "dmabuf wl_buffer.destroy"))
+            },
+        );
+        let _ = spin(&mut out, &mut comp, 3);
+        assert_eq!(open_refs(file), 0);
     }
 }
