@@ -296,6 +296,7 @@ impl Wayland {
         let Link::Up(up) = &mut self.link else {
             return;
         };
+        let mut failed = Vec::new();
         for (key, answer) in std::mem::take(&mut up.st.dmabuf_created) {
             let d = self
                 .dfbs
@@ -304,7 +305,8 @@ impl Wayland {
             match (d, answer) {
                 (Some(d), dmabuf::Created::Buffer(b)) => d.state = DmaState::Ready(b),
                 (Some(d), dmabuf::Created::Failed) => {
-                    d.state = DmaState::Failed("the compositor failed to import it")
+                    d.state = DmaState::Failed("the compositor failed to import it");
+                    failed.push(key.0);
                 }
                 // Removed (or refused after waiting) meanwhile.
                 (None, dmabuf::Created::Buffer(b)) => {
@@ -326,6 +328,36 @@ impl Wayland {
                 }
                 keep
             });
+        }
+        self.fail_over(failed, Instant::now());
+    }
+
+    /// Dma-buf framebuffers the compositor cannot show (`failed`, or no answer in
+    /// time): the pictures that use them (on screen since SET_CONFIG, deferred, queued)
+    /// become copies of their pixels, so that nothing waits for a buffer that never
+    /// comes. Later flips of them are refused (the caller copies them).
+    pub(super) fn fail_over(&mut self, mut keys: Vec<u64>, now: Instant) {
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            let dma = Pic::Dma(key);
+            let user = self
+                .conns
+                .iter()
+                .find(|(_, c)| {
+                    c.front == Some(dma)
+                        || c.deferred.as_ref().is_some_and(|d| d.key == key)
+                        || c.queued.as_ref().is_some_and(|q| q.slot == dma)
+                        || c.sim.as_ref().is_some_and(|s| s.slot == dma)
+                })
+                .map(|(id, _)| *id);
+            let Some(id) = user else {
+                continue;
+            };
+            if let Some(DmaState::Failed(why)) = self.dfbs.get(&key).map(|d| &d.state) {
+                let _ = self.refuse_dma(id, key, why);
+            }
+            self.copy_out(key, now);
         }
     }
 

@@ -210,6 +210,21 @@ impl Wayland {
                 self.submit(id, Pic::Dma(d.key), d.cookies, now);
             }
         }
+        // A SET_CONFIG picture whose buffer was not answered in time: a copy instead.
+        let expired: Vec<u64> = self
+            .conns
+            .values()
+            .filter_map(|c| match c.front {
+                Some(Pic::Dma(k)) if self.create_deadline(k).is_some_and(|t| now >= t) => Some(k),
+                _ => None,
+            })
+            .collect();
+        for k in &expired {
+            if let Some(d) = self.dfbs.get_mut(k) {
+                d.state = DmaState::Failed("the compositor did not answer in time");
+            }
+        }
+        self.fail_over(expired, now);
     }
 
     pub(super) fn handle_events(&mut self, now: Instant) {

@@ -630,6 +630,10 @@ impl Output for Wayland {
                 .map(|f| f.deadline)
                 .into_iter()
                 .chain(c.deferred.as_ref().map(|d| d.deadline))
+                .chain(match c.front {
+                    Some(Pic::Dma(k)) => self.create_deadline(k),
+                    _ => None,
+                })
                 .chain(c.sim.as_ref().map(|s| s.due))
         });
         link.into_iter().chain(flips).min()

@@ -1608,13 +1608,16 @@ mod dmabuf_flips {
             "dma-buf committed",
             |_, _, c| c.is_some_and(|c| shown_dmabuf(c).is_some()),
         );
-        let done = spin(&mut out, &mut comp, 10);
+        // (Few dispatches: an unpresented commit completes after UNSHOWN_FLIP anyway.)
+        let done = spin(&mut out, &mut comp, 2);
         assert!(done.is_empty(), "done before presentation: {done:?}");
         comp.present_all();
         let done = run_until(&mut out, &mut Some(&mut comp), "flip 2", |_, d, _| {
             !d.is_empty()
         });
         assert_eq!(cookies(&done), vec![2]);
+        let s = out.stats();
+        assert_eq!((s.presented, s.unshown), (1, 0), "done by its presentation");
         // Then the queued copy.
         run_until(
             &mut out,
@@ -1950,5 +1953,53 @@ mod dmabuf_flips {
         );
         let _ = spin(&mut out, &mut comp, 3);
         assert_eq!(open_refs(file), 0);
+    }
+
+    /// SET_CONFIG of a buffer whose creation is answered `failed` later, or never: the
+    /// picture is shown as a copy (at the answer, or at the deadline), not left out.
+    #[test]
+    fn set_config_of_a_buffer_failed_late_shows_a_copy() {
+        for answer in [true, false] {
+            let offer = Offer {
+                dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+                ..Offer::default()
+            };
+            let name = format!("dmabuf-config-late-{answer}");
+            let (mut comp, mut out) = connected(&name, offer);
+            out.create_wait = if answer {
+                Duration::from_secs(30)
+            } else {
+                Duration::from_millis(100)
+            };
+            comp.state.defer_dmabuf = true;
+            let c = c0();
+            let fb = unanswered_fb(&mut out, &mut comp, 0x0024_6801);
+            out.set_config(c, Some(&imported(fb, 1))).unwrap();
+            surface_up(&mut out, &mut comp);
+            comp.configure_all(0, 0);
+            let _ = spin(&mut out, &mut comp, 5);
+            assert!(
+                comp.surface().current.is_none(),
+                "{name}: nothing to show yet"
+            );
+            if answer {
+                comp.answer_dmabufs(false);
+            }
+            run_until(&mut out, &mut Some(&mut comp), "copy shown", |_, _, c| {
+                c.is_some_and(|c| {
+                    c.surface().current.is_some() && {
+                        let i = c.shown();
+                        words(&i.bytes(), i.stride as usize) == vec![0x0024_6801; 8]
+                    }
+                })
+            });
+            let s = out.stats();
+            assert_eq!((s.copied, s.dmabuf_refused), (1, 1), "{name}");
+            // Its next flip is refused: the caller copies it.
+            assert!(matches!(
+                out.page_flip(c, &imported(fb, 2)),
+                Err(OutputError::ImportRefused(_))
+            ));
+        }
     }
 }
