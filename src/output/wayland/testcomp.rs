@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -150,6 +151,14 @@ pub struct Comp {
     /// dma-buf buffers created (`created` sent), in order, and their resources.
     pub dmabufs: Vec<DmabufInfo>,
     pub dmabuf_buffers: Vec<WlBuffer>,
+    /// Leave dma-buf buffer creations unanswered until
+    /// [`TestCompositor::answer_dmabufs`] (a slow or stuck compositor).
+    pub defer_dmabuf: bool,
+    /// Creations left unanswered: the params, their client, what would be created.
+    deferred_dmabufs: Vec<(ZwpLinuxBufferParamsV1, Client, DmabufInfo, OwnedFd)>,
+    /// The dma-buf each live dma-buf `wl_buffer` holds (as a renderer's import does),
+    /// closed when the client destroys the buffer.
+    pub dmabuf_fds: Vec<(WlBuffer, OwnedFd)>,
 }
 
 /// One plane of a dma-buf buffer as the client described it.
@@ -270,6 +279,24 @@ impl TestCompositor {
             }
         }
         self.display.flush_clients().unwrap();
+    }
+
+    /// Answer the creations left unanswered (`defer_dmabuf`): `created`, or `failed`.
+    pub fn answer_dmabufs(&mut self, ok: bool) {
+        let dh = self.display.handle();
+        for (params, client, info, fd) in std::mem::take(&mut self.state.deferred_dmabufs) {
+            if ok {
+                self.state.create_dmabuf(&params, &client, info, fd, &dh);
+            } else {
+                params.failed();
+            }
+        }
+        self.display.flush_clients().unwrap();
+    }
+
+    /// Creations not answered yet.
+    pub fn unanswered_dmabufs(&self) -> usize {
+        self.state.deferred_dmabufs.len()
     }
 
     /// Release replaced buffers at once again (as Weston does).
@@ -864,15 +891,35 @@ impl Dispatch<ZwpLinuxBufferParamsV1, std::sync::Mutex<Vec<Plane>>> for Comp {
                         .collect(),
                     file: (meta.dev(), meta.ino()),
                 };
-                let buf = client
-                    .create_resource::<WlBuffer, DmabufInfo, Comp>(dh, 1, info.clone())
-                    .unwrap();
-                params.created(&buf);
-                st.dmabufs.push(info);
-                st.dmabuf_buffers.push(buf);
+                let fd = planes[0].fd.try_clone().unwrap();
+                if st.defer_dmabuf {
+                    st.deferred_dmabufs
+                        .push((params.clone(), client.clone(), info, fd));
+                    return;
+                }
+                st.create_dmabuf(params, client, info, fd, dh);
             }
             _ => {}
         }
+    }
+}
+
+impl Comp {
+    fn create_dmabuf(
+        &mut self,
+        params: &ZwpLinuxBufferParamsV1,
+        client: &Client,
+        info: DmabufInfo,
+        fd: OwnedFd,
+        dh: &DisplayHandle,
+    ) {
+        let buf = client
+            .create_resource::<WlBuffer, DmabufInfo, Comp>(dh, 1, info.clone())
+            .unwrap();
+        params.created(&buf);
+        self.dmabuf_fds.push((buf.clone(), fd));
+        self.dmabufs.push(info);
+        self.dmabuf_buffers.push(buf);
     }
 }
 
@@ -894,6 +941,7 @@ impl Dispatch<WlBuffer, DmabufInfo> for Comp {
                     .surfaces
                     .values()
                     .any(|s| s.current.as_ref() == Some(buf));
+            st.dmabuf_fds.retain(|(b, _)| b != buf);
             st.log.push(if held {
                 "dmabuf wl_buffer.destroy WHILE HELD".into()
             } else {

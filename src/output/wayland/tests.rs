@@ -1312,9 +1312,18 @@ mod dmabuf_flips {
         });
         assert_eq!(cookies(&done), vec![2]);
 
-        // The guest destroys B while it is on screen: its wl_buffer stays until released.
+        // The guest destroys B while it is on screen (and never flips again): a copy of
+        // B replaces it on the surface at once; B's wl_buffer stays until released.
         out.remove_imported_fb(fb);
         out.release_import(ib);
+        run_until(&mut out, &mut Some(&mut comp), "copy of B", |_, _, c| {
+            c.is_some_and(|c| {
+                shown_dmabuf(c).is_none() && {
+                    let i = c.shown();
+                    words(&i.bytes(), i.stride as usize) == vec![0x0044_5566; 8]
+                }
+            })
+        });
         let t = Instant::now();
         while t.elapsed() < Duration::from_millis(30) {
             comp.pump();
@@ -1329,21 +1338,24 @@ mod dmabuf_flips {
             "a held buffer was destroyed: {:?}",
             comp.state.log
         );
-        // A flip of A replaces it on screen; once released, B's buffer goes.
+        comp.release_all();
+        run_until(&mut out, &mut Some(&mut comp), "B destroyed", |_, _, c| {
+            c.is_some_and(|c| {
+                c.state
+                    .log
+                    .iter()
+                    .any(|l| l.starts_with("dmabuf wl_buffer.destroy"))
+            })
+        });
+        // A flip of A replaces the copy, zero-copy again.
         out.page_flip(c, &imported(fa, 3)).unwrap();
         run_until(&mut out, &mut Some(&mut comp), "commit A", |_, _, c| {
             c.is_some_and(|c| shown_dmabuf(c).is_some_and(|i| i.file == file_a))
         });
         comp.present_all();
         comp.release_all();
-        let done = run_until(&mut out, &mut Some(&mut comp), "B destroyed", |_, d, c| {
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 3", |_, d, _| {
             !d.is_empty()
-                && c.is_some_and(|c| {
-                    c.state
-                        .log
-                        .iter()
-                        .any(|l| l.starts_with("dmabuf wl_buffer.destroy"))
-                })
         });
         assert_eq!(cookies(&done), vec![3]);
         let destroys: Vec<&String> = comp
@@ -1357,14 +1369,9 @@ mod dmabuf_flips {
             vec!["dmabuf wl_buffer.destroy"],
             "exactly B, after its release"
         );
-        // Nothing was copied: no wl_shm pool, no shm buffer, the counters agree.
-        assert!(
-            !comp.state.log.iter().any(|l| l.starts_with("wl_shm")),
-            "{:?}",
-            comp.state.log
-        );
+        // One copy (B's pixels at its destroy), the flips themselves were not copied.
         let s = out.stats();
-        assert_eq!((s.zero_copy, s.copied, s.dmabuf_refused), (3, 0, 0));
+        assert_eq!((s.zero_copy, s.copied, s.dmabuf_refused), (3, 1, 0));
         // Both framebuffers (A, B) were imported by the compositor (`created`).
         assert_eq!(s.dmabuf_imported, 2);
         assert_eq!(s.presented, 2);
@@ -1529,5 +1536,472 @@ mod dmabuf_flips {
             out.import_dmabuf(&d),
             Err(OutputError::Unsupported)
         ));
+    }
+
+    /// Connected, connector 0's surface configured and showing a copied picture of
+    /// `0x0101_0101` (cookie 1); dma-buf creations left unanswered from now on.
+    fn showing_a_copy(name: &str) -> (TestCompositor, Wayland, MappedRegion) {
+        let offer = Offer {
+            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+            ..Offer::default()
+        };
+        let (mut comp, mut out) = connected(name, offer);
+        let m = filled(0x0101_0101);
+        out.set_config(c0(), Some(&frame(&m, 1))).unwrap();
+        surface_up(&mut out, &mut comp);
+        comp.configure_all(0, 0);
+        run_until(&mut out, &mut Some(&mut comp), "shown", |_, _, c| {
+            c.is_some_and(|c| c.surface().current.is_some())
+        });
+        comp.state.defer_dmabuf = true;
+        (comp, out, m)
+    }
+
+    /// A framebuffer on a new guest dma-buf of `v`, its creation asked for and not
+    /// answered (the compositor defers it).
+    fn unanswered_fb(out: &mut Wayland, comp: &mut TestCompositor, v: u32) -> ImportedFb {
+        let (d, _) = guest_dmabuf(v);
+        let i = out.import_dmabuf(&d).unwrap();
+        let fb = out.add_imported_fb(i, &layout()).unwrap();
+        let before = comp.unanswered_dmabufs();
+        run_until(out, &mut Some(comp), "create asked", |_, _, c| {
+            c.is_some_and(|c| c.unanswered_dmabufs() > before)
+        });
+        fb
+    }
+
+    /// Dispatch both sides `n` times (no condition): what completed.
+    fn spin(out: &mut Wayland, comp: &mut TestCompositor, n: usize) -> Vec<FlipDone> {
+        let mut done = Vec::new();
+        for _ in 0..n {
+            comp.pump();
+            out.dispatch(Instant::now(), &mut done);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        done
+    }
+
+    /// The creation is answered (`created`) after the flip: the flip was not waited for
+    /// in `page_flip`, nothing went out meanwhile, then the guest's own buffer is
+    /// committed and its PG_FLIP comes after its presentation.
+    #[test]
+    fn late_created_answer_defers_the_flip() {
+        let (mut comp, mut out, _m) = showing_a_copy("dmabuf-late-created");
+        // Long enough that only the answer can end the wait.
+        out.create_wait = Duration::from_secs(30);
+        let c = c0();
+        let fb = unanswered_fb(&mut out, &mut comp, 0x0022_4466);
+        let commits = comp.surface().commits;
+        out.page_flip(c, &imported(fb, 2)).unwrap();
+        assert!(out.flip_busy(c), "a deferred flip is pending");
+        // A later flip queues behind it (latest wins among the queued ones).
+        let m3 = filled(0x0033_3333);
+        out.page_flip(c, &frame(&m3, 3)).unwrap();
+        let done = spin(&mut out, &mut comp, 20);
+        assert!(done.is_empty(), "done before it was shown: {done:?}");
+        assert_eq!(comp.surface().commits, commits, "nothing committed yet");
+        // The deadline is the loop's timer, not a sleep.
+        let d = out.next_deadline().expect("a deadline");
+        assert!(d > Instant::now() + Duration::from_secs(20), "{d:?}");
+        comp.answer_dmabufs(true);
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "dma-buf committed",
+            |_, _, c| c.is_some_and(|c| shown_dmabuf(c).is_some()),
+        );
+        // (Few dispatches: an unpresented commit completes after UNSHOWN_FLIP anyway.)
+        let done = spin(&mut out, &mut comp, 2);
+        assert!(done.is_empty(), "done before presentation: {done:?}");
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 2", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+        let s = out.stats();
+        assert_eq!((s.presented, s.unshown), (1, 0), "done by its presentation");
+        // Then the queued copy.
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "flip 3 committed",
+            |_, _, c| c.is_some_and(|c| shown_dmabuf(c).is_none()),
+        );
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 3", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![3]);
+        let info = comp.shown();
+        assert_eq!(
+            words(&info.bytes(), info.stride as usize),
+            vec![0x0033_3333; 8]
+        );
+        let s = out.stats();
+        assert_eq!((s.zero_copy, s.copied, s.dmabuf_refused), (1, 2, 0));
+    }
+
+    /// `failed` comes after the flip: the deferred flip goes out as a copy with the
+    /// buffer's pixels, and later flips of that buffer are refused (the caller copies).
+    #[test]
+    fn late_failed_answer_copies_the_deferred_flip() {
+        let (mut comp, mut out, _m) = showing_a_copy("dmabuf-late-failed");
+        out.create_wait = Duration::from_secs(30);
+        let c = c0();
+        let fb = unanswered_fb(&mut out, &mut comp, 0x0055_6677);
+        out.page_flip(c, &imported(fb, 2)).unwrap();
+        assert!(spin(&mut out, &mut comp, 10).is_empty());
+        comp.answer_dmabufs(false);
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "copy committed",
+            |_, _, c| {
+                c.is_some_and(|c| {
+                    let i = c.shown();
+                    words(&i.bytes(), i.stride as usize) == vec![0x0055_6677; 8]
+                })
+            },
+        );
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 2", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+        let s = out.stats();
+        assert_eq!((s.zero_copy, s.copied, s.dmabuf_refused), (1, 2, 1));
+        assert!(matches!(
+            out.page_flip(c, &imported(fb, 4)),
+            Err(OutputError::ImportRefused(_))
+        ));
+        assert!(
+            comp.state.dmabufs.is_empty(),
+            "no dma-buf buffer was created"
+        );
+    }
+
+    /// No answer at all: the loop's timer ends the wait at the deadline and the flip
+    /// goes out as a copy; a `created` that comes later is destroyed, never shown.
+    #[test]
+    fn unanswered_creation_is_copied_at_the_deadline() {
+        let (mut comp, mut out, _m) = showing_a_copy("dmabuf-unanswered");
+        out.create_wait = Duration::from_millis(150);
+        let c = c0();
+        let asked = Instant::now();
+        let fb = unanswered_fb(&mut out, &mut comp, 0x0011_0022);
+        out.page_flip(c, &imported(fb, 2)).unwrap();
+        let d = out.next_deadline().expect("a deadline");
+        // Asked for after `asked`, before now: due at most 150 ms from now.
+        assert!(d <= Instant::now() + Duration::from_millis(150), "{d:?}");
+        assert!(d > Instant::now(), "not due yet");
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "copy committed",
+            |_, _, c| {
+                c.is_some_and(|c| {
+                    let i = c.shown();
+                    words(&i.bytes(), i.stride as usize) == vec![0x0011_0022; 8]
+                })
+            },
+        );
+        assert!(
+            asked.elapsed() >= Duration::from_millis(150),
+            "copied before the deadline"
+        );
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 2", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+        assert_eq!(out.stats().dmabuf_refused, 1);
+        // The answer after all: that buffer is destroyed unused.
+        comp.answer_dmabufs(true);
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "late buffer destroyed",
+            |_, _, c| {
+                c.is_some_and(|c| c.state.log.iter().any(|l| l == "dmabuf wl_buffer.destroy"))
+            },
+        );
+        assert!(shown_dmabuf(&comp).is_none());
+        assert_eq!(out.stats().disconnects, 0);
+    }
+
+    /// While connector 0's flip waits for its buffer, connector 1 keeps flipping: the
+    /// loop is not blocked (counted by connector 1's completed flips, not timed).
+    #[test]
+    fn other_connectors_flow_while_one_waits() {
+        let offer = Offer {
+            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+            ..Offer::default()
+        };
+        let (mut comp, mut out) = connected("dmabuf-two-conns", offer);
+        out.create_wait = Duration::from_secs(60);
+        let (a, b) = (cid(0), cid(1));
+        out.add_connector(b, "Virtual-2", 4, 2).unwrap();
+        let m = filled(0x0101_0101);
+        out.set_config(a, Some(&frame(&m, 1))).unwrap();
+        out.set_config(b, Some(&frame(&m, 1))).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "surfaces", |_, _, c| {
+            c.is_some_and(|c| c.state.surfaces.len() == 2)
+        });
+        comp.configure_all(0, 0);
+        run_until(&mut out, &mut Some(&mut comp), "both shown", |_, _, c| {
+            c.is_some_and(|c| c.state.surfaces.values().all(|s| s.current.is_some()))
+        });
+        comp.state.defer_dmabuf = true;
+        let fb = unanswered_fb(&mut out, &mut comp, 0x0044_0044);
+        out.page_flip(a, &imported(fb, 2)).unwrap();
+        let mut b_done = 0;
+        for i in 0..10u64 {
+            let mb = filled(0x0010_0000 * (i as u32 + 1));
+            out.page_flip(b, &frame(&mb, 100 + i)).unwrap();
+            let end = Instant::now() + Duration::from_secs(5);
+            loop {
+                comp.pump();
+                comp.present_all();
+                let mut done = Vec::new();
+                out.dispatch(Instant::now(), &mut done);
+                assert!(
+                    done.iter().all(|d| d.conn == b),
+                    "connector 0's deferred flip completed: {done:?}"
+                );
+                if done.iter().any(|d| d.fb_cookie == 100 + i) {
+                    b_done += 1;
+                    break;
+                }
+                assert!(Instant::now() < end, "connector 1's flip {i} stalled");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        assert_eq!(b_done, 10);
+        assert!(out.flip_busy(a), "connector 0 still waits for its buffer");
+        assert_eq!(comp.unanswered_dmabufs(), 1);
+        comp.answer_dmabufs(true);
+        run_until(&mut out, &mut Some(&mut comp), "a committed", |_, _, c| {
+            c.is_some_and(|c| {
+                c.state.surfaces.values().any(|s| {
+                    s.current
+                        .as_ref()
+                        .and_then(|b| b.data::<DmabufInfo>())
+                        .is_some()
+                })
+            })
+        });
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "a's flip", |_, d, _| {
+            d.iter().any(|d| d.conn == a)
+        });
+        assert_eq!(
+            done.iter()
+                .filter(|d| d.conn == a)
+                .map(|d| d.fb_cookie)
+                .collect::<Vec<_>>(),
+            vec![2]
+        );
+    }
+
+    /// Open fds of this process (ours, and the in-process test compositor's) on the
+    /// file `id`: the stand-in dma-buf is released (what gntdev's wait in DBUF_DESTROY
+    /// waits for) when this is 0.
+    fn open_refs(id: (u64, u64)) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
+            .filter(|m| (m.dev(), m.ino()) == id)
+            .count()
+    }
+
+    /// DBUF_DESTROY of the buffer on screen, with no flip after it: the picture stays
+    /// (a copy), the dma-buf `wl_buffer` is destroyed only once the compositor released
+    /// it, and then no reference to the guest's dma-buf is left (so DBUF_DESTROY is
+    /// answered 0 as soon as the compositor lets go, not at its release timeout).
+    #[test]
+    fn destroying_the_buffer_on_screen_releases_it_without_a_flip() {
+        let offer = Offer {
+            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+            ..Offer::default()
+        };
+        let (mut comp, mut out) = connected("dmabuf-destroy-front", offer);
+        comp.state.hold_releases = true;
+        let c = c0();
+        let (d, file) = guest_dmabuf(0x0066_1133);
+        let i = out.import_dmabuf(&d).unwrap();
+        drop(d);
+        let fb = out.add_imported_fb(i, &layout()).unwrap();
+        out.set_config(c, Some(&imported(fb, 1))).unwrap();
+        surface_up(&mut out, &mut comp);
+        comp.configure_all(0, 0);
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "dma-buf shown",
+            |_, _, c| c.is_some_and(|c| shown_dmabuf(c).is_some()),
+        );
+        assert!(open_refs(file) >= 2, "ours and the compositor's");
+        let commits = comp.surface().commits;
+        // DBUF_DESTROY, as the connection does it.
+        out.remove_imported_fb(fb);
+        out.release_import(i);
+        run_until(&mut out, &mut Some(&mut comp), "copy shown", |_, _, c| {
+            c.is_some_and(|c| c.surface().commits > commits && shown_dmabuf(c).is_none())
+        });
+        let info = comp.shown();
+        assert_eq!(info.format, SHM_XRGB8888);
+        assert_eq!(
+            words(&info.bytes(), info.stride as usize),
+            vec![0x0066_1133; 8]
+        );
+        assert_eq!(
+            out.front_pixels(c).map(|(g, _)| (g.width, g.height)),
+            Some((4, 2))
+        );
+        // Held by the compositor: not destroyed, still referenced.
+        let _ = spin(&mut out, &mut comp, 20);
+        assert!(!comp
+            .state
+            .log
+            .iter()
+            .any(|l| l.starts_with("dmabuf wl_buffer.destroy")));
+        assert_eq!(open_refs(file), 1, "only the compositor's import is left");
+        comp.release_all();
+        run_until(&mut out, &mut Some(&mut comp), "destroyed", |_, _, c| {
+            c.is_some_and(|c| {
+                c.state
+                    .log
+                    .iter()
+                    .any(|l| l.starts_with("dmabuf wl_buffer.destroy"))
+            })
+        });
+        assert_eq!(
+            comp.state
+                .log
+                .iter()
+                .filter(|l| l.starts_with("dmabuf wl_buffer.destroy"))
+                .collect::<Vec<_>>(),
+            vec!["dmabuf wl_buffer.destroy"],
+            "destroyed after the release, never while held"
+        );
+        assert_eq!(open_refs(file), 0, "the guest's dma-buf is released");
+        // The connector goes on: a copied flip works.
+        let m = filled(0x0012_3400);
+        out.page_flip(c, &frame(&m, 2)).unwrap();
+        comp.hold_releases_off();
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "flip committed",
+            |_, _, c| {
+                c.is_some_and(|c| {
+                    let i = c.shown();
+                    words(&i.bytes(), i.stride as usize) == vec![0x0012_3400; 8]
+                })
+            },
+        );
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 2", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+        let s = out.stats();
+        assert_eq!((s.copied, s.disconnects), (2, 0));
+    }
+
+    /// A deferred flip (buffer not answered yet) of a framebuffer the guest destroys:
+    /// it goes out as a copy of the pixels, its PG_FLIP after presentation.
+    #[test]
+    fn destroying_a_deferred_buffer_copies_its_flip() {
+        let (mut comp, mut out, _m) = showing_a_copy("dmabuf-destroy-deferred");
+        out.create_wait = Duration::from_secs(30);
+        let c = c0();
+        let (d, file) = guest_dmabuf(0x0013_5799);
+        let i = out.import_dmabuf(&d).unwrap();
+        drop(d);
+        let fb = out.add_imported_fb(i, &layout()).unwrap();
+        run_until(&mut out, &mut Some(&mut comp), "create asked", |_, _, c| {
+            c.is_some_and(|c| c.unanswered_dmabufs() == 1)
+        });
+        out.page_flip(c, &imported(fb, 2)).unwrap();
+        assert!(spin(&mut out, &mut comp, 5).is_empty());
+        out.remove_imported_fb(fb);
+        out.release_import(i);
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "copy committed",
+            |_, _, c| {
+                c.is_some_and(|c| {
+                    let i = c.shown();
+                    words(&i.bytes(), i.stride as usize) == vec![0x0013_5799; 8]
+                })
+            },
+        );
+        comp.present_all();
+        let done = run_until(&mut out, &mut Some(&mut comp), "flip 2", |_, d, _| {
+            !d.is_empty()
+        });
+        assert_eq!(cookies(&done), vec![2]);
+        // A late `created` is destroyed unused; the compositor's dup goes with it.
+        comp.answer_dmabufs(true);
+        run_until(
+            &mut out,
+            &mut Some(&mut comp),
+            "late buffer destroyed",
+            |_, _, c| {
+                c.is_some_and(|c| c.state.log.iter().any(|l| l == "dmabuf wl_buffer.destroy"))
+            },
+        );
+        let _ = spin(&mut out, &mut comp, 3);
+        assert_eq!(open_refs(file), 0);
+    }
+
+    /// SET_CONFIG of a buffer whose creation is answered `failed` later, or never: the
+    /// picture is shown as a copy (at the answer, or at the deadline), not left out.
+    #[test]
+    fn set_config_of_a_buffer_failed_late_shows_a_copy() {
+        for answer in [true, false] {
+            let offer = Offer {
+                dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+                ..Offer::default()
+            };
+            let name = format!("dmabuf-config-late-{answer}");
+            let (mut comp, mut out) = connected(&name, offer);
+            out.create_wait = if answer {
+                Duration::from_secs(30)
+            } else {
+                Duration::from_millis(100)
+            };
+            comp.state.defer_dmabuf = true;
+            let c = c0();
+            let fb = unanswered_fb(&mut out, &mut comp, 0x0024_6801);
+            out.set_config(c, Some(&imported(fb, 1))).unwrap();
+            surface_up(&mut out, &mut comp);
+            comp.configure_all(0, 0);
+            let _ = spin(&mut out, &mut comp, 5);
+            assert!(
+                comp.surface().current.is_none(),
+                "{name}: nothing to show yet"
+            );
+            if answer {
+                comp.answer_dmabufs(false);
+            }
+            run_until(&mut out, &mut Some(&mut comp), "copy shown", |_, _, c| {
+                c.is_some_and(|c| {
+                    c.surface().current.is_some() && {
+                        let i = c.shown();
+                        words(&i.bytes(), i.stride as usize) == vec![0x0024_6801; 8]
+                    }
+                })
+            });
+            let s = out.stats();
+            assert_eq!((s.copied, s.dmabuf_refused), (1, 1), "{name}");
+            // Its next flip is refused: the caller copies it.
+            assert!(matches!(
+                out.page_flip(c, &imported(fb, 2)),
+                Err(OutputError::ImportRefused(_))
+            ));
+        }
     }
 }
