@@ -134,6 +134,18 @@ def _xl_secs(r: Run, dom: str) -> float | None:
     return None
 
 
+def _ack_host(r: Run, tag: str, end: str) -> None:
+    """Tell Dom0 (dom0-init wait_host) that the host is done with the hold `tag` (its
+    screendump taken). Its HOST-WAIT line may precede the guest's relayed HOLD line on the
+    serial console, so it is looked for from the scenario's start."""
+    rx = rf"HARNESS HOST-WAIT tag={re.escape(tag)} "
+    if not r.marker_lines(rx):
+        i = r.i
+        r.wait(rx, 60, fail=end + r"|HOST-ACK-TIMEOUT", what=f"Dom0 waiting for the host ({tag})")
+        r.i = i
+    r.v.send(f"HOST-ACK {tag}\n")
+
+
 def _guest_fail(dom: str, end: str, backend: str | None = None) -> str:
     """Stop waiting on a guest once it gave up, its backend cannot connect it, or the Dom0
     scenario ended."""
@@ -311,6 +323,10 @@ def _destroy_loop(r: Run, res: Result, end: str) -> None:
     for at, d in (("before", before), ("after", after)):
         if d.get("alive") != 1 or "rss_kib" not in d or "gntdev" not in d or "gntalloc" not in d:
             problems.append(f"snapshot {at}: backend not proven alive or values missing ({d or 'no MAPS line'})")
+    waits = _unmap_waits(r, "main")
+    for at in ("before", "after"):
+        if waits.get(at, {}).get("ok") != "1":
+            problems.append(f"mappings not released at '{at}' within 20 s: {waits.get(at) or 'no UNMAP-WAIT line'}")
     flipping = maps.get("flipping", {})
     if not flipping.get("gntdev"):
         problems.append(f"no gntdev mappings counted while a guest flipped ({flipping or 'no MAPS line'}): "
@@ -366,6 +382,15 @@ def _maps(r: Run, name: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def _unmap_waits(r: Run, name: str) -> dict[str, dict[str, str]]:
+    """dom0-init wait_unmapped's `UNMAP-WAIT name= at= ok= secs=` lines: at -> fields."""
+    out = {}
+    for l in r.marker_lines(rf"HARNESS UNMAP-WAIT name={name} at="):
+        d = dict(re.findall(r"(\w+)=(\S+)", l.split("UNMAP-WAIT ", 1)[1]))
+        out[d.get("at", "?")] = d
+    return out
+
+
 def _be_log(r: Run, name: str) -> list[str]:
     return [l.split("] ", 1)[1] if "] " in l else l for l in r.marker_lines(rf"^\[be-log:{name}\] ")]
 
@@ -409,7 +434,10 @@ def _zero_copy(r: Run, s: str, res: Result, end: str) -> None:
     destroys = [int(x.group(2)) for x in replies if x and int(x.group(1)) == DBUF_DESTROY]
     refused = refusals(log)
     for step in ("card", "hold", "exited", "gone"):
-        need(step in maps, f"no backend mappings reported at step '{step}'")
+        need(maps.get(step, {}).get("alive") == 1,
+             f"no backend mappings reported at step '{step}', or the backend not alive: {maps.get(step)}")
+    gw = _unmap_waits(r, name).get("gone", {})
+    need(gw.get("ok") == "1", f"mappings not released within 20 s of the guest's end: {gw or 'no UNMAP-WAIT line'}")
     # The guest paused at CARD-READY and CLIENT-EXITED until Dom0 had taken those
     # snapshots (gate=ok), so they show the guest connected and idle, not shutting down.
     gates = [re.search(r"gate=(\w+)", l).group(1)
@@ -551,7 +579,7 @@ def _xen_wayland(r: Run, res: Result, end: str) -> None:
     guest flipping with guest_client: the guest's HOLD frame found exactly on the screen
     (Weston places the window), flip latency next to the KMS path's (xen-flip) if it ran."""
     sw = Stopwatch()
-    r.wait(r"HARNESS WAYLAND weston up", 120, fail=end, what="Weston in Dom0")
+    r.wait(r"HARNESS WAYLAND weston up rc=0 ", 120, fail=end + r"|HARNESS WAYLAND weston up rc=[1-9]", what="Weston in Dom0")
     res.timings["weston"] = sw.lap()
     m = r.wait(rf"\[wl\].*(?:{HOLD_RX})", 400, fail=_guest_fail("wl", end, "wl"), what="HOLD from DomU wl")
     res.timings["create→hold"] = sw.lap()
@@ -650,6 +678,7 @@ def _launch(r: Run, res: Result, end: str) -> None:
         h = r.wait(rf"\[launchg\].*(?:{HOLD_RX})", 400, fail=_guest_fail("launchg", end), what=f"HOLD of launch #{i}")
         res.timings[f"launch{i}→hold"] = sw.lap()
         checks.append(r.check_hold("launchg", h, f"launch{i}"))
+        _ack_host(r, f"launch-hold{i}", end)  # Dom0 destroys the guest once told
         d = r.wait(rf"HARNESS LAUNCH-DESTROY i={i} rc=(\d+) pid_alive=(\d)", 120, fail=end)
         if d.groups() != ("0", "1"):
             problems.append(f"after destroy #{i}: xl destroy rc={d.group(1)} instance alive={d.group(2)}")
@@ -785,8 +814,7 @@ def _check_restart(r: Run, s: str, res: Result, end: str) -> None:
     res.timings["create→hold1"] = sw.lap()
     c1 = r.check_hold("restart", m, "hold1")
     # Dom0 kills the backend once told the screendump is taken (dom0-init wait_host).
-    r.wait(r"HARNESS HOST-WAIT tag=restart-hold1", 60, fail=end)
-    r.v.send("HOST-ACK restart-hold1\n")
+    _ack_host(r, "restart-hold1", end)
     r.wait(r"HARNESS BACKEND KILLED", 60, fail=end + r"|HOST-ACK-TIMEOUT")
     sw.lap()
     m = r.wait(rf"\[restart\].*(?:{HOLD_RX})", 400, fail=_guest_fail("restart", end))
@@ -1029,7 +1057,7 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
                 res.status = "FAIL"
                 mine = [l for _, l in v.lines[begin:]]
                 extra = [l.strip() for l in mine if re.search(
-                    r"HARNESS (BACKEND|XL-CREATE|TIMEOUT|GAVE-UP|GNTDEV|ZC|TWO|NN|DLOOP|MAPS|REFUSED|LAUNCH)|GUEST-CLIENT ERROR|unable to add|panic|\[diag:"
+                    r"HARNESS (BACKEND|XL-CREATE|TIMEOUT|GAVE-UP|GNTDEV|ZC|TWO|NN|DLOOP|MAPS|UNMAP-WAIT|REFUSED|LAUNCH|HOST-ACK)|GUEST-CLIENT ERROR|unable to add|panic|\[diag:"
                     r"|\[be-log:\S+\].*(WARN|ERROR)", l)][:10]
                 res.detail = f"{e}" + "".join(f"\n  {l}" for l in extra)
                 if isinstance(e, vm.DeadlineExceeded):
