@@ -772,7 +772,7 @@ def _input(r: Run, res: Result, end: str) -> None:
     chk = r.check_hold("input", m, "hold")
     res.timings["create→hold"] = sw.lap()
     r.wait(r"\[input\].*HARNESS-DOMU EXIT", 120, fail=end)
-    gc_ok = bool(r.guest_lines("input", r"GUEST-CLIENT RESULT.*ok=1"))
+    gc_ok = any(d.get("ok") == "1" for _, d in _results(r, "input"))
     t_flip, t_go = r.line_time(r"\[input\].*GUEST-CLIENT FLIPPING"), r.line_time(r"\[replay\] REPLAY GO")
     t_done, t_hold = r.line_time(r"\[replay\] REPLAY DONE"), r.line_time(rf"\[input\].*(?:{HOLD_RX})")
     overlap = None not in (t_flip, t_go, t_done, t_hold) and t_flip <= t_go and t_done <= t_hold
@@ -805,7 +805,7 @@ def _check_pvh_boots(r: Run, s: str, res: Result, end: str) -> None:
     """xen-pvh-boots: every PVH DomU booted and powered off."""
     m = r.wait(rf"HARNESS SCENARIO {s} END rc=(\d+)", 1200)
     boots = r.marker_lines(r"HARNESS PVH-BOOT i=")
-    bad = [l for l in boots if "ok=0" in l]
+    bad = [l for l in boots if _kv(l).get("ok") != "1"]
     res.status = "PASS" if boots and not bad and m.group(1) == "0" else "FAIL"
     res.detail = f"{len(boots) - len(bad)} of {len(boots)} PVH DomUs booted and powered off"
 
