@@ -97,7 +97,12 @@ pub fn zero_copy_gate(policy: ZeroCopy, output: OutputKind) -> Result<ZeroCopyGa
         None => "available".to_string(),
         Some(why) => format!("off ({why})"),
     };
+    // The same as fields (`available` or a FallbackReason code) for the harness.
+    let code = |off: Option<&FallbackReason>| off.map_or("available", FallbackReason::code);
     info!(
+        zc_policy = ?policy,
+        zc_guest = %code(gate.export_disabled()),
+        zc_bealloc = %code(gate.import_disabled()),
         "zero-copy {policy:?}: guest buffers {}, be-alloc buffers {}",
         state(gate.export_disabled()),
         state(gate.import_disabled())

@@ -31,7 +31,8 @@
 //!
 //! Summary, one line of key=value words (also printed, with `ok=0`, on failure):
 //! `GUEST-CLIENT RESULT ok=1 mode=flip|flood flips=N events=N ebusy=N p50_ms=.. p99_ms=..
-//! max_ms=.. secs=.. rate_hz=.. held_frame=N conn=C kmsg=1`.
+//! max_ms=.. secs=.. rate_hz=.. held_frame=N conn=C kmsg=1 driver_error=0`
+//! (`driver_error=1`: it failed because the display driver logged an error).
 //! The older `GUEST-CLIENT mode=.. frames=N p50_us=..` line is kept (parsers use it).
 
 use std::fs::{File, OpenOptions};
@@ -329,6 +330,8 @@ struct Stats {
     held_frame: u32,
     conn: u32,
     kmsg: bool,
+    /// The run failed because the display driver logged an error (kernel log).
+    driver_error: bool,
     /// When flipping began.
     start: Option<Instant>,
 }
@@ -345,7 +348,7 @@ impl Stats {
         };
         format!(
             "GUEST-CLIENT RESULT ok={} mode={} flips={} events={} ebusy={} p50_ms={} p99_ms={} \
-             max_ms={} secs={:.3} rate_hz={:.1} held_frame={} conn={} kmsg={}",
+             max_ms={} secs={:.3} rate_hz={:.1} held_frame={} conn={} kmsg={} driver_error={}",
             u8::from(ok),
             self.mode,
             self.flips,
@@ -358,7 +361,8 @@ impl Stats {
             rate,
             self.held_frame,
             self.conn,
-            u8::from(self.kmsg)
+            u8::from(self.kmsg),
+            u8::from(self.driver_error)
         )
     }
 }
@@ -436,6 +440,7 @@ fn run(args: &Args, st: &mut Stats) -> Result<()> {
     )
     .context("set_crtc")?;
     if let Some(e) = klog.error() {
+        st.driver_error = true;
         bail!("set_crtc: the display driver logged an error: {e}");
     }
 
@@ -492,6 +497,7 @@ fn run(args: &Args, st: &mut Stats) -> Result<()> {
         }
         if (!args.flood || k % 32 == 0) && klog.available() {
             if let Some(e) = klog.error() {
+                st.driver_error = true;
                 bail!("flip {k}: the display driver logged an error: {e}");
             }
         }
@@ -499,6 +505,7 @@ fn run(args: &Args, st: &mut Stats) -> Result<()> {
     st.secs = start.elapsed().as_secs_f64();
     st.start = None;
     if let Some(e) = klog.error() {
+        st.driver_error = true;
         bail!("after {k} flips: the display driver logged an error: {e}");
     }
     if st.events != st.flips {

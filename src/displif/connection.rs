@@ -420,6 +420,7 @@ impl Connection {
                         conn,
                         errno = r.errno,
                         suppressed,
+                        refused = true,
                         "refused {req:?}: {}",
                         r.why
                     );

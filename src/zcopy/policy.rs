@@ -57,6 +57,23 @@ pub enum FallbackReason {
 }
 
 impl FallbackReason {
+    /// A short machine-readable name of the reason, logged as a field next to the prose
+    /// (`zc_guest=`, `zc_bealloc=`, `zc_reason=`): what the QEMU harness checks.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FallbackReason::Disabled => "disabled",
+            FallbackReason::NoGntdev => "no_gntdev",
+            FallbackReason::NoDmaBuf(_) => "no_dmabuf",
+            FallbackReason::PvDomain => "pv_domain",
+            FallbackReason::PvImport => "pv_import",
+            FallbackReason::X86DeviceMap => "x86_device_map",
+            FallbackReason::ProbeFailed(_) => "probe_failed",
+            FallbackReason::BadGrants => "bad_grants",
+            FallbackReason::ExportFailed(_) => "export_failed",
+            FallbackReason::BackendAlloc(_) => "backend_alloc",
+        }
+    }
+
     /// True if the reason holds for every later buffer, not just this one.
     pub fn is_global(&self) -> bool {
         matches!(
@@ -295,10 +312,21 @@ impl ZeroCopyGate {
         }
         if self.logged.insert(reason.clone()) {
             self.fallback_logs += 1;
+            let code = reason.code();
             if reason.is_global() {
-                warn!("zero-copy {what} off, using the copy path: {reason}");
+                warn!(
+                    zc_fallback = %what,
+                    zc_reason = %code,
+                    zc_global = true,
+                    "zero-copy {what} off, using the copy path: {reason}"
+                );
             } else {
-                info!("zero-copy {what} not possible for a buffer, copying it: {reason}");
+                info!(
+                    zc_fallback = %what,
+                    zc_reason = %code,
+                    zc_global = false,
+                    "zero-copy {what} not possible for a buffer, copying it: {reason}"
+                );
             }
         }
     }

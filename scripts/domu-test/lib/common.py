@@ -24,9 +24,10 @@ ERROR_RX = r"GUEST-CLIENT ERROR|HARNESS-EXIT rc=[1-9]|Kernel panic"
 
 
 # The backend's line for a request it refused with an errno (src/displif/connection.rs:
-# "refused <Request>: <why>"); not the counters that merely name refusals
-# (`imports_refused=0` in the KMS exit line).
-REFUSED_RX = re.compile(r"\brefused [A-Z][A-Za-z]*")
+# "refused <Request>: <why> ... errno=N ... refused=true"): its `refused=true` field, not
+# the prose, and not the counters that merely name refusals (`imports_refused=0` in the
+# KMS exit line).
+REFUSED_RX = re.compile(r"(?<![\w.])refused=true\b")
 
 
 def refusals(lines) -> list[str]:

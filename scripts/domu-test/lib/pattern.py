@@ -1,5 +1,5 @@
-"""Python mirror of src/sim/pattern.rs (keep the two in sync; `run --self-test` checks
-known values). Returns the colour at (x, y) of `frame` on connector `conn` as 0xRRGGBB."""
+"""Python mirror of src/sim/pattern.rs (keep the two in sync; every `run` checks
+known values first, `self_test()` below). Returns the colour at (x, y) of `frame` on connector `conn` as 0xRRGGBB."""
 
 M32 = 0xFFFFFFFF
 

@@ -134,6 +134,18 @@ def _xl_secs(r: Run, dom: str) -> float | None:
     return None
 
 
+def _ack_host(r: Run, tag: str, end: str) -> None:
+    """Tell Dom0 (dom0-init wait_host) that the host is done with the hold `tag` (its
+    screendump taken). Its HOST-WAIT line may precede the guest's relayed HOLD line on the
+    serial console, so it is looked for from the scenario's start."""
+    rx = rf"HARNESS HOST-WAIT tag={re.escape(tag)} "
+    if not r.marker_lines(rx):
+        i = r.i
+        r.wait(rx, 60, fail=end + r"|HOST-ACK-TIMEOUT", what=f"Dom0 waiting for the host ({tag})")
+        r.i = i
+    r.v.send(f"HOST-ACK {tag}\n")
+
+
 def _guest_fail(dom: str, end: str, backend: str | None = None) -> str:
     """Stop waiting on a guest once it gave up, its backend cannot connect it, or the Dom0
     scenario ended."""
@@ -311,6 +323,10 @@ def _destroy_loop(r: Run, res: Result, end: str) -> None:
     for at, d in (("before", before), ("after", after)):
         if d.get("alive") != 1 or "rss_kib" not in d or "gntdev" not in d or "gntalloc" not in d:
             problems.append(f"snapshot {at}: backend not proven alive or values missing ({d or 'no MAPS line'})")
+    waits = _unmap_waits(r, "main")
+    for at in ("before", "after"):
+        if waits.get(at, {}).get("ok") != "1":
+            problems.append(f"mappings not released at '{at}' within 20 s: {waits.get(at) or 'no UNMAP-WAIT line'}")
     flipping = maps.get("flipping", {})
     if not flipping.get("gntdev"):
         problems.append(f"no gntdev mappings counted while a guest flipped ({flipping or 'no MAPS line'}): "
@@ -342,12 +358,13 @@ def _refused(r: Run, res: Result, end: str) -> None:
     results = _results(r, "refused")
     refusal = refusals(_be_log(r, "refused"))
     problems = []
-    if not err or "logged an error" not in err[0]:
-        problems.append(f"no GUEST-CLIENT ERROR naming the driver's error: {err[:1]}")
+    if not err:
+        problems.append("no GUEST-CLIENT ERROR line")
     if runs != ["1"] or m.group(1) != "0":
         problems.append(f"client exit statuses {runs}, guest EXIT ok={m.group(1)} (want [1], ok=0)")
-    if not results or results[0][1].get("ok") != "0":
-        problems.append(f"RESULT lines {[d for _, d in results]} (want one with ok=0)")
+    if not results or results[0][1].get("ok") != "0" or results[0][1].get("driver_error") != "1":
+        problems.append(f"RESULT lines {[d for _, d in results]} (want one with ok=0 driver_error=1: "
+                        "the display driver logged the refusal)")
     if not refusal:
         problems.append("the backend did not log a refused request")
     res.status = "PASS" if not problems else "FAIL"
@@ -366,11 +383,52 @@ def _maps(r: Run, name: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def _unmap_waits(r: Run, name: str) -> dict[str, dict[str, str]]:
+    """dom0-init wait_unmapped's `UNMAP-WAIT name= at= ok= secs=` lines: at -> fields."""
+    out = {}
+    for l in r.marker_lines(rf"HARNESS UNMAP-WAIT name={name} at="):
+        d = dict(re.findall(r"(\w+)=(\S+)", l.split("UNMAP-WAIT ", 1)[1]))
+        out[d.get("at", "?")] = d
+    return out
+
+
 def _be_log(r: Run, name: str) -> list[str]:
     return [l.split("] ", 1)[1] if "] " in l else l for l in r.marker_lines(rf"^\[be-log:{name}\] ")]
 
 
 DBUF_DESTROY = 0x11
+
+
+def _kv(line: str) -> dict[str, str]:
+    """The key=value words of a log line (tracing's fields). A value ends at a blank or a
+    "(": on the serial console Xen's own "(XEN) ..." lines can land mid-line, right after
+    a value ("status=0(XEN) can't find ...")."""
+    return dict(re.findall(r"(?<![\w.])(\w+)=([^\s(]+)", line))
+
+
+def _be_facts(log: list[str]) -> dict:
+    """What the checks take from a backend's log, from its fields only (not its prose):
+    the zero-copy decision at startup (`zc_guest=`/`zc_bealloc=`: `available` or a
+    FallbackReason code, src/zcopy/policy.rs), the fallbacks logged as global
+    (`zc_global=true zc_reason=`; which one depends on the buffers the guest used, so the
+    checks count them), the KMS frame counters at exit (`copied= zero_copy=`)
+    and the DBUF_DESTROY replies' statuses (`op= status=`)."""
+    startup = next((_kv(l) for l in log if "zc_guest=" in l and "zc_bealloc=" in l), {})
+    fallbacks = [d for d in map(_kv, log) if d.get("zc_global") == "true" and "zc_reason" in d]
+    counters = next((d for d in map(_kv, log) if "copied" in d and "zero_copy" in d), {})
+
+    def num(d: dict, k: str) -> int | None:
+        try:
+            return int(d[k])
+        except (KeyError, ValueError):
+            return None
+
+    destroys = [num(d, "status") for d in map(_kv, log)
+                if num(d, "op") == DBUF_DESTROY and num(d, "status") is not None]
+    return {"zc_guest": startup.get("zc_guest"), "zc_bealloc": startup.get("zc_bealloc"),
+            "fallbacks": [f"{d.get('zc_fallback')}:{d['zc_reason']}" for d in fallbacks],
+            "copied": num(counters, "copied"), "zero_copy": num(counters, "zero_copy"),
+            "destroys": destroys}
 
 
 def _zero_copy(r: Run, s: str, res: Result, end: str) -> None:
@@ -399,37 +457,37 @@ def _zero_copy(r: Run, s: str, res: Result, end: str) -> None:
         if not cond:
             problems.append(why)
 
-    startup = next((l for l in log if "zero-copy Auto:" in l or "zero-copy On:" in l), "")
-    startup = startup[startup.find("zero-copy"):] if startup else "(no zero-copy line in the log)"
-    fallbacks = [l[l.find("zero-copy"):] for l in log if "using the copy path" in l]
-    counters = next((l for l in log if "KMS frames shown" in l), "")
-    cm = re.search(r"copied=(\d+) zero_copy=(\d+)", counters)
-    copied, zc = (int(cm.group(1)), int(cm.group(2))) if cm else (None, None)
-    replies = [re.search(r"op=(\d+) status=(-?\d+)", l) for l in log if " reply" in l]
-    destroys = [int(x.group(2)) for x in replies if x and int(x.group(1)) == DBUF_DESTROY]
+    facts = _be_facts(log)
+    startup = f"zc_guest={facts['zc_guest']} zc_bealloc={facts['zc_bealloc']}"
+    fallbacks = facts["fallbacks"]
+    copied, zc, destroys = facts["copied"], facts["zero_copy"], facts["destroys"]
     refused = refusals(log)
     for step in ("card", "hold", "exited", "gone"):
-        need(step in maps, f"no backend mappings reported at step '{step}'")
+        need(maps.get(step, {}).get("alive") == 1,
+             f"no backend mappings reported at step '{step}', or the backend not alive: {maps.get(step)}")
+    gw = _unmap_waits(r, name).get("gone", {})
+    need(gw.get("ok") == "1", f"mappings not released within 20 s of the guest's end: {gw or 'no UNMAP-WAIT line'}")
     # The guest paused at CARD-READY and CLIENT-EXITED until Dom0 had taken those
     # snapshots (gate=ok), so they show the guest connected and idle, not shutting down.
     gates = [re.search(r"gate=(\w+)", l).group(1)
              for l in r.marker_lines(rf"^\[{name}\] HARNESS-DOMU LINGER-DONE gate=")]
     need(gates == ["ok", "ok"], f"guest pauses for the snapshots: {gates} (want ['ok', 'ok'])")
     card, hold, exited = maps.get("card", {}), maps.get("hold", {}), maps.get("exited", {})
-    need(cm is not None, "no 'KMS frames shown' counters in the backend's log (did it exit cleanly?)")
+    need(copied is not None, "no KMS frame counters (copied= zero_copy=) in the backend's log (did it exit cleanly?)")
     need(not refused, f"requests refused: {refused[:2]}")
     bealloc = s in ("xen-bealloc", "xen-zcopy-bealloc", "xen-zcopy-destroy")
     # In a PV Dom0 every buffer takes the copy path, for a reason the log states once:
     # guest buffers can't be exported there (EXP_FROM_REFS is EINVAL), and be-alloc
     # imports are not used there (IMP_TO_REFS may grant swiotlb bounce slots: measured,
     # whole pages of the picture stayed black), so be-alloc uses gntalloc pages.
-    want = {"xen-bealloc": "be-alloc buffers off (gntdev has no dma-buf support",
-            "xen-zcopy-auto-fallback": "guest buffers off (gntdev has no dma-buf support",
-            "xen-zcopy-pv-fallback": "guest buffers off (gntdev cannot export dma-bufs in a PV",
-            "xen-zcopy-bealloc": "be-alloc buffers off (gntdev can grant swiotlb bounce pages",
-            "xen-zcopy-destroy": "be-alloc buffers off (gntdev can grant swiotlb bounce pages"}[s]
-    need(want in startup, f"startup line lacks '{want}': {startup}")
-    need(len(fallbacks) == 1, f"{len(fallbacks)} 'using the copy path' lines (want 1): {fallbacks}")
+    # (field, FallbackReason code): no_dmabuf "gntdev has no dma-buf support", pv_domain
+    # "gntdev cannot export dma-bufs in a PV backend domain", pv_import "gntdev can grant
+    # swiotlb bounce pages instead of the buffer's own in a PV backend domain".
+    key, code = {"xen-bealloc": ("zc_bealloc", "no_dmabuf"), "xen-zcopy-auto-fallback": ("zc_guest", "no_dmabuf"),
+                 "xen-zcopy-pv-fallback": ("zc_guest", "pv_domain"), "xen-zcopy-bealloc": ("zc_bealloc", "pv_import"),
+                 "xen-zcopy-destroy": ("zc_bealloc", "pv_import")}[s]
+    need(facts[key] == code, f"startup: want {key}={code}, got {startup}")
+    need(len(fallbacks) == 1, f"{len(fallbacks)} global fallbacks logged (want 1): {fallbacks}")
     need(copied is not None and copied > 0 and zc == 0, f"counters copied={copied} zero_copy={zc}")
     if bealloc:
         need(hold.get("gntalloc", 0) > 0, f"no gntalloc mappings while the guest holds ({hold})")
@@ -482,18 +540,17 @@ def _drvdom(r: Run, res: Result, end: str, bealloc: bool) -> None:
         m = re.search(r"at=(\w+) (.*?) uptime=", l)
         if m:
             maps[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
-    startup = next((l[l.find("zero-copy"):] for l in log if "zero-copy Auto:" in l), "(no zero-copy line)")
-    cm = next((re.search(r"copied=(\d+) zero_copy=(\d+)", l) for l in log if "KMS frames shown" in l), None)
-    copied, zc = (int(cm.group(1)), int(cm.group(2))) if cm else (None, None)
-    replies = [re.search(r"op=(\d+) status=(-?\d+)", l) for l in log if " reply" in l]
-    destroys = [int(x.group(2)) for x in replies if x and int(x.group(1)) == DBUF_DESTROY]
+    facts = _be_facts(log)
+    startup = f"zc_guest={facts['zc_guest']} zc_bealloc={facts['zc_bealloc']}"
+    copied, zc, destroys = facts["copied"], facts["zero_copy"], facts["destroys"]
     hold, gone = maps.get("hold", {}), maps.get("gone", {})
     problems = []
     for ok, why in (
         (booted.group(1) == "PVH", f"driver domain guest_type={booted.group(1)}"),
         (chk.group(1) == "1", f"scan-out: {chk.group(2)}"),
-        ("be-alloc buffers available" in startup and "guest buffers off (on x86 gntdev exports need a device"
-         in startup, f"startup: {startup}"),
+        # x86_device_map: "on x86 gntdev exports need a device mapping, which Xen refuses".
+        (facts["zc_bealloc"] == "available" and facts["zc_guest"] == "x86_device_map",
+         f"startup: {startup} (want zc_guest=x86_device_map zc_bealloc=available)"),
         (len(destroys) >= 2 and all(st == 0 for st in destroys), f"DBUF_DESTROY replies {destroys} (want >= 2, all 0)"),
         (hold.get("gntalloc", -1) == 0, f"gntalloc used at hold: {hold}"),
         (zc is not None and zc > 0 and copied == 0 if bealloc else copied is not None and copied > 0 and zc == 0,
@@ -551,7 +608,7 @@ def _xen_wayland(r: Run, res: Result, end: str) -> None:
     guest flipping with guest_client: the guest's HOLD frame found exactly on the screen
     (Weston places the window), flip latency next to the KMS path's (xen-flip) if it ran."""
     sw = Stopwatch()
-    r.wait(r"HARNESS WAYLAND weston up", 120, fail=end, what="Weston in Dom0")
+    r.wait(r"HARNESS WAYLAND weston up rc=0 ", 120, fail=end + r"|HARNESS WAYLAND weston up rc=[1-9]", what="Weston in Dom0")
     res.timings["weston"] = sw.lap()
     m = r.wait(rf"\[wl\].*(?:{HOLD_RX})", 400, fail=_guest_fail("wl", end, "wl"), what="HOLD from DomU wl")
     res.timings["create→hold"] = sw.lap()
@@ -650,6 +707,7 @@ def _launch(r: Run, res: Result, end: str) -> None:
         h = r.wait(rf"\[launchg\].*(?:{HOLD_RX})", 400, fail=_guest_fail("launchg", end), what=f"HOLD of launch #{i}")
         res.timings[f"launch{i}→hold"] = sw.lap()
         checks.append(r.check_hold("launchg", h, f"launch{i}"))
+        _ack_host(r, f"launch-hold{i}", end)  # Dom0 destroys the guest once told
         d = r.wait(rf"HARNESS LAUNCH-DESTROY i={i} rc=(\d+) pid_alive=(\d)", 120, fail=end)
         if d.groups() != ("0", "1"):
             problems.append(f"after destroy #{i}: xl destroy rc={d.group(1)} instance alive={d.group(2)}")
@@ -716,7 +774,7 @@ def _input(r: Run, res: Result, end: str) -> None:
     chk = r.check_hold("input", m, "hold")
     res.timings["create→hold"] = sw.lap()
     r.wait(r"\[input\].*HARNESS-DOMU EXIT", 120, fail=end)
-    gc_ok = bool(r.guest_lines("input", r"GUEST-CLIENT RESULT.*ok=1"))
+    gc_ok = any(d.get("ok") == "1" for _, d in _results(r, "input"))
     t_flip, t_go = r.line_time(r"\[input\].*GUEST-CLIENT FLIPPING"), r.line_time(r"\[replay\] REPLAY GO")
     t_done, t_hold = r.line_time(r"\[replay\] REPLAY DONE"), r.line_time(rf"\[input\].*(?:{HOLD_RX})")
     overlap = None not in (t_flip, t_go, t_done, t_hold) and t_flip <= t_go and t_done <= t_hold
@@ -749,7 +807,7 @@ def _check_pvh_boots(r: Run, s: str, res: Result, end: str) -> None:
     """xen-pvh-boots: every PVH DomU booted and powered off."""
     m = r.wait(rf"HARNESS SCENARIO {s} END rc=(\d+)", 1200)
     boots = r.marker_lines(r"HARNESS PVH-BOOT i=")
-    bad = [l for l in boots if "ok=0" in l]
+    bad = [l for l in boots if _kv(l).get("ok") != "1"]
     res.status = "PASS" if boots and not bad and m.group(1) == "0" else "FAIL"
     res.detail = f"{len(boots) - len(bad)} of {len(boots)} PVH DomUs booted and powered off"
 
@@ -785,8 +843,7 @@ def _check_restart(r: Run, s: str, res: Result, end: str) -> None:
     res.timings["create→hold1"] = sw.lap()
     c1 = r.check_hold("restart", m, "hold1")
     # Dom0 kills the backend once told the screendump is taken (dom0-init wait_host).
-    r.wait(r"HARNESS HOST-WAIT tag=restart-hold1", 60, fail=end)
-    r.v.send("HOST-ACK restart-hold1\n")
+    _ack_host(r, "restart-hold1", end)
     r.wait(r"HARNESS BACKEND KILLED", 60, fail=end + r"|HOST-ACK-TIMEOUT")
     sw.lap()
     m = r.wait(rf"\[restart\].*(?:{HOLD_RX})", 400, fail=_guest_fail("restart", end))
@@ -1029,7 +1086,7 @@ def run_boot(kind: str, names: list[str], bins: dict, args, accel: list[str], bu
                 res.status = "FAIL"
                 mine = [l for _, l in v.lines[begin:]]
                 extra = [l.strip() for l in mine if re.search(
-                    r"HARNESS (BACKEND|XL-CREATE|TIMEOUT|GAVE-UP|GNTDEV|ZC|TWO|NN|DLOOP|MAPS|REFUSED|LAUNCH)|GUEST-CLIENT ERROR|unable to add|panic|\[diag:"
+                    r"HARNESS (BACKEND|XL-CREATE|TIMEOUT|GAVE-UP|GNTDEV|ZC|TWO|NN|DLOOP|MAPS|UNMAP-WAIT|REFUSED|LAUNCH|HOST-ACK)|GUEST-CLIENT ERROR|unable to add|panic|\[diag:"
                     r"|\[be-log:\S+\].*(WARN|ERROR)", l)][:10]
                 res.detail = f"{e}" + "".join(f"\n  {l}" for l in extra)
                 if isinstance(e, vm.DeadlineExceeded):
