@@ -223,7 +223,10 @@ fn present_flip_waits_for_presentation_and_release() {
     assert_eq!(shown(&comp), vec![0x0011_2233; 8]);
     assert!(comp.surface().opaque, "opaque region set");
 
-    // A flip: committed, but not done before the presentation.
+    // A flip: committed, but not done before the presentation. `before` is earlier than
+    // the commit, so dispatching at it can never reach the commit's UNSHOWN_FLIP deadline
+    // however slowly this test runs.
+    let before = Instant::now();
     out.page_flip(c, &frame(&b, 2)).unwrap();
     assert!(out.flip_busy(c));
     // Latest wins: a second flip replaces the queued one.
@@ -235,11 +238,11 @@ fn present_flip_waits_for_presentation_and_release() {
     assert_eq!(shown(&comp), vec![0x0044_5566; 8]);
     comp.present_all();
     // Presented, but the previous buffer (the config's) is still held: not done.
-    let t = Instant::now();
     let mut done = Vec::new();
-    while t.elapsed() < Duration::from_millis(30) {
+    for _ in 0..30 {
         comp.pump();
-        out.dispatch(Instant::now(), &mut done);
+        out.dispatch(before, &mut done);
+        std::thread::sleep(Duration::from_millis(1));
     }
     assert!(done.is_empty(), "done before the release: {done:?}");
     comp.release_all();
