@@ -186,11 +186,14 @@ def _check_cost(r: Run, res: Result) -> None:
         calls = [(m.group(1), int(m.group(2))) for l in r.lines(r"HARNESS SYSCALL name=")
                  if (m := re.search(r"name=(\S+) calls=(\d+)", l))]
         total = sum(n for _, n in calls)
+        if total == 0:
+            problems.append(f"syscall count: no call between the two status answers ({sc})")
         keyvals.append(f"ARM64-SYSCALLS path=zcopy size=1920x1080 flips={sck['flips']} calls={total} "
                        f"per_flip={total / sck['flips']:.2f}")
         for name, n in calls:
             keyvals.append(f"ARM64-SYSCALL name={name} calls={n} per_flip={n / sck['flips']:.2f}")
-        table.append(f"  backend syscalls per zero-copy flip at 1920x1080 (strace -f, {sck['flips']} flips): "
+        table.append(f"  backend syscalls per zero-copy flip at 1920x1080 (strace -f, {sck['flips']} flips between "
+                     "two status answers): "
                      f"{total / sck['flips']:.1f}: " + ", ".join(f"{k} {n / sck['flips']:.2f}" for k, n in calls))
     for path in COST_PATHS:
         if path in idle:
