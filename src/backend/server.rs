@@ -294,8 +294,14 @@ impl Server {
         self.rescan();
         let counts = readiness::counts(&self.displays.devices);
         self.readiness.serving(&mut self.plat.store, counts);
+        // The xenstore fd fired (edge-triggered) since its last drain: read it then, or
+        // when the client holds what a request read ([`XsClient::needs_drain`]), not on
+        // every turn (two reads per flip that found nothing).
+        let mut xs_fired = true;
         while !self.stop.load(Ordering::SeqCst) {
-            self.drain_watches()?;
+            if std::mem::take(&mut xs_fired) || self.plat.store.needs_drain() {
+                self.drain_watches()?;
+            }
             let timeout = if !self.routes.ready.is_empty() {
                 Some(Duration::ZERO)
             } else {
@@ -321,12 +327,15 @@ impl Server {
                 if ev.token() == TOK_EXTRA {
                     info!("signal received, stopping");
                     self.stop.store(true, Ordering::SeqCst);
+                } else if ev.token() == TOK_XS {
+                    xs_fired = true;
                 } else if self.readiness.owns(ev.token()) {
                     self.on_control(ev.token());
                 }
             }
-            // Always drain both sources: cheap, and immune to missed edges.
-            self.drain_watches()?;
+            if std::mem::take(&mut xs_fired) || self.plat.store.needs_drain() {
+                self.drain_watches()?;
+            }
             fired.clear();
             self.plat.evtchn.pending(&mut fired)?;
             for port in fired.drain(..) {

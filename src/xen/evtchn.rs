@@ -121,7 +121,7 @@ impl XenEvtchn {
         Ok(())
     }
 
-    /// Read fired ports until EAGAIN. Returns `Ok(true)` on ring overflow (EFBIG).
+    /// Read fired ports until EAGAIN or a short read. Returns `Ok(true)` on ring overflow (EFBIG).
     fn drain(&self, fired: &mut Vec<u32>) -> Result<bool, XenError> {
         let fd = self.fd.as_raw_fd();
         let mut buf = [0u32; PORTS_PER_IO];
@@ -147,6 +147,11 @@ impl XenEvtchn {
                 return Ok(false);
             }
             fired.extend_from_slice(&buf[..ports.min(PORTS_PER_IO)]);
+            if ports < PORTS_PER_IO {
+                // A short read took all there was: a port firing later wakes the
+                // (edge-triggered) poll again, so no read that would only say EAGAIN.
+                return Ok(false);
+            }
         }
         Ok(false)
     }

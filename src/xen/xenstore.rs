@@ -156,6 +156,8 @@ pub struct XsClient {
     rbuf: Vec<u8>,
     /// Watch events received but not yet taken.
     events: VecDeque<WatchEvent>,
+    /// The last [`XsClient::take_watch_events`] stopped at its bound with data left.
+    drain_bounded: bool,
     /// Last request id used (never 0).
     req_id: u32,
     /// Set once the stream is unusable (framing lost, EOF, timeout).
@@ -228,6 +230,7 @@ impl XsClient {
             is_socket,
             rbuf: Vec::new(),
             events: VecDeque::new(),
+            drain_bounded: false,
             req_id: 0,
             broken: None,
         }
@@ -394,8 +397,9 @@ impl XsClient {
     /// Watch events received so far, reading whatever is on the fd without blocking.
     pub fn take_watch_events(&mut self) -> Result<Vec<WatchEvent>, XsError> {
         self.check_broken()?;
-        // Bounded, so a flooding peer can't keep us here forever; what is left stays
-        // readable and the fd polls readable again.
+        // Bounded, so a flooding peer can't keep us here forever; what is left is
+        // taken at the next call ([`XsClient::needs_drain`] says so).
+        self.drain_bounded = true;
         for _ in 0..256 {
             let more = matches!(self.fill()?, Fill::Data);
             while let Some(m) = self.parse_one()? {
@@ -410,10 +414,19 @@ impl XsClient {
                 }
             }
             if !more {
+                self.drain_bounded = false;
                 break;
             }
         }
         Ok(self.events.drain(..).collect())
+    }
+
+    /// Whether [`XsClient::take_watch_events`] has work that the fd polling readable
+    /// will not announce: events or bytes read while waiting for a reply, or a drain
+    /// that stopped at its bound. The server drains when this is true or the fd fired
+    /// (edge-triggered: each arrival fires again), not on every turn of its loop.
+    pub fn needs_drain(&self) -> bool {
+        self.drain_bounded || !self.events.is_empty() || !self.rbuf.is_empty()
     }
 
     /// The fd to poll for readability (watch events).
@@ -726,6 +739,26 @@ mod tests {
         );
         // Nothing more, and no blocking.
         assert!(c.take_watch_events().unwrap().is_empty());
+        assert!(!c.needs_drain());
+    }
+
+    #[test]
+    fn needs_drain_after_events_read_with_a_reply() {
+        let (mut c, mut s) = pair();
+        assert!(!c.needs_drain(), "a new client has nothing to drain");
+        let t = thread::spawn(move || {
+            let (h, _) = read_req(&mut s);
+            let mut out = msg(XS_WATCH_EVENT, 0, b"/x\0tok\0");
+            out.extend(msg(XS_WRITE, h.req_id, b"OK\0"));
+            s.write_all(&out).unwrap();
+            s
+        });
+        c.write(Tx::NONE, "/x", "val").unwrap();
+        let _s = t.join().unwrap();
+        // The event came with the reply: the fd will not fire for it.
+        assert!(c.needs_drain());
+        assert_eq!(c.take_watch_events().unwrap().len(), 1);
+        assert!(!c.needs_drain());
     }
 
     #[test]

@@ -19,21 +19,20 @@ import re
 import subprocess
 import time
 
-from . import cpio, vm
+from . import cpio, scenarios, vm
 from .common import Result, Stopwatch, refusals
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 XEN_DIR = os.path.join(os.path.dirname(HERE), "xen")
 REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
 
-SCENARIOS = ["arm64-zcopy-frontend", "arm64-zcopy-bealloc", "arm64-zcopy-destroy", "arm64-two-domus",
-             "arm64-cost", "arm64-copy"]
+SCENARIOS = scenarios.names("arm64")  # lib/scenarios.py's rows, in table order
 # The gntdev module each scenario needs, one kind per boot (xenstored and xenconsoled keep
 # /dev/xen/gntdev open, so it cannot be swapped): "dmabuf" = the harness's gntdev with
 # CONFIG_XEN_GNTDEV_DMABUF, "stock" = Debian's (no dma-buf). A boot takes ~25 s to Dom0.
 GNTDEV_KIND = {"arm64-copy": "stock"}
 TARGET = "aarch64-unknown-linux-gnu"
-BINS = ["displback", "guest_client", "scanout_check"]
+BINS = ["displback", "guest_client", "scanout_check", "flip_floor"]
 FRAMES = 120  # flips per guest (TCG on arm64 is slow; 120 keeps the warm run near 3 min)
 # arm64-cost: flips per flooding guest; the measured window (first answered flip to the
 # guest's HOLD) must hold at least COST_MIN_FLIPS of them.
@@ -122,7 +121,7 @@ def _check_cost(r: Run, res: Result) -> None:
             for l in r.lines(r"HARNESS COST-IDLE ")
             if (m := re.search(r"path=(\w+) secs=5 cpu_ticks=(-?\d+) cpu_ns=(-?\d+)", l))}
     us: dict[tuple[str, str], float] = {}
-    table = ["  path       size        flips  cpu_ms  us/flip(stat)  us/flip(schedstat)  guest p50_ms  p99_ms"]
+    table = ["  path       size        flips  cpu_ms  us/flip(stat)  user  sys  us/flip(schedstat)  guest p50_ms  p99_ms"]
     keyvals = []
     for path, want_path in COST_PATHS.items():
         for size in COST_SIZES:
@@ -149,12 +148,53 @@ def _check_cost(r: Run, res: Result) -> None:
                 continue
             us[(path, size)] = ticks * 1e6 / USER_HZ / flips
             us_ns = ns / 1e3 / flips
+            ut, st = int(kv.get("utime_ticks", -1)), int(kv.get("stime_ticks", -1))
+            if ut < 0 or st < 0:
+                problems.append(f"{path} {size}: no utime/stime split in {kv}")
+            ut_us, st_us = ut * 1e6 / USER_HZ / flips, st * 1e6 / USER_HZ / flips
             p50, p99 = kv.get("guest_p50_ms", "?"), kv.get("guest_p99_ms", "?")
             keyvals.append(f"ARM64-COST path={path} size={size} flips={flips} cpu_ticks={ticks} "
-                           f"us_per_flip={us[(path, size)]:.0f} schedstat_us_per_flip={us_ns:.0f} "
-                           f"p50_ms={p50} p99_ms={p99}")
+                           f"utime_ticks={ut} stime_ticks={st} us_per_flip={us[(path, size)]:.0f} "
+                           f"user_us_per_flip={ut_us:.0f} sys_us_per_flip={st_us:.0f} "
+                           f"schedstat_us_per_flip={us_ns:.0f} p50_ms={p50} p99_ms={p99}")
             table.append(f"  {want_path:<10} {size:<10} {flips:>6} {ticks * 1e3 / USER_HZ:>7.0f} "
-                         f"{us[(path, size)]:>14.0f} {us_ns:>19.0f} {p50:>13} {p99:>7}")
+                         f"{us[(path, size)]:>14.0f} {ut_us:>5.0f} {st_us:>4.0f} {us_ns:>19.0f} {p50:>13} {p99:>7}")
+    # The floor: flip_floor's two dumb buffers flipped with the backend's commit + event read.
+    for size in COST_SIZES:
+        fl = next((l for l in r.lines(rf"^\[floor\] FLIP-FLOOR .*size={size}")), "")
+        fk = dict(re.findall(r"(\w+)=(\S+)", fl))
+        if fk.get("ok") != "1":
+            problems.append(f"floor {size}: {fl or 'no FLIP-FLOOR line'}")
+            continue
+        flips, ut, st = int(fk["flips"]), int(fk["utime_ticks"]), int(fk["stime_ticks"])
+        if flips < COST_MIN_FLIPS or ut + st <= 0:
+            problems.append(f"floor {size}: {flips} flips, {ut + st} ticks (want >= {COST_MIN_FLIPS} flips, CPU > 0)")
+            continue
+        us[("floor", size)] = (ut + st) * 1e6 / USER_HZ / flips
+        keyvals.append(f"ARM64-COST path=floor size={size} flips={flips} cpu_ticks={ut + st} utime_ticks={ut} "
+                       f"stime_ticks={st} us_per_flip={us[('floor', size)]:.0f} "
+                       f"user_us_per_flip={ut * 1e6 / USER_HZ / flips:.0f} sys_us_per_flip={st * 1e6 / USER_HZ / flips:.0f}")
+        table.append(f"  {'floor':<10} {size:<10} {flips:>6} {(ut + st) * 1e3 / USER_HZ:>7.0f} "
+                     f"{us[('floor', size)]:>14.0f} {ut * 1e6 / USER_HZ / flips:>5.0f} {st * 1e6 / USER_HZ / flips:>4.0f}"
+                     f"{'-':>20} {'-':>13} {'-':>7}  (flip_floor: dumb buffers, no guest)")
+    # The backend's syscalls per zero-copy flip at 1920x1080 (strace, a window of its own).
+    sc = next((l for l in r.lines(r"HARNESS SYSCALLS ")), "")
+    sck = _kv(sc)
+    if "flips" not in sck or sck["flips"] <= 0:
+        problems.append(f"syscall count: {sc or 'no SYSCALLS line'}")
+    else:
+        calls = [(m.group(1), int(m.group(2))) for l in r.lines(r"HARNESS SYSCALL name=")
+                 if (m := re.search(r"name=(\S+) calls=(\d+)", l))]
+        total = sum(n for _, n in calls)
+        if total == 0:
+            problems.append(f"syscall count: no call between the two status answers ({sc})")
+        keyvals.append(f"ARM64-SYSCALLS path=zcopy size=1920x1080 flips={sck['flips']} calls={total} "
+                       f"per_flip={total / sck['flips']:.2f}")
+        for name, n in calls:
+            keyvals.append(f"ARM64-SYSCALL name={name} calls={n} per_flip={n / sck['flips']:.2f}")
+        table.append(f"  backend syscalls per zero-copy flip at 1920x1080 (strace -f, {sck['flips']} flips between "
+                     "two status answers): "
+                     f"{total / sck['flips']:.1f}: " + ", ".join(f"{k} {n / sck['flips']:.2f}" for k, n in calls))
     for path in COST_PATHS:
         if path in idle:
             keyvals.append(f"ARM64-COST-IDLE path={path} secs=5 cpu_ticks={idle[path][0]} cpu_ns={idle[path][1]}")
@@ -176,6 +216,13 @@ def _check_cost(r: Run, res: Result) -> None:
          "zero-copy per-flip CPU 3840x2160 / 1920x1080")
     goal("zcopy-vs-copy", ("zcopy", "1920x1080"), ("copy", "1920x1080"), GOAL_VS_COPY,
          "zero-copy / copy per-flip CPU at 1920x1080")
+    for size in COST_SIZES:  # not goals: how much of a zero-copy flip the floor is
+        if ("zcopy", size) in us and ("floor", size) in us:
+            keyvals.append(f"ARM64-COST-FLOOR size={size} zcopy_us={us[('zcopy', size)]:.0f} "
+                           f"floor_us={us[('floor', size)]:.0f} backend_own_us={us[('zcopy', size)] - us[('floor', size)]:.0f}")
+    if ("copy", "1920x1080") in us and ("floor", "1920x1080") in us:
+        r_ = us[("floor", "1920x1080")] / us[("copy", "1920x1080")]
+        goals.append(f"the floor alone (flip_floor) / copy at 1920x1080: {r_:.2f} (zero-copy cannot go below the floor)")
     res.cost_lines = keyvals  # printed by run_all at the end of the group
     res.status = "PASS" if not problems else "FAIL"
     res.detail = ("backend CPU per flip (utime+stime over the window; TCG, VKMS vmaps each buffer per commit), "
@@ -190,7 +237,7 @@ def _check(r: Run, s: str, res: Result) -> None:
         _check_cost(r, res)
         return
     name = {"arm64-zcopy-frontend": "zfront", "arm64-zcopy-bealloc": "zbealloc", "arm64-copy": "zcopy",
-            "arm64-zcopy-destroy": "zdestroy", "arm64-two-domus": "ztwo"}[s]
+            "arm64-zcopy-destroy": "zdestroy", "arm64-two-domus": "ztwo", "arm64-zcopy-fallback": "zfallback"}[s]
     problems: list[str] = []
 
     def need(cond: bool, why: str) -> None:
@@ -236,7 +283,19 @@ def _check(r: Run, s: str, res: Result) -> None:
         first_hold = next((j for j, l in seen if re.search(r"\[ztwo[ab]\] GUEST-CLIENT HOLD", l)), None)
         need(None not in flipping and first_hold is not None and max(flipping) < first_hold,
              f"the guests did not flip at the same time (FLIPPING lines at {flipping}, first HOLD at {first_hold})")
-    if s == "arm64-copy":
+    rm_ = re.search(r"imports_refused=(\d+)", counters)
+    imports_refused = int(rm_.group(1)) if rm_ else None
+    if s == "arm64-zcopy-fallback":
+        vm_ = next((l for l in r.lines(r"HARNESS FALLBACK allow_vmap=")), "")
+        need("allow_vmap=0 " in vm_ or "allow_vmap=N " in vm_, f"gntdev's vmap not switched off: {vm_ or 'no FALLBACK line'}")
+        need(copied is not None and copied > 0 and zc == 0 and (imports_refused or 0) > 0,
+             f"counters copied={copied} zero_copy={zc} imports_refused={imports_refused} "
+             "(want copies of refused imports: copied>0 zero_copy=0 imports_refused>0)")
+        why = next((l[l.find("the display refuses"):] for l in belog if "the display refuses to scan out" in l), "")
+        need(bool(why), "no 'the display refuses to scan out zero-copy buffer' line in the backend's log")
+        need(not any("legacy from now on" in l for l in belog), "the backend blamed atomic ('legacy from now on')")
+        extra = f"allow_vmap=0; imports_refused={imports_refused}; {why[:160]}; "
+    elif s == "arm64-copy":
         ref = next((l for l in r.lines(r"HARNESS REFUSED rc=")), "")
         rm = re.search(r"rc=(\d+) reason=(.*?) uptime=", ref)
         need(bool(rm) and rm.group(1) not in ("0", "124") and "CONFIG_XEN_GNTDEV_DMABUF" in rm.group(2),
@@ -244,7 +303,7 @@ def _check(r: Run, s: str, res: Result) -> None:
         need(copied is not None and copied > 0 and zc == 0, f"counters copied={copied} zero_copy={zc} (want copies)")
         need(len(fallbacks) >= 1, "no 'using the copy path' reason in the log")
         extra = f"--zero-copy on refused: {rm.group(2) if rm else '?'}; "
-    else:
+    if s not in ("arm64-copy", "arm64-zcopy-fallback"):
         need(copied == 0 and zc is not None and zc > 0, f"counters copied={copied} zero_copy={zc} (want no copies)")
         need(not fallbacks, f"copy-path lines: {fallbacks[:2]}")
         hold = maps.get("hold", {})
@@ -318,7 +377,7 @@ def run_boot(kind: str, names: list[str], bins: dict, art: dict, args) -> list[R
         "bin/guest_client": (0o755, _read(bins["guest_client"])),
     }, art["ARM64_DOMU_BASE"])
     params = (f"FRAMES={FRAMES}\nHOLD={max(args.hold, 5)}\nSCENARIOS=\"{' '.join(names)}\"\nGNTDEV_KIND={kind}\n"
-              f"COST_FLIPS={COST_FLIPS}\n")
+              f"COST_FLIPS={COST_FLIPS}\nCOST_MIN_FLIPS={COST_MIN_FLIPS}\n")
     dom0 = _initrd(workdir, f"arm64-dom0-{kind}", {
         "init": (0o755, _read(os.path.join(XEN_DIR, "arm64-dom0-init"))),
         "harness/params": (0o644, params.encode()),
@@ -326,6 +385,7 @@ def run_boot(kind: str, names: list[str], bins: dict, art: dict, args) -> list[R
         "harness/domU.cpio": (0o644, _read(domu)),
         "usr/local/bin/displback": (0o755, _read(bins["displback"])),
         "usr/local/bin/scanout_check": (0o755, _read(bins["scanout_check"])),
+        "usr/local/bin/flip_floor": (0o755, _read(bins["flip_floor"])),
     }, art["ARM64_DOM0_BASE"])
     print("*** arm64: TCG (qemu-system-aarch64 has no accelerator on an x86 host) ***", flush=True)
     qargs = ["-M", "virt,virtualization=on,gic-version=3", "-cpu", "cortex-a57", "-smp", "2", "-m", "3G",

@@ -17,7 +17,7 @@ ARM64_DOM0_DEBS="libc6 libgcc-s1 gcc-14-base zlib1g liblzma5 libzstd1 libbz2-1.0
 libselinux1 libpcre2-8-0 libsystemd0 libcap2 libtinfo6 libncursesw6 libyajl2 libfdt1 libkmod2 kmod \
 libssl3t64 libxentoolcore1 libxentoollog1 libxencall1 libxendevicemodel1 libxenevtchn1 libxenforeignmemory1 \
 libxengnttab1 libxenhypfs1 libxenstore4 libxenmisc4.20 xenstore-utils xen-utils-common xen-utils-4.20 \
-libext2fs2t64 libcom-err2 libgcrypt20 libgpg-error0 liblz4-1 libcap-ng0 libaudit1 libseccomp2 bash"
+libext2fs2t64 libcom-err2 libgcrypt20 libgpg-error0 liblz4-1 libcap-ng0 libaudit1 libseccomp2 bash strace"
 # Modules from Debian's kernel (+ dependencies); the out-of-tree ones are added to the tree.
 ARM64_DOM0_MODULES="xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd vkms"
 ARM64_DOMU_MODULES="drm_xen_front"

@@ -10,8 +10,8 @@ Groups and boots: `kms` one plain VM per scenario (lib/kms.py); `xen` one Xen bo
 Debian's Dom0 kernel (lib/xen.py, kind "stock"); `zcopy` one Xen boot with the zero-copy
 Dom0 kernel (kind "zcopy"); `wayland` plain VMs with Weston (lib/wayland.py, which takes its
 list from here: one boot with Debian 12's Weston, one with the GL Weston for rows whose spec
-is ("weston-gl",)); `arm64`
-Xen on arm64 (lib/arm64.py, which keeps its own scenario list; rows here describe them).
+is ("weston-gl",)); `arm64` Xen on arm64 (lib/arm64.py, which takes its scenario list from
+the rows here).
 `also` puts a scenario in more groups (it still runs in its own group's boot).
 """
 
@@ -96,8 +96,11 @@ TABLE: list[Scenario] = [
     S("arm64-zcopy-bealloc", "arm64", "be-alloc=1 guest: VKMS dumb buffers granted with IMP_TO_REFS"),
     S("arm64-zcopy-destroy", "arm64", "`xl destroy` while a guest flips zero-copy buffers"),
     S("arm64-two-domus", "arm64", "two guests, one `--zero-copy on` backend, two VKMS outputs (test-bed patch): each read back"),
-    S("arm64-cost", "arm64", "backend CPU per flip (/proc), copy vs zero-copy at 1024x768/1920x1080/3840x2160, "
-      "guest p50/p99: the per-flip table (goals printed met/NOT met)"),
+    S("arm64-zcopy-fallback", "arm64", "the real exporter without vmap (gntdev allow_vmap=0): VKMS refuses each imported "
+      "framebuffer, `--zero-copy auto` copies those buffers: read back exact, imports_refused>0 copied>0"),
+    S("arm64-cost", "arm64", "backend CPU per flip (/proc, utime/stime), copy vs zero-copy at 1024x768/1920x1080/3840x2160, "
+      "guest p50/p99, the flip floor (flip_floor) and the backend's syscalls per zero-copy flip (strace): "
+      "the per-flip table (goals printed met/NOT met)"),
     S("arm64-copy", "arm64", "Debian's gntdev: `--zero-copy on` refuses, `auto` copies"),
 ]
 del S
