@@ -27,22 +27,7 @@ arm64_apt() { APT_CONFIG=$ARM64_APT/apt.conf "$@"; }
 # process at a time: builds run concurrently, lib/prebuild.py).
 arm64_apt_updated() { mkdir -p "$ARM64_APT"; locked "$ARM64_APT/.lock" _arm64_apt_updated; }
 _arm64_apt_updated() {
-    local stamp=/run/displback-domu-test.arm64-apt-updated d=$ARM64_APT mirror
-    [[ -e $stamp && -e $d/apt.conf ]] && return 0
-    mirror=$(arm64_mirror); [[ -n $mirror ]] || die "cannot find a Debian mirror in apt's sources"
-    mkdir -p "$d"/state/lists/partial "$d"/cache/archives/partial "$d"/etc/preferences.d
-    touch "$d/state/status"
-    echo "deb [arch=arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $ARM64_SUITE main" \
-        > "$d/etc/sources.list"
-    cat > "$d/apt.conf" <<EOF
-Dir::State "$d/state"; Dir::State::status "$d/state/status"; Dir::Cache "$d/cache";
-Dir::Etc::SourceList "$d/etc/sources.list"; Dir::Etc::SourceParts "/nonexistent";
-Dir::Etc::Preferences "/nonexistent"; Dir::Etc::PreferencesParts "$d/etc/preferences.d";
-APT::Architecture "arm64"; APT::Architectures { "arm64"; };
-EOF
-    log "apt-get update (private: $ARM64_SUITE arm64)"
-    arm64_apt apt-get update -q >/dev/null || die "apt-get update ($ARM64_SUITE arm64) failed"
-    touch "$stamp"
+    private_apt_updated "$ARM64_APT" arm64 "$ARM64_SUITE" "$(arm64_mirror)"
 }
 
 arm64_version() { arm64_apt apt-cache policy "$1" | awk '/Candidate:/ {print $2}'; }

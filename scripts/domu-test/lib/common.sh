@@ -10,6 +10,44 @@ mkdir -p "$CACHE/debs"
 log() { printf '[domu-test %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
+# A private apt configuration in DIR for SUITE/ARCH from MIRROR (the host's apt state is
+# never touched); its lists are updated once per host boot (stamp in /run). Run it under
+# `locked DIR/.lock`: builds run concurrently.
+private_apt_updated() { # DIR ARCH SUITE MIRROR
+    local d=$1 arch=$2 suite=$3 mirror=$4
+    local stamp=/run/displback-domu-test.$(basename "$d")-updated
+    [[ -e $stamp && -e $d/apt.conf ]] && return 0
+    [[ -n $mirror ]] || die "cannot find a Debian mirror in apt's sources"
+    mkdir -p "$d"/state/lists/partial "$d"/cache/archives/partial "$d"/etc/preferences.d
+    touch "$d/state/status"
+    echo "deb [arch=$arch signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $suite main" \
+        > "$d/etc/sources.list"
+    cat > "$d/apt.conf" <<EOC
+Dir::State "$d/state"; Dir::State::status "$d/state/status"; Dir::Cache "$d/cache";
+Dir::Etc::SourceList "$d/etc/sources.list"; Dir::Etc::SourceParts "/nonexistent";
+Dir::Etc::Preferences "/nonexistent"; Dir::Etc::PreferencesParts "$d/etc/preferences.d";
+APT::Architecture "$arch"; APT::Architectures { "$arch"; };
+EOC
+    log "apt-get update (private: $suite $arch)"
+    APT_CONFIG=$d/apt.conf apt-get update -q >/dev/null || die "apt-get update ($suite $arch) failed"
+    touch "$stamp"
+}
+
+# A program tree from a debtree spec (lib/debtree.py: the listed programs and their
+# DT_NEEDED closure) as an UNCOMPRESSED cpio in OUT/weston.cpio (the kernel does not continue
+# after a gzip member; see initramfs.sh), its stats and build time next to it. PREFIX (e.g.
+# a private apt's wrapper) runs debtree.py.
+build_tree_cpio() { # OUT SPEC LABEL [PREFIX...]
+    local out=$1 spec=$2 label=$3 t0=$SECONDS; shift 3
+    "$@" python3 "$LIB_DIR/debtree.py" "$spec" "$out/root" > "$out/stats" || return 1
+    mkdir -p "$out/root/usr/share/fontconfig" "$out/root/var/cache/fontconfig"
+    (cd "$out/root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) > "$out/weston.cpio"
+    du -sb "$out/root" | awk '{print "tree_bytes=" $1}' >> "$out/stats"
+    rm -rf --one-file-system "$out/root" "$out/pool"
+    echo $((SECONDS - t0)) > "$out/build-secs"
+    log "$label tree: $(tr '\n' ' ' < "$out/stats") cpio=$(stat -c %s "$out/weston.cpio") in $((SECONDS - t0)) s"
+}
+
 # Several builders may run at once (the harness starts every image build of a run
 # together, lib/prebuild.py; other checkouts share the cache): `locked FILE CMD...` runs CMD
 # holding an exclusive flock on FILE (a shell function too; released when it returns or the

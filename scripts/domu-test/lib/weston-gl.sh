@@ -9,34 +9,12 @@ TRIXIE_APT=$CACHE/trixie-apt
 trixie_apt() { APT_CONFIG=$TRIXIE_APT/apt.conf "$@"; }
 trixie_apt_updated() { mkdir -p "$TRIXIE_APT"; locked "$TRIXIE_APT/.lock" _trixie_apt_updated; }
 _trixie_apt_updated() {
-    local stamp=/run/displback-domu-test.trixie-apt-updated d=$TRIXIE_APT mirror
-    [[ -e $stamp && -e $d/apt.conf ]] && return 0
-    mirror=${DEBIAN_MIRROR:-$(apt-cache policy | awk '$3 == "bookworm/main" && $4 == "amd64" {print $2; exit}')}
-    [[ -n $mirror ]] || die "cannot find a Debian mirror in apt's sources"
-    mkdir -p "$d"/state/lists/partial "$d"/cache/archives/partial "$d"/etc/preferences.d
-    touch "$d/state/status"
-    echo "deb [arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main" \
-        > "$d/etc/sources.list"
-    cat > "$d/apt.conf" <<EOC
-Dir::State "$d/state"; Dir::State::status "$d/state/status"; Dir::Cache "$d/cache";
-Dir::Etc::SourceList "$d/etc/sources.list"; Dir::Etc::SourceParts "/nonexistent";
-Dir::Etc::Preferences "/nonexistent"; Dir::Etc::PreferencesParts "$d/etc/preferences.d";
-APT::Architecture "amd64"; APT::Architectures { "amd64"; };
-EOC
-    log "apt-get update (private: trixie amd64)"
-    trixie_apt apt-get update -q >/dev/null || die "apt-get update (trixie amd64) failed"
-    touch "$stamp"
+    private_apt_updated "$TRIXIE_APT" amd64 trixie \
+        "${DEBIAN_MIRROR:-$(apt-cache policy | awk '$3 == "bookworm/main" && $4 == "amd64" {print $2; exit}')}"
 }
 
 _build_weston_gl() { # $1 = output dir
-    local out=$1 t0=$SECONDS
-    trixie_apt python3 "$LIB_DIR/debtree.py" "$LIB_DIR/../weston-gl/tree.spec" "$out/root" > "$out/stats" || return 1
-    mkdir -p "$out/root/usr/share/fontconfig" "$out/root/var/cache/fontconfig"
-    (cd "$out/root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) > "$out/weston.cpio"
-    du -sb "$out/root" | awk '{print "tree_bytes=" $1}' >> "$out/stats"
-    rm -rf --one-file-system "$out/root" "$out/pool"
-    echo $((SECONDS - t0)) > "$out/build-secs"
-    log "weston-gl tree: $(tr '\n' ' ' < "$out/stats") cpio=$(stat -c %s "$out/weston.cpio") in $((SECONDS - t0)) s"
+    build_tree_cpio "$1" "$LIB_DIR/../weston-gl/tree.spec" weston-gl trixie_apt
 }
 
 prepare_weston_gl() {

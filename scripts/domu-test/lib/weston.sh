@@ -9,16 +9,9 @@
 # size and package list next to it.
 
 _build_weston() { # $1 = output dir
-    local out=$1 t0=$SECONDS
-    python3 "$LIB_DIR/debtree.py" "$LIB_DIR/../weston/tree.spec" "$out/root" > "$out/stats" || return 1
-    mkdir -p "$out/root/usr/share/fontconfig" "$out/root/var/cache/fontconfig"
     # glibc's loader finds /lib/x86_64-linux-gnu and /usr/lib/x86_64-linux-gnu by itself;
     # /lib64 is where the programs' PT_INTERP points.
-    (cd "$out/root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) > "$out/weston.cpio"
-    du -sb "$out/root" | awk '{print "tree_bytes=" $1}' >> "$out/stats"
-    rm -rf --one-file-system "$out/root" "$out/pool"
-    echo $((SECONDS - t0)) > "$out/build-secs"
-    log "weston tree: $(tr '\n' ' ' < "$out/stats") cpio=$(stat -c %s "$out/weston.cpio") in $((SECONDS - t0)) s"
+    build_tree_cpio "$1" "$LIB_DIR/../weston/tree.spec" weston
 }
 
 prepare_weston() {
