@@ -2005,3 +2005,60 @@ mod dmabuf_flips {
         }
     }
 }
+
+/// `displback demo --wait-presented`: a compositor that never presents fails the demo
+/// (its wait for the first presentation runs out); one that presents lets it run to its
+/// end, with every frame after the first wait presented or unshown, none simulated.
+#[test]
+fn demo_wait_presented_needs_a_presentation() {
+    fn demo(
+        path: &std::path::Path,
+        comp: &mut TestCompositor,
+        present: bool,
+    ) -> anyhow::Result<()> {
+        let opts = crate::demo::DemoOptions {
+            connectors: 1,
+            width: 8,
+            height: 4,
+            format: crate::displif::format::PixelFormat::Xrgb8888,
+            frames: 6,
+            out_dir: None,
+            hold_secs: 0,
+            reconfigure_every: 0,
+            output: crate::config::OutputKind::Wayland,
+            output_opts: crate::output::OutputOptions {
+                card: None,
+                mapping: Default::default(),
+                wayland: WaylandConfig {
+                    display: Some(path.to_str().unwrap().into()),
+                    ..WaylandConfig::default()
+                },
+            },
+            unique_ids: Vec::new(),
+            zero_copy: crate::config::ZeroCopy::Off,
+            bench: false,
+            progress: true,
+            wait_presented: Duration::from_secs(2),
+        };
+        let t = std::thread::spawn(move || crate::demo::run(opts));
+        let mut configured = false;
+        while !t.is_finished() {
+            comp.pump();
+            if !configured && comp.state.surfaces.len() == 1 {
+                comp.configure_all(0, 0);
+                configured = true;
+            }
+            if present {
+                comp.present_all();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        t.join().unwrap()
+    }
+    let path = sock("demo-wait");
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    let e = demo(&path, &mut comp, false).expect_err("never presented, yet the demo ran");
+    assert!(format!("{e:#}").contains("--wait-presented"), "{e:#}");
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    demo(&path, &mut comp, true).expect("presented, yet the demo failed");
+}
