@@ -262,10 +262,15 @@ fn flip_until_presented(
             return Ok(rounds);
         }
         if Instant::now() >= deadline {
+            let s = wl_snapshot(stats)?;
             bail!(
                 "--wait-presented: the compositor presented no {what} frame within {:?} \
-                 ({rounds} rounds of flips)",
-                limit
+                 ({rounds} rounds of flips; connects={} presented={} unshown={} simulated={})",
+                limit,
+                s.connects,
+                s.presented,
+                s.unshown,
+                s.simulated
             );
         }
     }
