@@ -164,13 +164,15 @@ weston-run start desktop card0 || exit 1
 displback demo --output wayland --resolution {DEMO_RES[0]}x{DEMO_RES[1]} --frames 1200 --hold-secs {HOLD} \\
     --progress > /tmp/demo.log 2>&1 &
 d=$!
-i=0; while kill -0 $d 2>/dev/null && [ $i -lt {RESTART_WAIT * 10} ]; do
-    p=$(sed -n 's/^DEMO PROGRESS .* presented=\([0-9]*\).*/\1/p' /tmp/demo.log | tail -n 1)
-    [ "${{p:-0}}" -ge {RESTART_AFTER} ] && break
+p=0; i=0; while kill -0 $d 2>/dev/null && [ $i -lt {RESTART_WAIT * 10} ]; do
+    # (f-string: the sed backreference is written \\1)
+    p=$(sed -n 's/^DEMO PROGRESS .* presented=\\([0-9]*\\).*/\\1/p' /tmp/demo.log | tail -n 1)
+    case "$p" in ''|*[!0-9]*) p=0;; esac
+    [ "$p" -ge {RESTART_AFTER} ] && break
     sleep 0.1; i=$((i+1))
 done
 grep 'DEMO PROGRESS' /tmp/demo.log | tail -n 1
-if [ "${{p:-0}}" -lt {RESTART_AFTER} ]; then
+if [ "$p" -lt {RESTART_AFTER} ]; then
     sed 's/^/[demo] /' /tmp/demo.log | tail -5
     echo "HARNESS TIMEOUT waiting for presented>={RESTART_AFTER} before the restart ({RESTART_WAIT} s, demo_alive=$(kill -0 $d 2>/dev/null && echo 1 || echo 0))"
     kill $d 2>/dev/null; weston-run stop; exit 1
