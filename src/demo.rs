@@ -50,6 +50,13 @@ pub struct DemoOptions {
     /// own), and a `DEMO BENCH` line reports the backend thread's CPU time per flip and
     /// the flip latency percentiles.
     pub bench: bool,
+    /// Print a `DEMO PROGRESS frame=N ...` line (with the Wayland output's counters) at
+    /// most once a second while flipping.
+    pub progress: bool,
+    /// Wayland output: flip the first frame until the compositor has presented one before
+    /// animating, and the last frame again until presented before `DEMO HOLD`; each wait
+    /// fails after this long. Zero = no waits.
+    pub wait_presented: Duration,
 }
 
 /// The zero-copy gate of the demo: the simulated Xen's exports are udmabufs of the
@@ -210,6 +217,81 @@ pub fn unique_id(conn: u32) -> String {
     format!("Virtual-{}", conn + 1)
 }
 
+type WlStats = Arc<std::sync::Mutex<crate::output::wayland::WaylandStats>>;
+
+fn wl_snapshot(s: &WlStats) -> Result<crate::output::wayland::WaylandStats> {
+    Ok(*s
+        .lock()
+        .map_err(|_| anyhow::anyhow!("stats lock poisoned"))?)
+}
+
+/// Flip `frame` (drawn into buffers `a` and `b` of every connector, alternately; the
+/// last flip is of `b`) until one round of flips was presented on every connector by the
+/// compositor, or fail after `limit`. Returns the rounds flipped.
+#[allow(clippy::too_many_arguments)]
+fn flip_until_presented(
+    fe: &mut FrontendSim,
+    bufs: &[Vec<(DumbBuf, u64)>],
+    stats: &WlStats,
+    opts: &DemoOptions,
+    frame: u32,
+    (a, b): (usize, usize),
+    limit: Duration,
+    what: &str,
+) -> Result<u32> {
+    for (c, set) in bufs.iter().enumerate() {
+        draw(&set[a].0, opts.format, frame, c as u32)?;
+        draw(&set[b].0, opts.format, frame, c as u32)?;
+    }
+    let deadline = Instant::now() + limit;
+    let mut rounds = 0u32;
+    loop {
+        let mut all = true;
+        for idx in [a, b] {
+            let before = wl_snapshot(stats)?.presented;
+            for (c, set) in bufs.iter().enumerate() {
+                fe.page_flip(c as u32, set[idx].1)?;
+            }
+            for (c, set) in bufs.iter().enumerate() {
+                fe.wait_flip_event(c as u32, set[idx].1, Duration::from_millis(3100))?;
+            }
+            all = wl_snapshot(stats)?.presented >= before + bufs.len() as u64;
+        }
+        rounds += 1;
+        if all {
+            return Ok(rounds);
+        }
+        if Instant::now() >= deadline {
+            let s = wl_snapshot(stats)?;
+            bail!(
+                "--wait-presented: the compositor presented no {what} frame within {:?} \
+                 ({rounds} rounds of flips; connects={} presented={} unshown={} simulated={})",
+                limit,
+                s.connects,
+                s.presented,
+                s.unshown,
+                s.simulated
+            );
+        }
+    }
+}
+
+/// One `DEMO PROGRESS` line: the frame flipped last and the Wayland counters.
+fn progress_line(frame: u32, stats: Option<&WlStats>) -> Result<()> {
+    match stats {
+        Some(s) => {
+            let s = wl_snapshot(s)?;
+            println!(
+                "DEMO PROGRESS frame={frame} connects={} disconnects={} presented={} \
+                 unshown={} simulated={}",
+                s.connects, s.disconnects, s.presented, s.unshown, s.simulated
+            );
+        }
+        None => println!("DEMO PROGRESS frame={frame}"),
+    }
+    Ok(())
+}
+
 /// Run the demo.
 pub fn run(opts: DemoOptions) -> Result<()> {
     let signals = crate::xen::signals::StopSignals::install()?;
@@ -285,7 +367,28 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         if opts.bench {
             return bench(&mut fe, &bufs, &opts, backend_tid);
         }
+        let waiting = !opts.wait_presented.is_zero();
+        let wait_stats = match (&wl_stats, waiting) {
+            (Some(s), true) => Some(s.clone()),
+            (None, true) => bail!("--wait-presented needs the Wayland output"),
+            _ => None,
+        };
+        if let Some(s) = &wait_stats {
+            // Ends with buffer 0 on screen, as the animation expects.
+            let rounds = flip_until_presented(
+                &mut fe,
+                &bufs,
+                s,
+                &opts,
+                0,
+                (1, 0),
+                opts.wait_presented,
+                "first",
+            )?;
+            println!("DEMO PRESENTED first frame=0 rounds={rounds}");
+        }
         let started = Instant::now();
+        let mut last_progress = started;
         let mut reconfigs = 0u32;
         let mut frame = 0u32;
         let mut in_flight: Option<usize> = None;
@@ -304,6 +407,10 @@ pub fn run(opts: DemoOptions) -> Result<()> {
                 fe.page_flip(c as u32, pair[back].1)?;
             }
             in_flight = Some(back);
+            if opts.progress && last_progress.elapsed() >= Duration::from_secs(1) {
+                last_progress = Instant::now();
+                progress_line(frame, wl_stats.as_ref())?;
+            }
             if opts.reconfigure_every > 0 && frame % opts.reconfigure_every == 0 {
                 reconfigs += 1;
                 for (c, pair) in bufs.iter().enumerate() {
@@ -315,6 +422,22 @@ pub fn run(opts: DemoOptions) -> Result<()> {
             for (c, pair) in bufs.iter().enumerate() {
                 fe.wait_flip_event(c as u32, pair[prev].1, Duration::from_millis(3100))?;
             }
+        }
+        if let (Some(s), Some(last)) = (&wait_stats, in_flight) {
+            // The last frame is in `last`: flip it again (from the two other buffers,
+            // ending on `last`) until the compositor presented it.
+            let other = (last + 1) % 3;
+            let rounds = flip_until_presented(
+                &mut fe,
+                &bufs,
+                s,
+                &opts,
+                frame,
+                (other, last),
+                opts.wait_presented,
+                "last",
+            )?;
+            println!("DEMO PRESENTED last frame={frame} rounds={rounds}");
         }
         let secs = started.elapsed().as_secs_f64();
         println!(

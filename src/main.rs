@@ -196,6 +196,17 @@ struct DemoArgs {
     /// the backend's CPU time per flip and the flip latency (`DEMO BENCH ...`).
     #[arg(long)]
     bench: bool,
+    /// Print `DEMO PROGRESS frame=N ...` (with the Wayland output's connects,
+    /// disconnects, presented, unshown and simulated counters) at most once a second
+    /// while flipping.
+    #[arg(long)]
+    progress: bool,
+    /// Wayland output: before animating, flip the first frame until the compositor has
+    /// presented it on every connector (`DEMO PRESENTED first ...`); after the last
+    /// frame, flip it again until presented (`DEMO PRESENTED last ...`) before
+    /// `DEMO HOLD`. Each wait fails the demo after SECS (0 = no waits).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    wait_presented: u64,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -446,6 +457,8 @@ fn main() -> Result<()> {
                 unique_ids: args.unique_ids,
                 zero_copy: args.zero_copy,
                 bench: args.bench,
+                progress: args.progress,
+                wait_presented: std::time::Duration::from_secs(args.wait_presented),
             })
         }
     }

@@ -44,6 +44,10 @@ DEMO_RES = (320, 240)
 IVI_SCREEN = (1280, 800)
 IVI_TILE = (IVI_SCREEN[0] // 4, (IVI_SCREEN[1] - 70) // 2)
 IVI_ID = 1000
+# wayland-restart stops Weston once the demo reports this many presented flips (DEMO
+# PROGRESS), waited for at most RESTART_WAIT s.
+RESTART_AFTER = 30
+RESTART_WAIT = 90
 HOLD = 25  # seconds each step keeps its picture up while the host polls screendumps (found in 1-2)
 
 INIT = """#!/bin/sh
@@ -69,10 +73,10 @@ poweroff -f
 """
 
 
-def _demo_script(start: str, demo_args: str, during: str = "") -> str:
+def _demo_script(start: str, demo_args: str, during: str = "", hold_wait: int = 120) -> str:
     """Start Weston (`start`), run `displback demo --output wayland DEMO_ARGS` as its client
     and print its DEMO HOLD/WAYLAND lines (frame, size: what the host looks for); `during`
-    runs while the demo holds its last frame."""
+    runs while the demo holds its last frame. DEMO HOLD must come within `hold_wait` s."""
     return f"""
 {start} || exit 1
 # The previous step's log goes first: its DEMO HOLD line would end the wait below before
@@ -80,8 +84,9 @@ def _demo_script(start: str, demo_args: str, during: str = "") -> str:
 rm -f /tmp/demo.log
 displback demo --output wayland {demo_args} --frames 120 --hold-secs {HOLD} > /tmp/demo.log 2>&1 &
 d=$!
-i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
-grep -E 'DEMO (HOLD|WAYLAND)' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
+i=0; while ! grep -q 'DEMO HOLD' /tmp/demo.log && kill -0 $d 2>/dev/null && [ $i -lt {hold_wait * 10} ]; do sleep 0.1; i=$((i+1)); done
+grep -E 'DEMO (HOLD|WAYLAND|PRESENTED)' /tmp/demo.log || {{ sed 's/^/[demo] /' /tmp/demo.log | tail -10; echo "HARNESS DEMO ERROR no HOLD"; }}
+kill -0 $d 2>/dev/null && ! grep -q 'DEMO HOLD' /tmp/demo.log && echo "HARNESS TIMEOUT waiting for DEMO HOLD ({hold_wait} s)"
 echo "HARNESS SHOWING client=displback-demo pid=$d hold={HOLD}"
 {during}
 wait $d; rc=$?
@@ -103,14 +108,17 @@ echo "HARNESS DMABUF-OFFER version=$(sed -n "s/.*'zwp_linux_dmabuf_v1', *version
      "xr24_linear=$(grep -c "'XR24'; 0x0000000000000000" /tmp/dmabuf.txt)" \
      "ar24_linear=$(grep -c "'AR24'; 0x0000000000000000" /tmp/dmabuf.txt)"
 grep -i -E 'GL renderer|GL version|dmabuf' /run/weston/weston.log | sed 's/^/[weston-gl] /' | head -5
-# llvmpipe under TCG: let Weston draw its first frames (shader compiles) before the demo
-# connects, or the demo's frames run out before its connection is set up.
-sleep 10
 true"""
-# While the demo holds: Weston's own read-back of its output (weston-screenshooter, allowed
-# by --debug), sent to the host as base64 between HARNESS PNG markers.
+# llvmpipe under TCG draws Weston's first frames slowly (shader compiles): the demo flips
+# its first frame until Weston presented it before animating, or its frames would run out
+# (completed unshown) before its surface is on screen; and flips its last frame until
+# presented before DEMO HOLD, so the screenshot below shows it. A wait that runs out fails
+# the demo (no DEMO HOLD: the host's check FAILs).
+DMABUF_WAIT = 90
+# While the demo holds (its last frame presented: --wait-presented): Weston's own read-back
+# of its output (weston-screenshooter, allowed by --debug), sent to the host as base64
+# between HARNESS PNG markers.
 SCREENSHOT = r"""
-sleep 4
 mkdir -p /tmp/shot && rm -f /tmp/shot/*
 (cd /tmp/shot && XDG_PICTURES_DIR=/tmp/shot HOME=/tmp/shot weston-screenshooter > /tmp/shot.log 2>&1)
 f=$(ls /tmp/shot/*.png 2>/dev/null | head -n 1)
@@ -145,16 +153,30 @@ weston-run stop
     "wayland-ivi": _demo_script("WESTON_INI=/etc/weston/weston-ivi.ini weston-run start ivi card0",
                                 f"--wayland-shell ivi --unique-id {IVI_ID} --resolution {IVI_TILE[0]}x{IVI_TILE[1]}"),
     # A real compositor importing the demo's udmabuf dma-bufs (GL boot).
-    "wayland-dmabuf": _demo_script(DMABUF_START, f"--zero-copy on --resolution {DEMO_RES[0]}x{DEMO_RES[1]}",
-                                   SCREENSHOT),
-    # Weston stopped (SIGTERM) 8 s into a 1200-frame demo and started again: displback must
-    # reconnect and its last frame must be on the new Weston's screen.
+    "wayland-dmabuf": _demo_script(DMABUF_START, f"--zero-copy on --wait-presented {DMABUF_WAIT} "
+                                   f"--resolution {DEMO_RES[0]}x{DEMO_RES[1]}",
+                                   SCREENSHOT, hold_wait=2 * DMABUF_WAIT + 120),
+    # Weston stopped (SIGTERM) once it has presented RESTART_AFTER of a 1200-frame demo's
+    # flips (the demo's DEMO PROGRESS lines, once a second) and started again: displback
+    # must reconnect and its last frame must be on the new Weston's screen.
     "wayland-restart": f"""
 weston-run start desktop card0 || exit 1
 displback demo --output wayland --resolution {DEMO_RES[0]}x{DEMO_RES[1]} --frames 1200 --hold-secs {HOLD} \\
-    > /tmp/demo.log 2>&1 &
+    --progress > /tmp/demo.log 2>&1 &
 d=$!
-sleep 8
+p=0; i=0; while kill -0 $d 2>/dev/null && [ $i -lt {RESTART_WAIT * 10} ]; do
+    # (f-string: the sed backreference is written \\1)
+    p=$(sed -n 's/^DEMO PROGRESS .* presented=\\([0-9]*\\).*/\\1/p' /tmp/demo.log | tail -n 1)
+    case "$p" in ''|*[!0-9]*) p=0;; esac
+    [ "$p" -ge {RESTART_AFTER} ] && break
+    sleep 0.1; i=$((i+1))
+done
+grep 'DEMO PROGRESS' /tmp/demo.log | tail -n 1
+if [ "$p" -lt {RESTART_AFTER} ]; then
+    sed 's/^/[demo] /' /tmp/demo.log | tail -5
+    echo "HARNESS TIMEOUT waiting for presented>={RESTART_AFTER} before the restart ({RESTART_WAIT} s, demo_alive=$(kill -0 $d 2>/dev/null && echo 1 || echo 0))"
+    kill $d 2>/dev/null; weston-run stop; exit 1
+fi
 echo "HARNESS RESTART weston demo_alive=$(kill -0 $d 2>/dev/null && echo 1 || echo 0)"
 weston-run stop
 weston-run start desktop card0 || exit 1
@@ -257,8 +279,10 @@ def _boot(label: str, steps: list[str], results: dict, art: dict, image: str, ex
                 i, _ = v.wait_for(r"WESTON READY", 180 if s in GL_SCENARIOS else 90, i,
                                   fail=rf"WESTON ERROR|HARNESS STEP {s} END")
                 res.timings["weston-start"] = sw.lap()
-                i, m = v.wait_for(r"HARNESS SHOWING client=(\S+) .*hold=(\d+)", 120, i,
-                                  fail=rf"WESTON ERROR|HARNESS STEP {s} END")
+                # The GL step's demo waits for Weston's presentations (DMABUF_WAIT, twice).
+                i, m = v.wait_for(r"HARNESS SHOWING client=(\S+) .*hold=(\d+)",
+                                  2 * DMABUF_WAIT + 180 if s in GL_SCENARIOS else 180, i,
+                                  fail=rf"WESTON ERROR|HARNESS TIMEOUT|HARNESS STEP {s} END")
                 rows = None
                 if m.group(1) == "displback-demo":
                     hold = [l for _, l in v.lines[:i] if "DEMO HOLD" in l]
