@@ -16,6 +16,12 @@ pub(super) struct Inflight {
 pub(super) struct Waiting {
     pub(super) slot: Pic,
     pub(super) cookies: Vec<u64>,
+    /// Set when no flip is in flight and this one waits only because the compositor holds
+    /// the buffers it may have ([`Wayland::held_back`]): it is committed once one comes
+    /// back, or completes unshown at this deadline (the guest never stalls). A flip is
+    /// never completed by the 60 Hz timer while the compositor may still read its
+    /// predecessor.
+    pub(super) stalled: Option<Instant>,
 }
 
 /// A flip of a dma-buf whose `wl_buffer` the compositor has not answered yet: it is
@@ -109,12 +115,19 @@ impl Wayland {
     /// Commit `slot` as a tracked flip of `conn` (it has no flip in flight). A dma-buf
     /// whose `wl_buffer` is still pending defers the flip ([`Deferred`]); one the
     /// compositor failed (or did not answer in time) goes as a copy of its pixels.
-    pub(super) fn submit(
+    pub(super) fn submit(&mut self, id: ConnectorId, slot: Pic, cookies: Vec<u64>, now: Instant) {
+        self.submit_stalled(id, slot, cookies, now, None);
+    }
+
+    /// [`Self::submit`] of a flip that has waited for a release since `stalled` (its
+    /// deadline) if `Some`.
+    pub(super) fn submit_stalled(
         &mut self,
         id: ConnectorId,
         mut slot: Pic,
         cookies: Vec<u64>,
         now: Instant,
+        stalled: Option<Instant>,
     ) {
         if let Pic::Dma(key) = slot {
             if let Some(deadline) = self.create_deadline(key) {
@@ -164,7 +177,47 @@ impl Wayland {
                     });
                 }
             }
+            None if self.held_back(id, slot) => {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.queued = Some(Waiting {
+                        slot,
+                        cookies,
+                        stalled: Some(stalled.unwrap_or(now + UNSHOWN_FLIP)),
+                    });
+                }
+            }
             None => self.simulate(id, slot, cookies, now),
+        }
+    }
+
+    /// Flips held back by the compositor's buffers ([`Waiting::stalled`]): committed once
+    /// a buffer came back, or completed unshown at their deadline.
+    pub(super) fn retry_stalled(&mut self, now: Instant) {
+        let ids: Vec<ConnectorId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.inflight.is_none()
+                    && c.deferred.is_none()
+                    && c.queued.as_ref().is_some_and(|q| q.stalled.is_some())
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(c) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            let Some(q) = c.queued.take() else {
+                continue;
+            };
+            if q.stalled.is_some_and(|t| now >= t) {
+                // Shown later by the catch-up commit, once buffers come back.
+                c.front = Some(q.slot);
+                self.stats.unshown += q.cookies.len() as u64;
+                self.complete(id, q.cookies);
+                continue;
+            }
+            self.submit_stalled(id, q.slot, q.cookies, now, q.stalled);
         }
     }
 

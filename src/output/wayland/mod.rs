@@ -581,12 +581,18 @@ impl Output for Wayland {
         let Some(c) = self.conns.get_mut(&conn) else {
             return Err(OutputError::NotConfigured);
         };
-        if c.inflight.is_some() || c.deferred.is_some() {
+        let stalled = c.queued.as_ref().and_then(|q| q.stalled);
+        if c.inflight.is_some() || c.deferred.is_some() || stalled.is_some() {
             // Latest wins (as the KMS flip queue): the queued one is replaced, its
-            // cookies ride along; the one in flight (or deferred) is never replaced.
+            // cookies ride along; the one in flight (or deferred) is never replaced. A flip
+            // held back by the compositor's buffers keeps its deadline.
             let mut cookies = c.queued.take().map(|q| q.cookies).unwrap_or_default();
             cookies.push(fb_cookie);
-            c.queued = Some(Waiting { slot, cookies });
+            c.queued = Some(Waiting {
+                slot,
+                cookies,
+                stalled,
+            });
             return Ok(());
         }
         if c.sim.is_some() {
@@ -598,9 +604,9 @@ impl Output for Wayland {
     }
 
     fn flip_busy(&self, conn: ConnectorId) -> bool {
-        self.conns
-            .get(&conn)
-            .is_some_and(|c| c.inflight.is_some() || c.deferred.is_some() || c.sim.is_some())
+        self.conns.get(&conn).is_some_and(|c| {
+            c.inflight.is_some() || c.deferred.is_some() || c.sim.is_some() || c.queued.is_some()
+        })
     }
 
     fn event_fd(&self) -> Option<RawFd> {
@@ -637,6 +643,7 @@ impl Output for Wayland {
                     _ => None,
                 })
                 .chain(c.sim.as_ref().map(|s| s.due))
+                .chain(c.queued.as_ref().and_then(|q| q.stalled))
         });
         link.into_iter().chain(flips).min()
     }
@@ -676,6 +683,7 @@ impl Output for Wayland {
             }
         }
         self.finish_flips(now);
+        self.retry_stalled(now);
         self.resolve_deferred(now);
         self.finish_simulated(now);
         if let Some(why) = self.broken.take() {

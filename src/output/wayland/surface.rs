@@ -172,6 +172,42 @@ impl Wayland {
         }
     }
 
+    /// Buffers of `id` other than `pic` that the compositor still holds.
+    fn held_besides(
+        c: &Conn,
+        dfbs: &BTreeMap<u64, DmaFb>,
+        doomed: &[(u64, Option<ConnectorId>, WlBuffer)],
+        id: ConnectorId,
+        pic: Pic,
+    ) -> usize {
+        let shm_held = c.store.as_ref().map_or(0, |store| {
+            (0..SLOTS)
+                .filter(|&i| Pic::Shm(i) != pic && store.held[i])
+                .count()
+        });
+        let dma_held = dfbs
+            .iter()
+            .filter(|(k, d)| Pic::Dma(**k) != pic && d.held && d.conn == Some(id))
+            .count()
+            + doomed
+                .iter()
+                .filter(|(_, conn, _)| *conn == Some(id))
+                .count();
+        shm_held + dma_held
+    }
+
+    /// `commit` of `pic` would be refused only because the compositor holds the buffers
+    /// it may have (the surface is there and configured): the flip waits for a release.
+    pub(super) fn held_back(&self, id: ConnectorId, pic: Pic) -> bool {
+        let Link::Up(up) = &self.link else {
+            return false;
+        };
+        let (Some(c), Some(surf)) = (self.conns.get(&id), up.surfaces.get(&id)) else {
+            return false;
+        };
+        surf.configured && Self::held_besides(c, &self.dfbs, &self.doomed, id, pic) > 1
+    }
+
     /// Attach picture `pic` of `conn` and commit; `track`: ask for presentation of it.
     pub(super) fn commit(&mut self, id: ConnectorId, pic: Pic, track: bool) -> Option<u64> {
         let Link::Up(up) = &mut self.link else {
@@ -185,22 +221,7 @@ impl Wayland {
         }
         // A compositor that stopped releasing (hung, stopped) gets no more buffers than
         // the one on screen and one more: further frames wait in our slots.
-        let shm_held = c.store.as_ref().map_or(0, |store| {
-            (0..SLOTS)
-                .filter(|&i| Pic::Shm(i) != pic && store.held[i])
-                .count()
-        });
-        let dma_held = self
-            .dfbs
-            .iter()
-            .filter(|(k, d)| Pic::Dma(**k) != pic && d.held && d.conn == Some(id))
-            .count()
-            + self
-                .doomed
-                .iter()
-                .filter(|(_, conn, _)| *conn == Some(id))
-                .count();
-        if shm_held + dma_held > 1 {
+        if Self::held_besides(c, &self.dfbs, &self.doomed, id, pic) > 1 {
             return None;
         }
         let g = &up.st.globals;

@@ -267,6 +267,82 @@ fn present_flip_waits_for_presentation_and_release() {
     assert_eq!(out.stats().unshown, 0);
 }
 
+/// A compositor that holds the two buffers it may have (on screen and the one before)
+/// holds the next flip back: it is neither committed nor completed by the 60 Hz timer
+/// while the compositor may still read its predecessor; it goes out when a buffer comes
+/// back, and completes on presentation.
+#[test]
+fn a_flip_held_back_by_the_compositors_buffers_waits_for_a_release() {
+    let path = sock("heldback");
+    let mut comp = TestCompositor::start(&path, Offer::default());
+    comp.state.hold_releases = true;
+    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    let c = cid(0);
+    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "connect", |o, _, _| {
+        o.connected()
+    });
+    let (a, b, d) = (
+        filled(0x0011_2233),
+        filled(0x0044_5566),
+        filled(0x0077_8899),
+    );
+    out.set_config(c, Some(&frame(&a, 1))).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "surface", |_, _, c| {
+        c.is_some_and(|c| c.state.surfaces.len() == 1 && c.surface().commits >= 1)
+    });
+    comp.configure_all(0, 0);
+    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, c| {
+        o.surface_ready(cid(0)) && c.is_some_and(|c| c.surface().current.is_some())
+    });
+    // Flip 2 is shown, but the compositor keeps the config's buffer: it completes only at
+    // its UNSHOWN_FLIP deadline, and the compositor now holds two buffers.
+    out.page_flip(c, &frame(&b, 2)).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "commit 2", |_, _, c| {
+        c.is_some_and(|c| c.surface().commits >= 2)
+    });
+    comp.present_all();
+    let done = run_until(&mut out, &mut Some(&mut comp), "flip 2 done", |_, d, _| {
+        !d.is_empty()
+    });
+    assert_eq!(cookies(&done), vec![2]);
+    let commits = comp.surface().commits;
+    // Flip 3: held back. Dispatching at a time before its deadline, it stays pending
+    // however long this takes (no 60 Hz completion, no commit of a third buffer).
+    let before = Instant::now();
+    out.page_flip(c, &frame(&d, 3)).unwrap();
+    assert!(out.flip_busy(c), "held back, so busy");
+    let mut done = Vec::new();
+    for _ in 0..30 {
+        comp.pump();
+        out.dispatch(before, &mut done);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(done.is_empty(), "completed while held back: {done:?}");
+    assert_eq!(
+        comp.surface().commits,
+        commits,
+        "a third buffer was committed"
+    );
+    // A buffer comes back: flip 3 is committed, then done on presentation.
+    comp.release_all();
+    comp.hold_releases_off();
+    run_until(&mut out, &mut Some(&mut comp), "commit 3", |_, _, c| {
+        c.is_some_and(|c| c.surface().commits > commits)
+    });
+    comp.present_all();
+    let done = run_until(&mut out, &mut Some(&mut comp), "flip 3 done", |_, d, _| {
+        !d.is_empty()
+    });
+    assert_eq!(cookies(&done), vec![3]);
+    let shown = comp.shown();
+    assert_eq!(
+        words(&shown.bytes(), shown.stride as usize),
+        vec![0x0077_8899; 8]
+    );
+    assert_eq!(out.stats().simulated, 0, "no flip completed by the timer");
+}
+
 /// No compositor: connectors work and flips complete on the 60 Hz timer; once the
 /// compositor comes, the surface appears with the last picture; when it goes, flips in
 /// flight complete and the output reconnects to the next one.
