@@ -33,6 +33,11 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Also give up this many seconds after a CRTC first shows a framebuffer other than the
+    /// one it showed when the check started (the client's first picture): a client that
+    /// never gets its frame on screen then fails the check instead of outlasting it.
+    #[arg(long)]
+    settle_secs: Option<u64>,
 }
 
 /// How one scanned-out framebuffer compares with the pattern.
@@ -99,11 +104,24 @@ fn compare(card: &Card, fb: drm::control::framebuffer::Handle, args: &Args) -> R
 fn run(args: &Args) -> Result<bool> {
     let file = OpenOptions::new().read(true).write(true).open(&args.card);
     let card = Card(file.with_context(|| format!("open {}", args.card.display()))?);
-    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let mut deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     let mut last = String::from("no CRTC scans out a framebuffer");
+    // Each CRTC's framebuffer when the check started; the first other one starts the
+    // --settle-secs clock.
+    let mut initial = std::collections::HashMap::new();
+    let mut settling = false;
     while Instant::now() < deadline {
         for crtc in card.resource_handles().context("resources")?.crtcs() {
-            let Some(fb) = card.get_crtc(*crtc).context("get_crtc")?.framebuffer() else {
+            let shown = card.get_crtc(*crtc).context("get_crtc")?.framebuffer();
+            let was = *initial.entry(*crtc).or_insert(shown);
+            if let (Some(secs), false) = (args.settle_secs, settling) {
+                if shown.is_some() && shown != was {
+                    settling = true;
+                    deadline = deadline.min(Instant::now() + Duration::from_secs(secs));
+                    last = format!("(gave up {secs} s after the first new framebuffer)");
+                }
+            }
+            let Some(fb) = shown else {
                 continue;
             };
             match compare(&card, fb, args) {
@@ -116,13 +134,15 @@ fn run(args: &Args) -> Result<bool> {
                 }
                 Ok(c) => {
                     let (x, y, got, want) = c.first.unwrap_or_default();
-                    last = format!(
+                    last =
+                        format!(
                         "{}: {} pixels differ, in {} pages (first pages {:?}); first ({x},{y}) \
-                         got #{got:06x} want #{want:06x}",
+                         got #{got:06x} want #{want:06x}{}",
                         c.desc,
                         c.differ,
                         c.bad_pages.len(),
-                        &c.bad_pages[..c.bad_pages.len().min(8)]
+                        &c.bad_pages[..c.bad_pages.len().min(8)],
+                        if settling { " (settle time ran out)" } else { "" }
                     );
                 }
                 Err(e) => last = format!("{e:#}"),
