@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use crate::backend::server::{Server, ServerConfig};
 use crate::config::{OutputKind, ZeroCopy};
 use crate::displif::format::PixelFormat;
+use crate::displif::request::Request;
 use crate::output::headless::{self, Headless};
 use crate::output::wayland::Wayland;
 use crate::output::{ConnectorId, Output};
@@ -195,7 +196,9 @@ pub fn draw(buf: &DumbBuf, format: PixelFormat, frame: u32, conn: u32) -> Result
 /// rounds disable it and enable it again showing `fb`, even rounds switch to half the
 /// resolution (the top-left quarter of `fb`) and back. Either way the flip's event
 /// still comes (reported as superseded), and the connector ends as configured before.
-fn reconfigure(
+/// The flip of `fb` and both SET_CONFIGs go on the ring together (one notify), so the
+/// backend meets the modeset with that flip still in flight rather than by chance.
+fn flip_and_reconfigure(
     fe: &mut FrontendSim,
     conn: u32,
     fb: u64,
@@ -203,12 +206,27 @@ fn reconfigure(
     bpp: u32,
     round: u32,
 ) -> Result<()> {
-    if round % 2 == 1 {
-        fe.set_config(conn, 0, 0, 0, 0)?;
+    let config = |fb_cookie, width, height, bpp| Request::SetConfig {
+        fb_cookie,
+        x: 0,
+        y: 0,
+        width,
+        height,
+        bpp,
+    };
+    let first = if round % 2 == 1 {
+        config(0, 0, 0, 0)
     } else {
-        fe.set_config(conn, fb, opts.width / 2, opts.height / 2, bpp)?;
-    }
-    fe.set_config(conn, fb, opts.width, opts.height, bpp)?;
+        config(fb, opts.width / 2, opts.height / 2, bpp)
+    };
+    fe.request_batch_ok(
+        conn,
+        &[
+            Request::PgFlip { fb_cookie: fb },
+            first,
+            config(fb, opts.width, opts.height, bpp),
+        ],
+    )?;
     Ok(())
 }
 
@@ -403,19 +421,21 @@ pub fn run(opts: DemoOptions) -> Result<()> {
                     fe.wait_flip_event(c as u32, pair[prev].1, Duration::from_millis(3100))?;
                 }
             }
+            let reconfig = opts.reconfigure_every > 0 && frame % opts.reconfigure_every == 0;
+            if reconfig {
+                reconfigs += 1;
+            }
             for (c, pair) in bufs.iter().enumerate() {
-                fe.page_flip(c as u32, pair[back].1)?;
+                if reconfig {
+                    flip_and_reconfigure(&mut fe, c as u32, pair[back].1, &opts, bpp, reconfigs)?;
+                } else {
+                    fe.page_flip(c as u32, pair[back].1)?;
+                }
             }
             in_flight = Some(back);
             if opts.progress && last_progress.elapsed() >= Duration::from_secs(1) {
                 last_progress = Instant::now();
                 progress_line(frame, wl_stats.as_ref())?;
-            }
-            if opts.reconfigure_every > 0 && frame % opts.reconfigure_every == 0 {
-                reconfigs += 1;
-                for (c, pair) in bufs.iter().enumerate() {
-                    reconfigure(&mut fe, c as u32, pair[back].1, &opts, bpp, reconfigs)?;
-                }
             }
         }
         if let Some(prev) = in_flight {

@@ -650,6 +650,38 @@ impl FrontendSim {
         Ok(resp)
     }
 
+    /// Put `reqs` on `conn`'s ring and publish them together (one notify), so that the
+    /// backend finds them all in one look at the ring; then wait for their responses in
+    /// order. Err on the first non-zero status.
+    pub fn request_batch_ok(&mut self, conn: u32, reqs: &[Request]) -> Result<()> {
+        let r = self.rings_mut(conn)?;
+        let mut expect = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let id = r.next_id;
+            r.next_id = r.next_id.wrapping_add(1);
+            let slot = req.encode(id);
+            expect.push((id, slot[2]));
+            r.req.put_request(&slot);
+        }
+        let port = r.req_port;
+        if r.req.push_requests() {
+            self.evtchn.notify(port)?;
+        }
+        for (id, operation) in expect {
+            let resp = self.wait_response_raw(conn, self.request_timeout)?;
+            if resp.id != id || resp.operation != operation {
+                return Err(FrontError::Protocol(format!(
+                    "response id {} operation {:#x} to request id {id} operation {operation:#x}",
+                    resp.id, resp.operation
+                )));
+            }
+            if resp.status != 0 {
+                return Err(FrontError::Status(resp.status));
+            }
+        }
+        Ok(())
+    }
+
     /// Put one raw slot on `conn`'s ring and notify if the backend asked for it.
     pub fn send_raw(&mut self, conn: u32, slot: Slot) -> Result<()> {
         let r = self.rings_mut(conn)?;
