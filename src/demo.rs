@@ -206,14 +206,7 @@ fn flip_and_reconfigure(
     bpp: u32,
     round: u32,
 ) -> Result<()> {
-    let config = |fb_cookie, width, height, bpp| Request::SetConfig {
-        fb_cookie,
-        x: 0,
-        y: 0,
-        width,
-        height,
-        bpp,
-    };
+    let config = FrontendSim::config_request;
     let first = if round % 2 == 1 {
         config(0, 0, 0, 0)
     } else {

@@ -937,6 +937,18 @@ impl FrontendSim {
             .map(drop)
     }
 
+    /// The SET_CONFIG request at x = y = 0; all zero disables the connector.
+    pub fn config_request(fb_cookie: u64, width: u32, height: u32, bpp: u32) -> Request {
+        Request::SetConfig {
+            fb_cookie,
+            x: 0,
+            y: 0,
+            width,
+            height,
+            bpp,
+        }
+    }
+
     /// SET_CONFIG on `conn` at x = y = 0; all zero disables the connector.
     pub fn set_config(
         &mut self,
@@ -946,18 +958,8 @@ impl FrontendSim {
         height: u32,
         bpp: u32,
     ) -> Result<()> {
-        self.request_ok(
-            conn,
-            Request::SetConfig {
-                fb_cookie,
-                x: 0,
-                y: 0,
-                width,
-                height,
-                bpp,
-            },
-        )
-        .map(drop)
+        self.request_ok(conn, Self::config_request(fb_cookie, width, height, bpp))
+            .map(drop)
     }
 
     /// PG_FLIP on `conn`: Ok when the backend queued the flip (status 0).
