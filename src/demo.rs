@@ -515,3 +515,38 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("backend thread panicked"))??;
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--reconfigure-every`: each round's flip and its two SET_CONFIGs go out as one
+    /// batch, are all answered 0, and the demo ends with every flip's event.
+    #[test]
+    fn demo_reconfigures_with_the_flip_in_one_batch() {
+        let opts = DemoOptions {
+            connectors: 2,
+            width: 16,
+            height: 8,
+            format: PixelFormat::Xrgb8888,
+            // 3 rounds: 7 SET_CONFIGs per connector, within the burst of the per-connector
+            // config rate limit (more would be refused with EBUSY, as for a guest).
+            frames: 12,
+            out_dir: None,
+            hold_secs: 0,
+            reconfigure_every: 4,
+            output: OutputKind::Headless,
+            output_opts: crate::output::OutputOptions {
+                card: None,
+                mapping: Default::default(),
+                wayland: Default::default(),
+            },
+            unique_ids: Vec::new(),
+            zero_copy: ZeroCopy::Off,
+            bench: false,
+            progress: false,
+            wait_presented: Duration::ZERO,
+        };
+        run(opts).expect("the demo with reconfigurations");
+    }
+}
