@@ -118,7 +118,6 @@ fn run(args: &Args) -> Result<bool> {
                 if shown.is_some() && shown != was {
                     settling = true;
                     deadline = deadline.min(Instant::now() + Duration::from_secs(secs));
-                    last = format!("(gave up {secs} s after the first new framebuffer)");
                 }
             }
             let Some(fb) = shown else {
@@ -134,15 +133,13 @@ fn run(args: &Args) -> Result<bool> {
                 }
                 Ok(c) => {
                     let (x, y, got, want) = c.first.unwrap_or_default();
-                    last =
-                        format!(
+                    last = format!(
                         "{}: {} pixels differ, in {} pages (first pages {:?}); first ({x},{y}) \
-                         got #{got:06x} want #{want:06x}{}",
+                         got #{got:06x} want #{want:06x}",
                         c.desc,
                         c.differ,
                         c.bad_pages.len(),
                         &c.bad_pages[..c.bad_pages.len().min(8)],
-                        if settling { " (settle time ran out)" } else { "" }
                     );
                 }
                 Err(e) => last = format!("{e:#}"),
@@ -150,8 +147,13 @@ fn run(args: &Args) -> Result<bool> {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
+    let why = if settling {
+        " (settle time ran out)"
+    } else {
+        ""
+    };
     println!(
-        "SCANOUT-CHECK ok=0 frame={} conn={} {last}",
+        "SCANOUT-CHECK ok=0 frame={} conn={} {last}{why}",
         args.frame, args.conn
     );
     Ok(false)
