@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use crate::output::{
     ConnectorId, FbLayout, FlipDone, FrameSource, ImportId, ImportedFb, Output, OutputError,
-    SeatInput,
+    PixelSource, SeatInput,
 };
 use crate::zcopy::{DmaBufFd, DumbBuffer};
 
@@ -169,6 +169,9 @@ impl Output for SkipFlip {
     }
     fn remove_imported_fb(&mut self, fb: ImportedFb) {
         self.inner.remove_imported_fb(fb)
+    }
+    fn set_import_pixels(&mut self, import: ImportId, pixels: PixelSource) {
+        self.inner.set_import_pixels(import, pixels)
     }
     fn release_import(&mut self, import: ImportId) {
         self.inner.release_import(import)

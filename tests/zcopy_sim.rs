@@ -19,6 +19,7 @@ use displback::displif::wire;
 use displback::output::headless::{Headless, HeadlessView};
 use displback::output::{
     ConnectorId, FbLayout, FlipDone, FrameSource, ImportId, ImportedFb, Output, OutputError,
+    PixelSource,
 };
 use displback::sim::frontend::FrontendSim;
 use displback::sim::SimXen;
@@ -47,6 +48,8 @@ struct Stats {
     /// Frames refused that way.
     refused: AtomicU64,
     imports: AtomicU64,
+    /// Each import's pixel source (`Output::set_import_pixels`), as given.
+    pixels: Mutex<Vec<(ImportId, PixelSource)>>,
 }
 
 /// Headless for mapped frames; imported ones are "scanned out" with no copy and
@@ -213,7 +216,19 @@ impl Output for ImportingOutput {
     fn remove_imported_fb(&mut self, fb: ImportedFb) {
         self.fbs.remove(&fb);
     }
+    fn set_import_pixels(&mut self, import: ImportId, pixels: PixelSource) {
+        assert!(
+            self.imports.contains_key(&import),
+            "pixels of an unknown import"
+        );
+        self.stats.pixels.lock().unwrap().push((import, pixels));
+    }
     fn release_import(&mut self, import: ImportId) {
+        self.stats
+            .pixels
+            .lock()
+            .unwrap()
+            .retain(|(i, _)| *i != import);
         self.fbs.retain(|_, i| *i != import);
         self.refused.remove(&import);
         if self.imports.remove(&import).is_some() {
@@ -272,6 +287,44 @@ fn guest_buffers_are_exported_and_flipped_without_a_copy() {
         .position(|e| matches!(e, SimEvent::Released { .. }))
         .unwrap();
     assert!(released_import < closed && closed <= gone, "{ev:#?}");
+}
+
+/// Each imported guest buffer comes with a way to read its pixels (the guest's grants,
+/// mapped on demand: gntdev's dma-bufs cannot be mmapped), for an output that must copy
+/// a picture it shows; the mapping is the guest's own pages and goes with the region.
+#[test]
+fn imports_come_with_the_guests_pages_for_a_copy() {
+    let sim = SimDmaBuf::default();
+    let (mut rig, stats) = zero_copy_rig(&sim);
+    let mut fe = rig.guest(1, &[("Virtual-1", W, H)]);
+    let baseline = rig.sim.total_mapped_pages();
+    let bufs = buffers(&mut fe, 2, W, H, PixelFormat::Xrgb8888);
+    for (i, (buf, _)) in bufs.iter().enumerate() {
+        draw(buf, PixelFormat::Xrgb8888, 7 + i as u32, 0);
+    }
+    let pixels = stats.pixels.lock().unwrap();
+    assert_eq!(pixels.len(), 2, "one pixel source per import");
+    for ((_, source), (buf, _)) in pixels.iter().zip(&bufs) {
+        let mem = source().unwrap();
+        let len = buf.region().len();
+        assert!(mem.len() >= len);
+        let (mut got, mut want) = (vec![0u8; len], vec![0u8; len]);
+        mem.read(0, &mut got).unwrap();
+        buf.region().read(0, &mut want).unwrap();
+        assert!(got == want, "the source's pages are not the guest's buffer");
+        assert!(rig.sim.total_mapped_pages() > baseline, "mapped while read");
+        drop(mem);
+        assert_eq!(rig.sim.total_mapped_pages(), baseline, "unmapped after");
+    }
+    drop(pixels);
+    for (buf, fb) in bufs {
+        fe.detach_fb(fb).unwrap();
+        assert_eq!(fe.destroy_dumb(buf).unwrap().status, 0);
+    }
+    assert!(
+        stats.pixels.lock().unwrap().is_empty(),
+        "released with the imports"
+    );
 }
 
 #[test]

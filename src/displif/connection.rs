@@ -753,11 +753,22 @@ impl Connection {
         };
         let buffer = ZeroCopyBuffer::new(exported);
         match out.import_dmabuf(buffer.dmabuf()) {
-            Ok(import) => Ok(Some(BufferMem::ZeroCopy {
-                buffer,
-                import,
-                refs: refs.to_vec(),
-            })),
+            Ok(import) => {
+                let (grants, dom, owned) = (Arc::clone(&self.grants), self.dom, refs.to_vec());
+                out.set_import_pixels(
+                    import,
+                    Box::new(move || {
+                        grants
+                            .map(dom, &owned, false)
+                            .map_err(std::io::Error::other)
+                    }),
+                );
+                Ok(Some(BufferMem::ZeroCopy {
+                    buffer,
+                    import,
+                    refs: refs.to_vec(),
+                }))
+            }
             Err(e) if policy == ZeroCopyPolicy::On => refuse(
                 e.errno(),
                 format!("the output cannot import the dma-buf: {e}"),

@@ -239,10 +239,20 @@ pub trait Output {
     }
     /// FB_DETACH: take the framebuffer off screen if shown, then remove it.
     fn remove_imported_fb(&mut self, _fb: ImportedFb) {}
+    /// How to read `import`'s pixels with the CPU, for an output that must copy a
+    /// buffer it shows (Wayland: the picture of a removed or refused dma-buf). Given
+    /// right after [`Output::import_dmabuf`] for guest buffers; the default ignores it
+    /// (KMS never copies an import).
+    fn set_import_pixels(&mut self, _import: ImportId, _pixels: PixelSource) {}
     /// Drop the output's hold on an import: off screen, its framebuffers, its GEM
     /// handle (a be-alloc dumb buffer itself is freed by its [`DumbBuffer`]).
     fn release_import(&mut self, _import: ImportId) {}
 }
+
+/// Maps a guest buffer's pages for one CPU copy (its grants, read-only; unmapped when
+/// the region drops). Gntdev's dma-bufs have no `mmap`, so an output cannot read an
+/// import through its dma-buf on Xen: [`Output::set_import_pixels`].
+pub type PixelSource = Box<dyn Fn() -> std::io::Result<MappedRegion> + Send>;
 
 /// What the outputs need besides their kind.
 #[derive(Clone, Debug, Default)]

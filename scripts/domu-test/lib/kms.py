@@ -4,6 +4,7 @@ test pattern on the VM's KMS device; on its HOLD marker the host takes a QMP
 screendump and checks every pixel of the pattern rectangle."""
 
 import os
+import re
 import time
 
 from . import cpio, pixels, scenarios, vm
@@ -48,7 +49,7 @@ for res in 1024x768 1920x1080 3840x2160; do
     $D demo --output kms --bench --frames {bench} --resolution $res --zero-copy $zc > /tmp/b.out 2> /tmp/b.err
     rc=$?
     sed "s/^/[bench-$zc] /" /tmp/b.out
-    grep -E "KMS frames shown|Error" /tmp/b.err | sed "s/^/[bench-$zc] /"
+    grep -E "KMS frames shown|Error|refused=true" /tmp/b.err | sed "s/^/[bench-$zc] /"
     echo "[bench-$zc] BENCH-EXIT res=$res rc=$rc"
   done
 done
@@ -90,17 +91,22 @@ def check_udmabuf(lines) -> tuple[str, str]:
     bench: dict[tuple[str, str], dict] = {}
     for zcm in ("off", "on"):
         t = _tagged(lines, f"bench-{zcm}")
-        cur = None
+        cur, why = None, ""
         for l in t:
             if l.startswith("DEMO BENCH"):
                 cur = kv(l)
+            elif "refused=true" in l and not why:
+                # The backend's reason: its message, before the fields (conn=...).
+                m = re.search(r"WARN (refused .*?) conn=\d", l)
+                why = (m.group(1) if m else l.strip())[:240]
             elif l.startswith("BENCH-EXIT"):
                 e = kv(l)
                 if e.get("rc") == "0" and cur:
                     bench[(e["res"], zcm)] = cur
                 else:
-                    bench[(e["res"], zcm)] = {"error": f"rc={e.get('rc')}"}
-                cur = None
+                    err = f"rc={e.get('rc')}" + (f" ({why})" if why else "")
+                    bench[(e["res"], zcm)] = {"error": err}
+                cur, why = None, ""
     for res in ("1024x768", "1920x1080", "3840x2160"):
         row = [f"BENCH res={res}"]
         for zcm, name in (("off", "copy"), ("on", "zcopy")):

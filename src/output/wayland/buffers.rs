@@ -404,12 +404,13 @@ impl Wayland {
         }
     }
 
-    /// A copy of dma-buf framebuffer `key`'s pixels in a `wl_shm` slot of `id` (our own
-    /// reference to the dma-buf, mapped for the copy and unmapped after).
+    /// A copy of dma-buf framebuffer `key`'s pixels in a `wl_shm` slot of `id`, read
+    /// through the import's [`PixelSource`] (the guest's grants: gntdev's dma-bufs have
+    /// no `mmap`) or, without one, our own reference to the dma-buf; mapped for the copy
+    /// and unmapped after.
     pub(super) fn copy_dfb(&mut self, id: ConnectorId, key: u64) -> Result<Pic, String> {
         let d = self.dfbs.get(&key).ok_or("framebuffer removed")?;
         let layout = d.layout;
-        let fd = self.imports.get(&d.import).ok_or("import released")?;
         let need = (layout.pitch as usize)
             .checked_mul(layout.height as usize)
             .and_then(|n| n.checked_add(layout.offset as usize))
@@ -418,17 +419,22 @@ impl Wayland {
         if (layout.pitch as usize) < min_pitch {
             return Err("pitch shorter than a row".into());
         }
-        // A mapping past the end of the file would fault on access: check the size.
-        let mut file = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?);
-        let size = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
-            .map_err(|e| format!("dma-buf size: {e}"))?;
-        if (size as usize) < need {
-            return Err(format!(
-                "dma-buf of {size} bytes, the framebuffer needs {need}"
-            ));
-        }
-        let mem = crate::backend::mem::shared(file.as_fd(), need)
-            .map_err(|e| format!("mapping the dma-buf: {e}"))?;
+        let mem = match self.import_pixels.get(&d.import) {
+            Some(pixels) => {
+                let mem = pixels().map_err(|e| format!("mapping the guest's pages: {e}"))?;
+                if mem.len() < need {
+                    return Err(format!(
+                        "{} bytes of guest pages, the framebuffer needs {need}",
+                        mem.len()
+                    ));
+                }
+                mem
+            }
+            None => {
+                let fd = self.imports.get(&d.import).ok_or("import released")?;
+                map_dmabuf(fd, need)?
+            }
+        };
         let frame = Frame {
             mem: &mem,
             offset: layout.offset as usize,
@@ -588,4 +594,18 @@ impl Wayland {
             }
         }
     }
+}
+
+/// The first `need` bytes of dma-buf `fd`, mapped read-only (a mapping past the end of
+/// the file would fault on access: its size is checked first).
+fn map_dmabuf(fd: &OwnedFd, need: usize) -> Result<crate::backend::mem::MappedRegion, String> {
+    let mut file = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?);
+    let size = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
+        .map_err(|e| format!("dma-buf size: {e}"))?;
+    if (size as usize) < need {
+        return Err(format!(
+            "dma-buf of {size} bytes, the framebuffer needs {need}"
+        ));
+    }
+    crate::backend::mem::shared(file.as_fd(), need).map_err(|e| format!("mapping the dma-buf: {e}"))
 }

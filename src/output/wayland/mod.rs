@@ -50,7 +50,7 @@ use super::convert::{row_bytes, Copier};
 use super::headless::PERIOD_60HZ;
 use super::{
     ConnectorId, FbLayout, FlipDone, Frame, FrameSource, ImportId, ImportedFb, ImportedFrame,
-    Output, OutputError, SeatInput,
+    Output, OutputError, PixelSource, SeatInput,
 };
 use crate::displif::format::{fourcc, PixelFormat};
 use crate::warn_limited;
@@ -289,6 +289,9 @@ pub struct Wayland {
     seat_ready: Vec<SeatInput>,
     /// Our own reference to each imported guest dma-buf.
     imports: HashMap<ImportId, OwnedFd>,
+    /// How to read each import's pixels for a copy ([`Output::set_import_pixels`]);
+    /// an import without one is read through its dma-buf.
+    import_pixels: HashMap<ImportId, PixelSource>,
     next_import: u64,
     /// Framebuffers on imported dma-bufs, by [`ImportedFb`] number (= [`DmabufKey`]).
     dfbs: BTreeMap<u64, DmaFb>,
@@ -345,6 +348,7 @@ impl Wayland {
             seat_out: Vec::new(),
             seat_ready: Vec::new(),
             imports: HashMap::new(),
+            import_pixels: HashMap::new(),
             next_import: 1,
             dfbs: BTreeMap::new(),
             next_dfb: 1,
@@ -753,6 +757,13 @@ impl Output for Wayland {
         }
         // The compositor holds its own reference for as long as it holds a buffer.
         self.imports.remove(&import);
+        self.import_pixels.remove(&import);
+    }
+
+    fn set_import_pixels(&mut self, import: ImportId, pixels: PixelSource) {
+        if self.imports.contains_key(&import) {
+            self.import_pixels.insert(import, pixels);
+        }
     }
 
     fn target(&self, conn: ConnectorId) -> Option<String> {

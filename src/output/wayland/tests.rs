@@ -75,6 +75,37 @@ fn cookies(done: &[FlipDone]) -> Vec<u64> {
     done.iter().map(|d| d.fb_cookie).collect()
 }
 
+/// A test compositor offering `offer` and a Wayland output (`cfg`) connected to it, with
+/// connector 0 ("Virtual-1", 4x2) added.
+fn rig_with(name: &str, offer: Offer, cfg: WaylandConfig) -> (TestCompositor, Wayland) {
+    let path = sock(name);
+    let mut comp = TestCompositor::start(&path, offer);
+    let mut out = Wayland::with_socket(path, cfg).unwrap();
+    out.add_connector(cid(0), "Virtual-1", 4, 2).unwrap();
+    run_until(&mut out, &mut Some(&mut comp), "connect", |o, _, _| {
+        o.connected()
+    });
+    (comp, out)
+}
+
+/// [`rig_with`] the default configuration.
+fn connected(name: &str, offer: Offer) -> (TestCompositor, Wayland) {
+    rig_with(name, offer, WaylandConfig::default())
+}
+
+/// Connector 0 shows `first` (cookie 1): SET_CONFIG, its surface up (the first,
+/// bufferless commit), configured at the size the output asks for, the copy committed.
+fn show_first(out: &mut Wayland, comp: &mut TestCompositor, first: &MappedRegion) {
+    out.set_config(cid(0), Some(&frame(first, 1))).unwrap();
+    run_until(out, &mut Some(&mut *comp), "surface", |_, _, c| {
+        c.is_some_and(|c| c.state.surfaces.len() == 1 && c.surface().commits >= 1)
+    });
+    comp.configure_all(0, 0);
+    run_until(out, &mut Some(comp), "configured", |o, _, c| {
+        o.surface_ready(cid(0)) && c.is_some_and(|c| c.surface().current.is_some())
+    });
+}
+
 /// The first 4x2 pixels of a buffer's bytes as RGB words; each must be opaque (X = 0xff).
 fn words(bytes: &[u8], stride: usize) -> Vec<u32> {
     let mut v = Vec::new();
@@ -188,15 +219,9 @@ fn config_table_parses() {
 /// wl_shm buffer, flips done only once presented and the previous buffer released.
 #[test]
 fn present_flip_waits_for_presentation_and_release() {
-    let path = sock("present");
-    let mut comp = TestCompositor::start(&path, Offer::default());
+    let (mut comp, mut out) = connected("present", Offer::default());
     comp.state.hold_releases = true;
-    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
     let c = cid(0);
-    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
-    run_until(&mut out, &mut Some(&mut comp), "connect", |o, _, _| {
-        o.connected()
-    });
     let (a, b, d) = (
         filled(0x0011_2233),
         filled(0x0044_5566),
@@ -273,28 +298,15 @@ fn present_flip_waits_for_presentation_and_release() {
 /// back, and completes on presentation.
 #[test]
 fn a_flip_held_back_by_the_compositors_buffers_waits_for_a_release() {
-    let path = sock("heldback");
-    let mut comp = TestCompositor::start(&path, Offer::default());
+    let (mut comp, mut out) = connected("heldback", Offer::default());
     comp.state.hold_releases = true;
-    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
     let c = cid(0);
-    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
-    run_until(&mut out, &mut Some(&mut comp), "connect", |o, _, _| {
-        o.connected()
-    });
     let (a, b, d) = (
         filled(0x0011_2233),
         filled(0x0044_5566),
         filled(0x0077_8899),
     );
-    out.set_config(c, Some(&frame(&a, 1))).unwrap();
-    run_until(&mut out, &mut Some(&mut comp), "surface", |_, _, c| {
-        c.is_some_and(|c| c.state.surfaces.len() == 1 && c.surface().commits >= 1)
-    });
-    comp.configure_all(0, 0);
-    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, c| {
-        o.surface_ready(cid(0)) && c.is_some_and(|c| c.surface().current.is_some())
-    });
+    show_first(&mut out, &mut comp, &a);
     // Flip 2 is shown, but the compositor keeps the config's buffer: it completes only at
     // its UNSHOWN_FLIP deadline, and the compositor now holds two buffers.
     out.page_flip(c, &frame(&b, 2)).unwrap();
@@ -420,20 +432,10 @@ fn absent_then_present_then_gone_then_back() {
 /// reconnects.
 #[test]
 fn protocol_error_reconnects() {
-    let path = sock("proterr");
-    let mut comp = TestCompositor::start(&path, Offer::default());
-    let mut out = Wayland::with_socket(path.clone(), WaylandConfig::default()).unwrap();
+    let (mut comp, mut out) = connected("proterr", Offer::default());
     let c = cid(0);
-    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
     let a = filled(0x123456);
-    out.set_config(c, Some(&frame(&a, 1))).unwrap();
-    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
-        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
-    });
-    comp.configure_all(0, 0);
-    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
-        o.surface_ready(cid(0))
-    });
+    show_first(&mut out, &mut comp, &a);
     out.page_flip(c, &frame(&a, 2)).unwrap();
     run_until(&mut out, &mut Some(&mut comp), "commit", |_, _, c| {
         c.is_some_and(|c| c.surface().commits >= 3)
@@ -558,20 +560,10 @@ fn format_conversion_and_refusal() {
 /// A surface the compositor never presents (hidden) still completes its flips.
 #[test]
 fn unshown_surface_does_not_stall_flips() {
-    let path = sock("hidden");
-    let mut comp = TestCompositor::start(&path, Offer::default());
-    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    let (mut comp, mut out) = connected("hidden", Offer::default());
     let c = cid(0);
-    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
     let a = filled(1);
-    out.set_config(c, Some(&frame(&a, 1))).unwrap();
-    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
-        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
-    });
-    comp.configure_all(0, 0);
-    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
-        o.surface_ready(cid(0))
-    });
+    show_first(&mut out, &mut comp, &a);
     let t = Instant::now();
     out.page_flip(c, &frame(&a, 2)).unwrap();
     let done = run_until(&mut out, &mut Some(&mut comp), "late flip", |_, d, _| {
@@ -586,21 +578,11 @@ fn unshown_surface_does_not_stall_flips() {
 /// more than two of our buffers; once it answers again it shows the latest picture.
 #[test]
 fn stalled_compositor_does_not_stall_or_flood() {
-    let path = sock("stalled");
-    let mut comp = TestCompositor::start(&path, Offer::default());
+    let (mut comp, mut out) = connected("stalled", Offer::default());
     comp.state.hold_releases = true;
-    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
     let c = cid(0);
-    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
     let a = filled(1);
-    out.set_config(c, Some(&frame(&a, 1))).unwrap();
-    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
-        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
-    });
-    comp.configure_all(0, 0);
-    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
-        o.surface_ready(cid(0))
-    });
+    show_first(&mut out, &mut comp, &a);
     let bufs: Vec<MappedRegion> = (0..12u32).map(|i| filled(0x100 + i)).collect();
     for (i, b) in bufs.iter().enumerate() {
         let cookie = 10 + i as u64;
@@ -628,24 +610,14 @@ fn stalled_compositor_does_not_stall_or_flood() {
 /// Without wp_presentation the frame callback completes the flip (and not before).
 #[test]
 fn frame_callback_without_presentation() {
-    let path = sock("framecb");
     let offer = Offer {
         presentation: false,
         ..Offer::default()
     };
-    let mut comp = TestCompositor::start(&path, offer);
-    let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
+    let (mut comp, mut out) = connected("framecb", offer);
     let c = cid(0);
-    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
     let (a, b) = (filled(5), filled(6));
-    out.set_config(c, Some(&frame(&a, 1))).unwrap();
-    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
-        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
-    });
-    comp.configure_all(0, 0);
-    run_until(&mut out, &mut Some(&mut comp), "configured", |o, _, _| {
-        o.surface_ready(cid(0))
-    });
+    show_first(&mut out, &mut comp, &a);
     out.page_flip(c, &frame(&b, 2)).unwrap();
     let done = run_until(&mut out, &mut Some(&mut comp), "commit", |_, _, c| {
         c.is_some_and(|c| c.surface().commits >= 3)
@@ -703,19 +675,16 @@ fn surfaces_follow_connectors() {
 /// in the buffer, centred, unscaled, the rest black.
 #[test]
 fn letterbox_in_the_buffer_without_viewporter() {
-    let path = sock("letterbox");
-    let mut comp = TestCompositor::start(&path, Offer::default());
     let cfg = WaylandConfig {
         fullscreen: true,
         ..WaylandConfig::default()
     };
-    let mut out = Wayland::with_socket(path, cfg).unwrap();
+    let (mut comp, mut out) = rig_with("letterbox", Offer::default(), cfg);
     let c = cid(0);
-    out.add_connector(c, "Virtual-1", 4, 2).unwrap();
     let a = filled(0x00ab_cdef);
     out.set_config(c, Some(&frame(&a, 1))).unwrap();
-    run_until(&mut out, &mut Some(&mut comp), "surface", |o, _, c| {
-        o.connected() && c.is_some_and(|c| c.state.surfaces.len() == 1)
+    run_until(&mut out, &mut Some(&mut comp), "surface", |_, _, c| {
+        c.is_some_and(|c| c.state.surfaces.len() == 1)
     });
     assert!(comp.surface().fullscreen);
     comp.configure_all(8, 6);
@@ -1323,17 +1292,6 @@ mod dmabuf_flips {
             .and_then(|b| b.data::<DmabufInfo>().cloned())
     }
 
-    fn connected(name: &str, offer: Offer) -> (TestCompositor, Wayland) {
-        let path = sock(name);
-        let mut comp = TestCompositor::start(&path, offer);
-        let mut out = Wayland::with_socket(path, WaylandConfig::default()).unwrap();
-        out.add_connector(cid(0), "Virtual-1", 4, 2).unwrap();
-        run_until(&mut out, &mut Some(&mut comp), "connect", |o, _, _| {
-            o.connected()
-        });
-        (comp, out)
-    }
-
     #[test]
     fn created_buffers_flip_without_copies_and_are_destroyed_after_release() {
         let offer = Offer {
@@ -1626,12 +1584,7 @@ mod dmabuf_flips {
         };
         let (mut comp, mut out) = connected(name, offer);
         let m = filled(0x0101_0101);
-        out.set_config(c0(), Some(&frame(&m, 1))).unwrap();
-        surface_up(&mut out, &mut comp);
-        comp.configure_all(0, 0);
-        run_until(&mut out, &mut Some(&mut comp), "shown", |_, _, c| {
-            c.is_some_and(|c| c.surface().current.is_some())
-        });
+        show_first(&mut out, &mut comp, &m);
         comp.state.defer_dmabuf = true;
         (comp, out, m)
     }
@@ -1986,6 +1939,70 @@ mod dmabuf_flips {
         assert_eq!(cookies(&done), vec![2]);
         let s = out.stats();
         assert_eq!((s.copied, s.disconnects), (2, 0));
+    }
+
+    /// As on Xen, where gntdev's dma-bufs have no `mmap`: the buffer on screen is
+    /// destroyed, and its copy is read through the import's pixel source (the guest's
+    /// grants, mapped once) instead of the dma-buf. Without a source the copy fails
+    /// and the picture is dropped: a new surface.
+    #[test]
+    fn a_dmabuf_without_mmap_is_copied_out_through_its_pixel_source() {
+        for with_source in [true, false] {
+            let offer = Offer {
+                dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+                ..Offer::default()
+            };
+            let name = format!("dmabuf-nommap-{with_source}");
+            let (mut comp, mut out) = connected(&name, offer);
+            let c = c0();
+            // A socket: fstat works (the test compositor's import), mmap is ENODEV.
+            let (sock_fd, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+            let d = DmaBufFd::from_owned(OwnedFd::from(sock_fd));
+            let i = out.import_dmabuf(&d).unwrap();
+            drop(d);
+            let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            if with_source {
+                let n = std::sync::Arc::clone(&calls);
+                out.set_import_pixels(
+                    i,
+                    Box::new(move || {
+                        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        Ok(filled(0x0033_5577))
+                    }),
+                );
+            }
+            let fb = out.add_imported_fb(i, &layout()).unwrap();
+            out.set_config(c, Some(&imported(fb, 1))).unwrap();
+            surface_up(&mut out, &mut comp);
+            comp.configure_all(0, 0);
+            run_until(
+                &mut out,
+                &mut Some(&mut comp),
+                "dma-buf shown",
+                |_, _, c| c.is_some_and(|c| shown_dmabuf(c).is_some()),
+            );
+            let first = comp.state.surfaces.keys().next().cloned();
+            out.remove_imported_fb(fb);
+            out.release_import(i);
+            if with_source {
+                let commits = comp.surface().commits;
+                run_until(&mut out, &mut Some(&mut comp), "copy shown", |_, _, c| {
+                    c.is_some_and(|c| c.surface().commits > commits && shown_dmabuf(c).is_none())
+                });
+                let info = comp.shown();
+                assert_eq!(
+                    words(&info.bytes(), info.stride as usize),
+                    vec![0x0033_5577; 8]
+                );
+                assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+                assert_eq!(out.stats().copied, 1);
+            } else {
+                run_until(&mut out, &mut Some(&mut comp), "new surface", |_, _, c| {
+                    c.is_some_and(|c| c.state.surfaces.keys().any(|k| Some(k) != first.as_ref()))
+                });
+                assert_eq!(out.stats().copied, 0);
+            }
+        }
     }
 
     /// A deferred flip (buffer not answered yet) of a framebuffer the guest destroys:
