@@ -9,18 +9,21 @@
 #                  makes exist under either option (same patch as the arm64 group's).
 #                  DMA_SHARED_BUFFER is =y in Debian's kernel.
 #   vkms.ko        Debian has no DRM_VKMS; the PVH driver domain's display, and the
-#                  display of kms-demo-udmabuf.
+#                  display of kms-demo-udmabuf; with lib/arm64/vkms-uhd-mode.patch (a
+#                  3840x2160 mode, absent from the DMT list VKMS offers: zero-copy needs a
+#                  mode of exactly the guest's size, for the bench's 4K row).
 #   udmabuf.ko     Debian has no UDMABUF; with lib/dom0-udmabuf-vmap.patch (vmap, which
 #                  upstream gained after 6.1, so VKMS can compose an imported udmabuf;
 #                  the allow_vmap parameter turns it off for the per-buffer fallback):
 #                  kms-demo-udmabuf's dma-buf exporter of the simulator's memfd pages.
-# Cached in $CACHE/zcopy-kmods-<hash> (hash of the four .debs, the patch and the builder's
-# text). Also the driver domain's base initramfs: busybox, Debian's Xen/DRM modules and
+# Cached in $CACHE/zcopy-kmods-<hash> (hash of the four .debs, the patches and the
+# builder's text). Also the driver domain's base initramfs: busybox, Debian's Xen/DRM modules and
 # the two above, in load order (/etc/modules.load; drvdom-init insmods them).
 # Sets ZC_KMODS (dir: xen-gntdev.ko vkms.ko udmabuf.ko build-secs), ZC_DRVDOM_INITRAMFS.
 
 ZC_PATCH=$LIB_DIR/arm64/gntdev-dmabuf-without-grant-dma-alloc.patch
 ZC_UDMABUF_PATCH=$LIB_DIR/dom0-udmabuf-vmap.patch
+ZC_VKMS_PATCH=$LIB_DIR/arm64/vkms-uhd-mode.patch
 # Debian modules of the driver domain (+ their dependencies), loaded before the two above.
 ZC_DRVDOM_MODULES="xen-evtchn xen-gntalloc xen-privcmd xenfs drm drm_kms_helper drm_shmem_helper"
 
@@ -40,6 +43,8 @@ _build_zcopy_kmods() { # $1 = output dir
     cp "$k"/drivers/xen/gntdev* "$k/gntdev/"
     cp "$k"/drivers/gpu/drm/vkms/*.[ch] "$k/vkms/"
     cp "$k"/drivers/dma-buf/udmabuf.c "$k/udmabuf/"
+    patch -d "$k/vkms" -p1 --no-backup-if-mismatch < "$ZC_VKMS_PATCH" >&2 \
+        || { log "patch $ZC_VKMS_PATCH failed"; return 1; }
     # The patch names drivers/dma-buf/udmabuf.c in a kernel tree: -p3 leaves udmabuf.c.
     patch -d "$k/udmabuf" -p3 --no-backup-if-mismatch < "$ZC_UDMABUF_PATCH" >&2 \
         || { log "patch $ZC_UDMABUF_PATCH failed"; return 1; }
@@ -102,7 +107,7 @@ prepare_zcopy() {
     ZC_HDR_COMMON_DEB=$(fetch_deb "linux-headers-${KVER%-amd64}-common=$ver")
     ZC_KBUILD_DEB=$(fetch_deb "linux-kbuild-$series=$ver")
     ZC_KMODS=$CACHE/zcopy-kmods-$(content_hash "$ZC_SRC_DEB" "$ZC_HDR_DEB" "$ZC_HDR_COMMON_DEB" "$ZC_KBUILD_DEB" \
-        "$ZC_PATCH" "$ZC_UDMABUF_PATCH" "$(declare -f _build_zcopy_kmods)")
+        "$ZC_PATCH" "$ZC_UDMABUF_PATCH" "$ZC_VKMS_PATCH" "$(declare -f _build_zcopy_kmods)")
     build_once "$ZC_KMODS" _build_zcopy_kmods
     local dir=$CACHE/initramfs-drvdom-$(content_hash "$KDIR" "$BUSYBOX" "$ZC_KMODS" "$ZC_KMODS/xen-gntdev.ko" \
         "$ZC_KMODS/vkms.ko" "$ZC_DRVDOM_MODULES" "$(declare -f _build_drvdom_initramfs)" "$LIB_DIR/modclosure.py")

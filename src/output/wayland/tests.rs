@@ -1284,6 +1284,14 @@ mod dmabuf_flips {
         fourcc(b"XR24")
     }
 
+    /// A compositor that imports linear XRGB8888 dma-bufs.
+    fn linear_xr24() -> Offer {
+        Offer {
+            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
+            ..Offer::default()
+        }
+    }
+
     /// The dma-buf buffer on the only surface.
     fn shown_dmabuf(comp: &TestCompositor) -> Option<DmabufInfo> {
         comp.surface()
@@ -1294,11 +1302,7 @@ mod dmabuf_flips {
 
     #[test]
     fn created_buffers_flip_without_copies_and_are_destroyed_after_release() {
-        let offer = Offer {
-            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
-            ..Offer::default()
-        };
-        let (mut comp, mut out) = connected("dmabuf-flips", offer);
+        let (mut comp, mut out) = connected("dmabuf-flips", linear_xr24());
         comp.state.hold_releases = true;
         let c = cid(0);
         let (da, file_a) = guest_dmabuf(0x0011_2233);
@@ -1421,6 +1425,17 @@ mod dmabuf_flips {
         });
     }
 
+    /// Connector 0 shows framebuffer `fb` (cookie 1) as the guest's own dma-buf: SET_CONFIG,
+    /// surface up, configured, its `wl_buffer` on the surface.
+    fn show_dmabuf(out: &mut Wayland, comp: &mut TestCompositor, fb: ImportedFb) {
+        out.set_config(c0(), Some(&imported(fb, 1))).unwrap();
+        surface_up(out, comp);
+        comp.configure_all(0, 0);
+        run_until(out, &mut Some(comp), "dma-buf shown", |_, _, c| {
+            c.is_some_and(|c| shown_dmabuf(c).is_some())
+        });
+    }
+
     fn c0() -> ConnectorId {
         cid(0)
     }
@@ -1511,10 +1526,7 @@ mod dmabuf_flips {
     /// for again; the picture on screen comes back as the guest's own buffer (no copy).
     #[test]
     fn buffers_are_made_again_after_a_reconnect() {
-        let offer = Offer {
-            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
-            ..Offer::default()
-        };
+        let offer = linear_xr24();
         let path = sock("dmabuf-reconnect");
         let (mut comp, mut out) = connected("dmabuf-reconnect", offer.clone());
         let c = cid(0);
@@ -1578,11 +1590,7 @@ mod dmabuf_flips {
     /// Connected, connector 0's surface configured and showing a copied picture of
     /// `0x0101_0101` (cookie 1); dma-buf creations left unanswered from now on.
     fn showing_a_copy(name: &str) -> (TestCompositor, Wayland, MappedRegion) {
-        let offer = Offer {
-            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
-            ..Offer::default()
-        };
-        let (mut comp, mut out) = connected(name, offer);
+        let (mut comp, mut out) = connected(name, linear_xr24());
         let m = filled(0x0101_0101);
         show_first(&mut out, &mut comp, &m);
         comp.state.defer_dmabuf = true;
@@ -1765,11 +1773,7 @@ mod dmabuf_flips {
     /// loop is not blocked (counted by connector 1's completed flips, not timed).
     #[test]
     fn other_connectors_flow_while_one_waits() {
-        let offer = Offer {
-            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
-            ..Offer::default()
-        };
-        let (mut comp, mut out) = connected("dmabuf-two-conns", offer);
+        let (mut comp, mut out) = connected("dmabuf-two-conns", linear_xr24());
         out.create_wait = Duration::from_secs(60);
         let (a, b) = (cid(0), cid(1));
         out.add_connector(b, "Virtual-2", 4, 2).unwrap();
@@ -1852,26 +1856,14 @@ mod dmabuf_flips {
     /// answered 0 as soon as the compositor lets go, not at its release timeout).
     #[test]
     fn destroying_the_buffer_on_screen_releases_it_without_a_flip() {
-        let offer = Offer {
-            dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
-            ..Offer::default()
-        };
-        let (mut comp, mut out) = connected("dmabuf-destroy-front", offer);
+        let (mut comp, mut out) = connected("dmabuf-destroy-front", linear_xr24());
         comp.state.hold_releases = true;
         let c = c0();
         let (d, file) = guest_dmabuf(0x0066_1133);
         let i = out.import_dmabuf(&d).unwrap();
         drop(d);
         let fb = out.add_imported_fb(i, &layout()).unwrap();
-        out.set_config(c, Some(&imported(fb, 1))).unwrap();
-        surface_up(&mut out, &mut comp);
-        comp.configure_all(0, 0);
-        run_until(
-            &mut out,
-            &mut Some(&mut comp),
-            "dma-buf shown",
-            |_, _, c| c.is_some_and(|c| shown_dmabuf(c).is_some()),
-        );
+        show_dmabuf(&mut out, &mut comp, fb);
         assert!(open_refs(file) >= 2, "ours and the compositor's");
         let commits = comp.surface().commits;
         // DBUF_DESTROY, as the connection does it.
@@ -1948,12 +1940,8 @@ mod dmabuf_flips {
     #[test]
     fn a_dmabuf_without_mmap_is_copied_out_through_its_pixel_source() {
         for with_source in [true, false] {
-            let offer = Offer {
-                dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
-                ..Offer::default()
-            };
             let name = format!("dmabuf-nommap-{with_source}");
-            let (mut comp, mut out) = connected(&name, offer);
+            let (mut comp, mut out) = connected(&name, linear_xr24());
             let c = c0();
             // A socket: fstat works (the test compositor's import), mmap is ENODEV.
             let (sock_fd, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -1972,15 +1960,7 @@ mod dmabuf_flips {
                 );
             }
             let fb = out.add_imported_fb(i, &layout()).unwrap();
-            out.set_config(c, Some(&imported(fb, 1))).unwrap();
-            surface_up(&mut out, &mut comp);
-            comp.configure_all(0, 0);
-            run_until(
-                &mut out,
-                &mut Some(&mut comp),
-                "dma-buf shown",
-                |_, _, c| c.is_some_and(|c| shown_dmabuf(c).is_some()),
-            );
+            show_dmabuf(&mut out, &mut comp, fb);
             let first = comp.state.surfaces.keys().next().cloned();
             out.remove_imported_fb(fb);
             out.release_import(i);
@@ -2058,12 +2038,8 @@ mod dmabuf_flips {
     #[test]
     fn set_config_of_a_buffer_failed_late_shows_a_copy() {
         for answer in [true, false] {
-            let offer = Offer {
-                dmabuf: Some(vec![(xr24(), MOD_LINEAR)]),
-                ..Offer::default()
-            };
             let name = format!("dmabuf-config-late-{answer}");
-            let (mut comp, mut out) = connected(&name, offer);
+            let (mut comp, mut out) = connected(&name, linear_xr24());
             out.create_wait = if answer {
                 Duration::from_secs(30)
             } else {
