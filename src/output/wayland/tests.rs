@@ -1942,7 +1942,6 @@ mod dmabuf_flips {
         for with_source in [true, false] {
             let name = format!("dmabuf-nommap-{with_source}");
             let (mut comp, mut out) = connected(&name, linear_xr24());
-            let c = c0();
             // A socket: fstat works (the test compositor's import), mmap is ENODEV.
             let (sock_fd, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
             let d = DmaBufFd::from_owned(OwnedFd::from(sock_fd));
