@@ -634,12 +634,43 @@ impl FrontendSim {
     /// Send one request on `conn`'s ring and wait (3 s) for its response. Exactly one
     /// request is outstanding per ring, as in Linux.
     pub fn request(&mut self, conn: u32, req: Request) -> Result<wire::Resp> {
+        let sent = self.send_requests(conn, &[req])?;
+        self.response_to(conn, sent[0])
+    }
+
+    /// Put `reqs` on `conn`'s ring and publish them together (one notify), so that the
+    /// backend finds them all in one look at the ring; then wait for their responses in
+    /// order. Err on the first non-zero status.
+    pub fn request_batch_ok(&mut self, conn: u32, reqs: &[Request]) -> Result<()> {
+        for sent in self.send_requests(conn, reqs)? {
+            let resp = self.response_to(conn, sent)?;
+            if resp.status != 0 {
+                return Err(FrontError::Status(resp.status));
+            }
+        }
+        Ok(())
+    }
+
+    /// Encode `reqs` with the ring's next ids and publish them together: each one's
+    /// (id, operation), for [`FrontendSim::response_to`].
+    fn send_requests(&mut self, conn: u32, reqs: &[Request]) -> Result<Vec<(u16, u8)>> {
         let r = self.rings_mut(conn)?;
-        let id = r.next_id;
-        r.next_id = r.next_id.wrapping_add(1);
-        let slot = req.encode(id);
-        let operation = slot[2];
-        self.send_raw(conn, slot)?;
+        let mut sent = Vec::with_capacity(reqs.len());
+        let mut slots = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let id = r.next_id;
+            r.next_id = r.next_id.wrapping_add(1);
+            let slot = req.encode(id);
+            sent.push((id, slot[2]));
+            slots.push(slot);
+        }
+        self.publish(conn, &slots)?;
+        Ok(sent)
+    }
+
+    /// Wait (3 s) for the next response on `conn`'s ring; it must answer request `id`
+    /// of `operation`.
+    fn response_to(&mut self, conn: u32, (id, operation): (u16, u8)) -> Result<wire::Resp> {
         let resp = self.wait_response_raw(conn, self.request_timeout)?;
         if resp.id != id || resp.operation != operation {
             return Err(FrontError::Protocol(format!(
@@ -650,42 +681,18 @@ impl FrontendSim {
         Ok(resp)
     }
 
-    /// Put `reqs` on `conn`'s ring and publish them together (one notify), so that the
-    /// backend finds them all in one look at the ring; then wait for their responses in
-    /// order. Err on the first non-zero status.
-    pub fn request_batch_ok(&mut self, conn: u32, reqs: &[Request]) -> Result<()> {
-        let r = self.rings_mut(conn)?;
-        let mut expect = Vec::with_capacity(reqs.len());
-        for req in reqs {
-            let id = r.next_id;
-            r.next_id = r.next_id.wrapping_add(1);
-            let slot = req.encode(id);
-            expect.push((id, slot[2]));
-            r.req.put_request(&slot);
-        }
-        let port = r.req_port;
-        if r.req.push_requests() {
-            self.evtchn.notify(port)?;
-        }
-        for (id, operation) in expect {
-            let resp = self.wait_response_raw(conn, self.request_timeout)?;
-            if resp.id != id || resp.operation != operation {
-                return Err(FrontError::Protocol(format!(
-                    "response id {} operation {:#x} to request id {id} operation {operation:#x}",
-                    resp.id, resp.operation
-                )));
-            }
-            if resp.status != 0 {
-                return Err(FrontError::Status(resp.status));
-            }
-        }
-        Ok(())
-    }
-
     /// Put one raw slot on `conn`'s ring and notify if the backend asked for it.
     pub fn send_raw(&mut self, conn: u32, slot: Slot) -> Result<()> {
+        self.publish(conn, &[slot])
+    }
+
+    /// Put `slots` on `conn`'s ring, publish them with one index update and notify if
+    /// the backend asked for it.
+    fn publish(&mut self, conn: u32, slots: &[Slot]) -> Result<()> {
         let r = self.rings_mut(conn)?;
-        r.req.put_request(&slot);
+        for slot in slots {
+            r.req.put_request(slot);
+        }
         let port = r.req_port;
         if r.req.push_requests() {
             self.evtchn.notify(port)?;
