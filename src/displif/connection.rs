@@ -121,8 +121,9 @@ enum BufferMem {
         buffer: ZeroCopyBuffer,
         import: ImportId,
         /// The grants exported (our validated copy), for the copy path should the
-        /// display refuse to scan the buffer out.
-        refs: Vec<GrantRef>,
+        /// display refuse to scan the buffer out; shared with the output's
+        /// [`crate::output::PixelSource`] of the import.
+        refs: Arc<[GrantRef]>,
     },
     /// A dumb buffer of the output granted to the guest (be-alloc, zero-copy).
     BackendZeroCopy {
@@ -754,19 +755,20 @@ impl Connection {
         let buffer = ZeroCopyBuffer::new(exported);
         match out.import_dmabuf(buffer.dmabuf()) {
             Ok(import) => {
-                let (grants, dom, owned) = (Arc::clone(&self.grants), self.dom, refs.to_vec());
+                let refs: Arc<[GrantRef]> = refs.into();
+                let (grants, dom, shared) = (Arc::clone(&self.grants), self.dom, Arc::clone(&refs));
                 out.set_import_pixels(
                     import,
                     Box::new(move || {
                         grants
-                            .map(dom, &owned, false)
+                            .map(dom, &shared, false)
                             .map_err(std::io::Error::other)
                     }),
                 );
                 Ok(Some(BufferMem::ZeroCopy {
                     buffer,
                     import,
-                    refs: refs.to_vec(),
+                    refs,
                 }))
             }
             Err(e) if policy == ZeroCopyPolicy::On => refuse(
