@@ -93,13 +93,18 @@ fn connected(name: &str, offer: Offer) -> (TestCompositor, Wayland) {
     rig_with(name, offer, WaylandConfig::default())
 }
 
+/// Wait until the compositor has the surface (its first, bufferless commit).
+fn surface_up(out: &mut Wayland, comp: &mut TestCompositor) {
+    run_until(out, &mut Some(comp), "surface", |_, _, c| {
+        c.is_some_and(|c| c.state.surfaces.len() == 1 && c.surface().commits >= 1)
+    });
+}
+
 /// Connector 0 shows `first` (cookie 1): SET_CONFIG, its surface up (the first,
 /// bufferless commit), configured at the size the output asks for, the copy committed.
 fn show_first(out: &mut Wayland, comp: &mut TestCompositor, first: &MappedRegion) {
     out.set_config(cid(0), Some(&frame(first, 1))).unwrap();
-    run_until(out, &mut Some(&mut *comp), "surface", |_, _, c| {
-        c.is_some_and(|c| c.state.surfaces.len() == 1 && c.surface().commits >= 1)
-    });
+    surface_up(out, comp);
     comp.configure_all(0, 0);
     run_until(out, &mut Some(comp), "configured", |o, _, c| {
         o.surface_ready(cid(0)) && c.is_some_and(|c| c.surface().current.is_some())
@@ -228,9 +233,7 @@ fn present_flip_waits_for_presentation_and_release() {
         filled(0x0077_8899),
     );
     out.set_config(c, Some(&frame(&a, 1))).unwrap();
-    run_until(&mut out, &mut Some(&mut comp), "surface", |_, _, c| {
-        c.is_some_and(|c| c.state.surfaces.len() == 1 && c.surface().commits >= 1)
-    });
+    surface_up(&mut out, &mut comp);
     assert_eq!(comp.surface().title.as_deref(), Some("dom3 Virtual-1"));
     assert!(
         comp.surface().current.is_none(),
@@ -1416,13 +1419,6 @@ mod dmabuf_flips {
         // Both framebuffers (A, B) were imported by the compositor (`created`).
         assert_eq!(s.dmabuf_imported, 2);
         assert_eq!(s.presented, 2);
-    }
-
-    /// Wait until the compositor has the surface (its first, bufferless commit).
-    fn surface_up(out: &mut Wayland, comp: &mut TestCompositor) {
-        run_until(out, &mut Some(comp), "surface", |_, _, c| {
-            c.is_some_and(|c| c.state.surfaces.len() == 1 && c.surface().commits >= 1)
-        });
     }
 
     /// Connector 0 shows framebuffer `fb` (cookie 1) as the guest's own dma-buf: SET_CONFIG,
